@@ -1,0 +1,310 @@
+"""The device config: YAML validated into typed, immutable models.
+
+Every error names the offending key as a path (``cameras[1].source.fps: must be > 0``)
+and raises :class:`ConfigError` (exit code 2). Relative paths in the file are resolved
+against the directory of the file itself, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe as an MQTT topic level and a file name
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- capture sources ---------------------------------------------------------------
+
+
+class VideoSource(_Strict):
+    """A video file, paced at its native frame rate or read as fast as it is consumed."""
+
+    kind: Literal["video"]
+    path: ConfigPath
+    pace: Literal["native", "fast"] = "native"
+    loop: bool = False
+    fps: float | None = Field(default=None, gt=0, description="override the file's frame rate")
+
+
+class ImagesSource(_Strict):
+    """A directory of still images, in name order."""
+
+    kind: Literal["images"]
+    path: ConfigPath
+    fps: float | None = Field(default=None, gt=0, description="pace; unset reads as fast as consumed")
+    loop: bool = False
+
+
+class UsbSource(_Strict):
+    """A V4L2 / USB camera by index or device path."""
+
+    kind: Literal["usb"]
+    device: int | str = 0
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    fps: float | None = Field(default=None, gt=0)
+    fourcc: str | None = Field(default=None, pattern=r"^[A-Z0-9]{4}$")
+
+
+class UrlSource(_Strict):
+    """An RTSP or HTTP stream through OpenCV's FFmpeg backend."""
+
+    kind: Literal["url"]
+    url: str = Field(pattern=r"^(rtsps?|https?|rtmp|udp|tcp)://")
+    open_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class GStreamerSource(_Strict):
+    """A GStreamer pipeline ending in ``appsink`` (e.g. Jetson's ``nvarguscamerasrc``)."""
+
+    kind: Literal["gstreamer"]
+    pipeline: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ends_in_appsink(self) -> "GStreamerSource":
+        if "appsink" not in self.pipeline:
+            raise ValueError("pipeline must end in an appsink element")
+        return self
+
+
+class Picamera2Source(_Strict):
+    """A Raspberry Pi camera through picamera2 (Pi only)."""
+
+    kind: Literal["picamera2"]
+    camera: int = Field(default=0, ge=0)
+    width: int = Field(default=1280, gt=0)
+    height: int = Field(default=720, gt=0)
+    fps: float = Field(default=30.0, gt=0)
+
+
+class PatternSource(_Strict):
+    """A synthetic moving test pattern; ``still`` repeats one frame (a frozen feed)."""
+
+    kind: Literal["pattern"]
+    width: int = Field(default=640, gt=0)
+    height: int = Field(default=480, gt=0)
+    fps: float = Field(default=30.0, gt=0)
+    still: bool = False
+
+
+SourceConfig = Annotated[
+    Union[
+        VideoSource,
+        ImagesSource,
+        UsbSource,
+        UrlSource,
+        GStreamerSource,
+        Picamera2Source,
+        PatternSource,
+    ],
+    Field(discriminator="kind"),
+]
+SOURCE_KINDS = ("video", "images", "usb", "url", "gstreamer", "picamera2", "pattern")
+
+
+# --- the rest of the device ----------------------------------------------------------
+
+
+class Backoff(_Strict):
+    """Exponential backoff between reopen attempts."""
+
+    initial_s: float = Field(default=0.5, gt=0)
+    max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Backoff":
+        if self.max_s < self.initial_s:
+            raise ValueError("max_s must be >= initial_s")
+        return self
+
+
+class CameraConfig(_Strict):
+    id: str = Field(pattern=_ID)
+    source: SourceConfig
+    model: str = Field(description="name of an entry under `models`")
+    stale_after_s: float = Field(default=5.0, gt=0, description="no frame for this long: stale")
+    frozen_after_s: float = Field(default=10.0, gt=0, description="identical frames this long: frozen")
+    reopen: Backoff = Backoff()
+
+
+class ModelConfig(_Strict):
+    path: ConfigPath
+    manifest: ConfigPath | None = Field(
+        default=None, description="defaults to the model path with a .yaml suffix"
+    )
+
+
+class DelegateConfig(_Strict):
+    library: str = Field(min_length=1, description="e.g. libedgetpu.so.1")
+    options: dict[str, str] = {}
+
+
+class RuntimeConfig(_Strict):
+    num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+    delegate: DelegateConfig | None = None
+
+
+class LoggingConfig(_Strict):
+    format: Literal["json", "human"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    stats_interval_s: float = Field(default=5.0, gt=0)
+
+
+class DeviceInfo(_Strict):
+    id: str = Field(pattern=_ID)
+    site: str = "default"
+    line: str = "default"
+
+
+class DeviceConfig(_Strict):
+    """The whole ``edge run`` config file."""
+
+    device: DeviceInfo
+    runtime: RuntimeConfig = RuntimeConfig()
+    logging: LoggingConfig = LoggingConfig()
+    models: dict[Annotated[str, Field(pattern=_ID)], ModelConfig] = Field(min_length=1)
+    cameras: list[CameraConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> "DeviceConfig":
+        seen: set[str] = set()
+        for i, cam in enumerate(self.cameras):
+            if cam.model not in self.models:
+                known = ", ".join(sorted(self.models))
+                raise _KeyedError(f"cameras[{i}].model", f"unknown model {cam.model!r} (known: {known})")
+            if cam.id in seen:
+                raise _KeyedError(f"cameras[{i}].id", f"duplicate camera id {cam.id!r}")
+            seen.add(cam.id)
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that knows which key it belongs to."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+
+
+# --- loading and error formatting -----------------------------------------------------
+
+
+def load_config(path: str | Path) -> DeviceConfig:
+    """Read and validate a device config file, or raise ConfigError naming the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    return parse_config(data, base_dir=path.resolve().parent, name=str(path))
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None, name: str = "config") -> DeviceConfig:
+    """Validate already-parsed config data."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: the top level must be a mapping of keys")
+    try:
+        return DeviceConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(f"{name}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each `path: message`; the first problem comes first."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        message = _message(err)
+        keyed = re.match(r"^([\w\[\].]+): (.*)$", message)
+        if keyed and err["type"] == "value_error":
+            lines.append(message)  # a cross-field error already names its key
+            continue
+        path = _loc_to_path(err["loc"])
+        lines.append(f"{path}: {message}" if path else message)
+    return "; ".join(lines)
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    prev: Any = None
+    for part in loc:
+        # a tagged union puts the tag in the location; the operator never wrote it
+        if prev == "source" and part in SOURCE_KINDS:
+            prev = part
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-after"):
+            pass
+        else:
+            out += f".{part}" if out else str(part)
+        prev = part
+    return out
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt:g}",
+    "greater_than_equal": "must be >= {ge:g}",
+    "less_than": "must be < {lt:g}",
+    "less_than_equal": "must be <= {le:g}",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "too_short": "must have at least {min_length} item(s)",
+    "string_pattern_mismatch": "must match {pattern}",
+    "union_tag_invalid": "unknown kind {tag}; expected one of {expected_tags}",
+    "union_tag_not_found": "needs a `kind` ({kinds})",
+}
+
+
+def _message(err: Any) -> str:
+    ctx = dict(err.get("ctx") or {})
+    template = _MESSAGES.get(err["type"])
+    if err["type"] == "union_tag_not_found":
+        ctx["kinds"] = ", ".join(SOURCE_KINDS)
+    if template:
+        try:
+            return template.format(**ctx)
+        except (KeyError, ValueError):
+            pass
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the device config."""
+    return DeviceConfig.model_json_schema()
