@@ -1,0 +1,3 @@
+"""edgecam's on-device runtime."""
+
+__version__ = "0.1.0"

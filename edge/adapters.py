@@ -1,0 +1,206 @@
+"""Output adapters: raw output tensors → typed predictions in frame coordinates.
+
+Each adapter works on the tensors as the model produced them and dequantizes only
+what survives its threshold: a YOLOv8 head has 8400 anchors × 80 classes, of which
+a handful matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from .manifest import Manifest
+from .preprocess import Transform
+from .runtime import TensorInfo
+
+MOVENET_KEYPOINTS = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+    "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
+    "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    class_id: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    class_id: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in frame pixels
+
+
+@dataclass(frozen=True, slots=True)
+class Keypoint:
+    name: str
+    x: float
+    y: float
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one model said about one frame. Metadata only: no pixels."""
+
+    task: str
+    classes: tuple[Classification, ...] = field(default=())
+    detections: tuple[Detection, ...] = field(default=())
+    keypoints: tuple[Keypoint, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"task": self.task}
+        for name in ("classes", "detections", "keypoints"):
+            items = getattr(self, name)
+            if items:
+                doc[name] = [_rounded(asdict(i)) for i in items]
+        return doc
+
+
+def _rounded(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: round(v, 4) if isinstance(v, float) else [round(x, 1) for x in v] if isinstance(v, tuple) else v
+        for k, v in d.items()
+    }
+
+
+Decoder = Callable[[Sequence[np.ndarray], Transform], Prediction]
+
+
+def dequantize(values: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+    if not tensor.quantized:
+        return values.astype(np.float32, copy=False)
+    return (values.astype(np.float32) - tensor.zero_point) * tensor.scale
+
+
+def quantize_threshold(threshold: float, tensor: TensorInfo) -> float:
+    """The smallest raw value whose dequantized score is ≥ ``threshold``."""
+    if not tensor.quantized:
+        return threshold
+    return float(np.ceil(threshold / tensor.scale + tensor.zero_point - 1e-6))
+
+
+def make_decoder(
+    manifest: Manifest, outputs: Sequence[TensorInfo], input_size: tuple[int, int]
+) -> Decoder:
+    """The decoder for the manifest's task, bound to the model's output tensors."""
+    builders = {"classify": _classifier, "yolov8": _yolov8, "ssd": _ssd, "pose": _movenet}
+    return builders[manifest.task](manifest, outputs, input_size)
+
+
+def _classifier(m: Manifest, outputs: Sequence[TensorInfo], _size: tuple[int, int]) -> Decoder:
+    tensor = outputs[0]
+    k = m.thresholds.top_k
+
+    def decode(raw: Sequence[np.ndarray], _t: Transform) -> Prediction:
+        scores = dequantize(raw[0].reshape(-1), tensor)
+        top = np.argpartition(-scores, min(k, scores.size - 1))[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return Prediction(
+            "classify",
+            classes=tuple(Classification(int(i), m.label(int(i)), float(scores[i])) for i in top),
+        )
+
+    return decode
+
+
+def _yolov8(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -> Decoder:
+    tensor = outputs[0]
+    width, height = size
+    t = m.thresholds
+    raw_threshold = quantize_threshold(t.score, tensor)
+
+    def decode(raw: Sequence[np.ndarray], transform: Transform) -> Prediction:
+        out = raw[0][0]
+        if out.shape[0] > out.shape[1]:  # some exports put anchors first
+            out = out.T
+        class_scores = out[4:]
+        best = class_scores.max(axis=0)
+        keep = np.flatnonzero(best >= raw_threshold)
+        if keep.size == 0:
+            return Prediction("yolov8")
+        scores = dequantize(best[keep], tensor)
+        class_ids = class_scores[:, keep].argmax(axis=0)
+        cx, cy, w, h = dequantize(out[:4, keep], tensor) * np.array([[width], [height], [width], [height]])
+        xywh = np.stack([cx - w / 2, cy - h / 2, w, h], axis=1)
+        picked = cv2.dnn.NMSBoxesBatched(
+            xywh.tolist(), scores.tolist(), class_ids.tolist(), t.score, t.iou, top_k=t.max_detections
+        )
+        picked = np.asarray(picked, dtype=np.int64).reshape(-1)
+        if picked.size == 0:
+            return Prediction("yolov8")
+        picked = picked[np.argsort(-scores[picked], kind="stable")][: t.max_detections]
+        corners = np.concatenate([xywh[picked, :2], xywh[picked, :2] + xywh[picked, 2:]], axis=1)
+        boxes = transform.boxes_to_frame(corners)
+        return Prediction(
+            "yolov8",
+            detections=tuple(
+                Detection(int(class_ids[i]), m.label(int(class_ids[i])), float(scores[i]), tuple(map(float, b)))
+                for i, b in zip(picked, boxes)
+            ),
+        )
+
+    return decode
+
+
+def ssd_output_order(outputs: Sequence[TensorInfo]) -> tuple[int, int, int, int]:
+    """Indices of (boxes, classes, scores, count) among TFLite_Detection_PostProcess outputs.
+
+    TF1 exports list boxes, classes, scores, count; TF2 exports list scores, boxes,
+    count, classes. Boxes are the one 3-D tensor either way.
+    """
+    boxes = next(i for i, t in enumerate(outputs) if len(t.shape) == 3)
+    if boxes == 0:
+        return 0, 1, 2, 3
+    return 1, 3, 0, 2
+
+
+def _ssd(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -> Decoder:
+    boxes_i, classes_i, scores_i, count_i = ssd_output_order(outputs)
+    width, height = size
+    t = m.thresholds
+
+    def decode(raw: Sequence[np.ndarray], transform: Transform) -> Prediction:
+        count = int(np.asarray(raw[count_i]).reshape(-1)[0])
+        scores = np.asarray(raw[scores_i], dtype=np.float32).reshape(-1)[:count]
+        classes = np.asarray(raw[classes_i]).reshape(-1)[:count].astype(np.int64)
+        boxes = np.asarray(raw[boxes_i], dtype=np.float32).reshape(-1, 4)[:count]
+        keep = np.flatnonzero(scores >= t.score)[: t.max_detections]
+        # ymin, xmin, ymax, xmax normalised → x1, y1, x2, y2 input pixels
+        corners = boxes[keep][:, [1, 0, 3, 2]] * np.array([width, height, width, height], np.float32)
+        frame_boxes = transform.boxes_to_frame(corners)
+        return Prediction(
+            "ssd",
+            detections=tuple(
+                Detection(int(classes[i]), m.label(int(classes[i])), float(scores[i]), tuple(map(float, b)))
+                for i, b in zip(keep, frame_boxes)
+            ),
+        )
+
+    return decode
+
+
+def _movenet(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -> Decoder:
+    names = m.labels if len(m.labels) == 17 else MOVENET_KEYPOINTS
+    width, height = size
+    tensor = outputs[0]
+
+    def decode(raw: Sequence[np.ndarray], transform: Transform) -> Prediction:
+        kp = dequantize(raw[0].reshape(17, 3), tensor)  # y, x, score; normalised to the input
+        xy = transform.points_to_frame(np.stack([kp[:, 1] * width, kp[:, 0] * height], axis=1))
+        return Prediction(
+            "pose",
+            keypoints=tuple(
+                Keypoint(names[i], float(xy[i, 0]), float(xy[i, 1]), float(kp[i, 2])) for i in range(17)
+            ),
+        )
+
+    return decode

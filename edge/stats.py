@@ -1,0 +1,49 @@
+"""Bounded latency windows and rate counters for the stats line and benchmarks."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Iterable
+
+import numpy as np
+
+
+class LatencyWindow:
+    """The last ``size`` samples, with percentiles. Thread-safe; memory is bounded."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._values.append(value)
+            self.count += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def percentiles(self, qs: Iterable[float] = (50, 95, 99)) -> dict[str, float]:
+        """``{"p50": ..., "p95": ...}`` in the samples' unit; empty when there are none."""
+        with self._lock:
+            values = np.fromiter(self._values, dtype=np.float64)
+        if values.size == 0:
+            return {}
+        qs = list(qs)
+        return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, np.percentile(values, qs))}
+
+
+class RateMeter:
+    """Events per second between two reads of a monotonically growing counter."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None
+
+    def rate(self, now: float, total: int) -> float:
+        last, self._last = self._last, (now, total)
+        if last is None or now <= last[0]:
+            return 0.0
+        return (total - last[1]) / (now - last[0])

@@ -1,0 +1,30 @@
+"""Shared test fixtures: the real models and media in ../shared, read in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDGECAM_SHARED", REPO.parent / "shared"))
+MANIFESTS = REPO / "models"
+
+
+def shared_path(relative: str) -> Path:
+    """A file under ../shared, or skip the test naming what is missing."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared models and media are not beside the checkout)")
+    return path
+
+
+def manifest_for(model_file: str) -> Path:
+    """The repo's manifest for a model in ../shared/models."""
+    return MANIFESTS / Path(model_file).with_suffix(".yaml").name
+
+
+@pytest.fixture
+def shared():
+    return shared_path
