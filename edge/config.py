@@ -286,7 +286,7 @@ _MESSAGES = {
     "missing": "required key is missing",
     "too_short": "must have at least {min_length} item(s)",
     "string_pattern_mismatch": "must match {pattern}",
-    "union_tag_invalid": "unknown kind {tag}; expected one of {expected_tags}",
+    "union_tag_invalid": "unknown kind {tag!r}; expected one of {expected_tags}",
     "union_tag_not_found": "needs a `kind` ({kinds})",
 }
 
@@ -303,6 +303,20 @@ def _message(err: Any) -> str:
             pass
     msg = str(err["msg"]).removeprefix("Value error, ")
     return msg[0].lower() + msg[1:] if msg else msg
+
+
+def missing_files(cfg: DeviceConfig) -> list[str]:
+    """``key: file not found`` for each model, manifest or media path that does not exist."""
+    problems = []
+    for slot, model in cfg.models.items():
+        for key, path in (("path", model.path), ("manifest", model.manifest)):
+            if path is not None and not path.exists():
+                problems.append(f"models.{slot}.{key}: file not found: {path}")
+    for i, cam in enumerate(cfg.cameras):
+        path = getattr(cam.source, "path", None)
+        if path is not None and not path.exists():
+            problems.append(f"cameras[{i}].source.path: not found: {path}")
+    return problems
 
 
 def config_schema() -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""The ``edge`` command: run the daemon, check models and configs, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import ConfigError, EdgeError, SourceError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except EdgeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"edge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if args.debug:
+            raise
+        print(f"edge: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser = argparse.ArgumentParser(prog="edge", description=__doc__, parents=[common])
+    parser.add_argument("--version", action="version", version=f"edgecam {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the camera daemon")
+    run.add_argument("--config", required=True, type=Path, help="device config (YAML)")
+    run.add_argument("--results", type=Path, help="append per-frame results as JSON lines ('-' = stdout)")
+    run.add_argument("--log-format", choices=("json", "human"), help="override logging.format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(func=_cmd_run)
+
+    infer = sub.add_parser("infer", parents=[common], help="run a model on images and print the results")
+    _model_args(infer)
+    infer.add_argument("--json", action="store_true", help="one JSON document per image")
+    infer.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    infer.set_defaults(func=_cmd_infer)
+
+    config = sub.add_parser("config", parents=[common], help="check a config or print its schema")
+    config_sub = config.add_subparsers(metavar="ACTION")
+    check = config_sub.add_parser("check", parents=[common], help="validate a config file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_cmd_config_check)
+    schema = config_sub.add_parser("schema", parents=[common], help="print the config JSON Schema")
+    schema.set_defaults(func=_cmd_config_schema)
+
+    bench = sub.add_parser("bench", parents=[common], help="measure pipeline fps against bare invoke()")
+    _model_args(bench)
+    bench.add_argument("--source", required=True, type=Path, help="a video file")
+    bench.add_argument("--seconds", type=float, default=20.0, help="per measured loop (default 20)")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help=".tflite file")
+    p.add_argument("--manifest", type=Path, help="manifest (default: beside the model, else guessed)")
+    p.add_argument("--labels", type=Path, help="labels file, one per line (overrides the manifest's)")
+    p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .daemon import Daemon, open_results
+    from .logs import setup_logging
+
+    cfg = load_config(args.config)
+    setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sink, stream = open_results(args.results)
+    try:
+        return Daemon(cfg, sink).run(stop)
+    finally:
+        if stream:
+            stream.close()
+
+
+def _load_model(args: argparse.Namespace):
+    from .model import Model
+
+    return Model.load(args.model, manifest=args.manifest, labels=args.labels, num_threads=args.threads)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import cv2
+
+    from .logs import setup_logging
+
+    setup_logging("human", "warning")
+    model = _load_model(args)
+    status = 0
+    for path in args.images:
+        image = cv2.imread(str(path)) if path.is_file() else None
+        if image is None:
+            print(f"edge: error: cannot read image {path}", file=sys.stderr)
+            status = 1
+            continue
+        prediction, times = model.predict(image)
+        if args.json:
+            doc = {"image": str(path), "model": model.name, **prediction.to_dict(),
+                   "invoke_ms": round(times.invoke_ms, 2)}
+            print(json.dumps(doc))
+        else:
+            print(_describe(path, prediction))
+    return status
+
+
+def _describe(path: Path, prediction) -> str:
+    lines = [f"{path}:"]
+    for c in prediction.classes:
+        lines.append(f"  {c.score:6.3f}  {c.label}")
+    for d in prediction.detections:
+        box = ", ".join(f"{v:.0f}" for v in d.box)
+        lines.append(f"  {d.score:6.3f}  {d.label:<16} [{box}]")
+    for k in prediction.keypoints:
+        lines.append(f"  {k.score:6.3f}  {k.name:<16} ({k.x:.0f}, {k.y:.0f})")
+    if len(lines) == 1:
+        lines.append("  nothing above the score threshold")
+    return "\n".join(lines)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from .config import load_config, missing_files
+
+    cfg = load_config(args.file)
+    problems = missing_files(cfg)
+    if problems:
+        raise ConfigError(f"{args.file}: " + "; ".join(problems))
+    print(f"{args.file}: ok ({len(cfg.cameras)} camera(s), {len(cfg.models)} model(s))")
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from .config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    if not args.source.is_file():
+        raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
+    report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
+                       threads=args.threads, seconds=args.seconds)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
