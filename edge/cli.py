@@ -18,20 +18,21 @@ from .errors import ConfigError, EdgeError, SourceError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
     try:
         return args.func(args)
     except EdgeError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(f"edge: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
-        if args.debug:
+        if debug:
             raise
         print(f"edge: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
               file=sys.stderr)
@@ -39,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the subcommand; SUPPRESS keeps a subparser
+    # from resetting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
     parser = argparse.ArgumentParser(prog="edge", description=__doc__, parents=[common])
     parser.add_argument("--version", action="version", version=f"edgecam {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")

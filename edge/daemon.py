@@ -21,7 +21,7 @@ from .capture import CaptureThread, Frame
 from .config import CameraConfig, DeviceConfig
 from .logs import fields
 from .model import Model, StageTimes
-from .sources import make_source
+from .sources import Source, make_source
 from .stats import LatencyWindow, RateMeter
 
 log = logging.getLogger("edge.run")
@@ -72,13 +72,15 @@ class ResultWriter:
 class CameraWorker:
     """Owns one camera's capture thread, model and inference thread."""
 
-    def __init__(self, cfg: CameraConfig, model: Model, sink: ResultWriter | None) -> None:
+    def __init__(
+        self, cfg: CameraConfig, model: Model, sink: ResultWriter | None, source: Source | None = None
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.sink = sink
         self.capture = CaptureThread(
             cfg.id,
-            make_source(cfg.source),
+            source or make_source(cfg.source),
             stale_after_s=cfg.stale_after_s,
             frozen_after_s=cfg.frozen_after_s,
             backoff=cfg.reopen,
@@ -86,13 +88,15 @@ class CameraWorker:
         self.processed = 0
         self.errors = 0
         self.windows = {name: LatencyWindow() for name in (*STAGES, "age")}
-        self._captured_rate = RateMeter()
-        self._processed_rate = RateMeter()
+        now = time.monotonic()
+        self._captured_rate, self._processed_rate = RateMeter(now), RateMeter(now)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"infer-{cfg.id}", daemon=True)
 
     def start(self) -> None:
         self.capture.start()
+        now = time.monotonic()
+        self._captured_rate, self._processed_rate = RateMeter(now), RateMeter(now)
         self._thread.start()
 
     def stop(self) -> None:
@@ -195,8 +199,11 @@ class Daemon:
                     self.log_stats()
                     next_stats += interval
         finally:
+            stopping = time.monotonic()
             self._stop_all(started)
-        self.log_stats()
+            self.log_stats()
+            reason = "signal" if stop.is_set() else "sources ended"
+            log.info("stopped", extra=fields(reason=reason, stop_s=round(time.monotonic() - stopping, 3)))
         return 0
 
     def _stop_all(self, workers: list[CameraWorker]) -> None:

@@ -22,6 +22,10 @@ class LatencyWindow:
             self._values.append(value)
             self.count += 1
 
+    def samples(self) -> list[float]:
+        with self._lock:
+            return list(self._values)
+
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
@@ -39,11 +43,9 @@ class LatencyWindow:
 class RateMeter:
     """Events per second between two reads of a monotonically growing counter."""
 
-    def __init__(self) -> None:
-        self._last: tuple[float, int] | None = None
+    def __init__(self, now: float, total: int = 0) -> None:
+        self._last = (now, total)
 
     def rate(self, now: float, total: int) -> float:
-        last, self._last = self._last, (now, total)
-        if last is None or now <= last[0]:
-            return 0.0
-        return (total - last[1]) / (now - last[0])
+        (then, before), self._last = self._last, (now, total)
+        return (total - before) / (now - then) if now > then else 0.0
