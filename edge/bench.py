@@ -30,7 +30,7 @@ from .stats import LatencyWindow
 
 WARMUP_S = 0.5
 ROUND_S = 2.0
-PREDECODED_FRAMES = 100
+PREDECODED_FRAMES = 50
 
 
 def run_bench(
@@ -49,6 +49,7 @@ def run_bench(
     rates: dict[str, list[float]] = {"bare": [], "pipeline": [], "predecoded": [], "naive": []}
     decoded = _decode_frames(source, PREDECODED_FRAMES)
     naive = NaiveLoop(model, source)
+    steal = StealMeter()
     try:
         for _ in range(max(1, round(seconds / ROUND_S))):
             rates["bare"].append(bare_invoke_fps(model, frame, ROUND_S))
@@ -78,7 +79,9 @@ def run_bench(
             p / n for p, n in zip(rates["pipeline"], rates["naive"])), 3),
         "bare_fps_range": [round(min(rates["bare"]), 2), round(max(rates["bare"]), 2)],
         "pipeline_stage_ms": {name: w.percentiles((50, 95, 99)) for name, w in stages.items()},
+        "cpu_steal_pct": steal.percent(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "of_which_predecoded_frames_mb": round(sum(f.nbytes for f in decoded) / 2**20, 1),
     }
 
 
@@ -98,6 +101,28 @@ def _decode_frames(source: Path, count: int) -> list[np.ndarray]:
     if not frames:
         raise SourceError(f"cannot read a frame from {str(source)!r}")
     return frames
+
+
+class StealMeter:
+    """Share of CPU time the hypervisor took from this VM (``/proc/stat``), or None off Linux."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> list[int] | None:
+        try:
+            with open("/proc/stat") as f:
+                return [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+
+    def percent(self) -> float | None:
+        now = self._read()
+        if self._start is None or now is None:
+            return None
+        delta = [b - a for a, b in zip(self._start, now)]
+        return round(100 * delta[7] / sum(delta), 1) if sum(delta) else 0.0
 
 
 class MemorySource:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import ConfigError, EdgeError, SourceError
+from .errors import ConfigError, EdgeError, SourceError, UsageError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,12 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     schema = config_sub.add_parser("schema", parents=[common], help="print the config JSON Schema")
     schema.set_defaults(func=_cmd_config_schema)
 
-    bench = sub.add_parser("bench", parents=[common], help="measure pipeline fps against bare invoke()")
-    _model_args(bench)
-    bench.add_argument("--source", required=True, type=Path, help="a video file")
-    bench.add_argument("--seconds", type=float, default=20.0, help="per measured loop (default 20)")
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks; each prints one JSON document")
+    bench_sub = bench.add_subparsers(metavar="SCENARIO")
+    # `edge bench --model M --source S` is the pipeline benchmark.
+    _pipeline_bench_args(bench, required=False)
     bench.set_defaults(func=_cmd_bench)
+    pipeline = bench_sub.add_parser("pipeline", parents=[common], help="pipeline fps against bare invoke()")
+    _pipeline_bench_args(pipeline, required=True)
+    pipeline.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _pipeline_bench_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--model", required=required, type=Path, help=".tflite file")
+    p.add_argument("--manifest", type=Path, help="manifest (default: beside the model, else guessed)")
+    p.add_argument("--labels", type=Path, help="labels file (overrides the manifest's)")
+    p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
+    p.add_argument("--source", required=required, type=Path, help="a video file")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per loop (default 20)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +180,8 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
+    if args.model is None or args.source is None:
+        raise UsageError("edge bench [pipeline] needs --model and --source")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
     report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,

@@ -25,3 +25,9 @@ class ModelError(EdgeError):
 
 class SourceError(EdgeError):
     """A capture source cannot be opened or read."""
+
+
+class UsageError(EdgeError):
+    """The command line asks for something that cannot be done as written."""
+
+    exit_code = 2
