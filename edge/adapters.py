@@ -57,7 +57,7 @@ class Prediction:
     keypoints: tuple[Keypoint, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"task": self.task}
+        doc: dict[str, Any] = {"kind": self.task}
         for name in ("classes", "detections", "keypoints"):
             items = getattr(self, name)
             if items:

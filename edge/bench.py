@@ -22,12 +22,14 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from .config import CameraConfig, VideoSource
-from .daemon import STAGES, CameraWorker
+from .config import CameraConfig, SchedulerConfig, VideoSource
+from .daemon import make_camera
 from .errors import SourceError
 from .model import Model
+from .scheduler import Executor, Result, Scheduler
 from .stats import LatencyWindow
 
+STAGES = ("capture_wait", "preprocess", "invoke", "postprocess")
 WARMUP_S = 0.5
 ROUND_S = 2.0
 PREDECODED_FRAMES = 50
@@ -174,7 +176,7 @@ def pipeline_fps(
     stages: dict[str, LatencyWindow] | None,
     frames: MemorySource | None = None,
 ) -> float:
-    """The real capture thread and camera worker on the looped video, back-pressured.
+    """The real capture thread and scheduler on the looped video, back-pressured.
 
     ``frames`` replaces the video decoder; stage latencies of the measured period
     are added to ``stages`` when given.
@@ -183,24 +185,50 @@ def pipeline_fps(
         id="bench",
         source=VideoSource(kind="video", path=source, pace="fast", loop=True),
         model="bench",
+        budget_ms=10_000,  # a throughput run: no frame may be dropped as late
     )
-    worker = CameraWorker(cam, model, sink=None, source=frames)
-    worker.start()
+    executor = Executor(0, {"bench": model})
+    sink = StageRecorder()
+    camera = make_camera(cam, SchedulerConfig(), lambda: scheduler.wake(), source=frames)
+    scheduler = Scheduler([camera], [executor], sink)
+    camera.capture.start()
+    scheduler.start()
     try:
         time.sleep(WARMUP_S)
-        for w in worker.windows.values():
-            w.clear()  # keep the measured period only
-        start_n, start = worker.processed, time.perf_counter()
+        sink.clear()  # keep the measured period only
+        start_n, start = camera.processed, time.perf_counter()
         time.sleep(seconds)
-        fps = (worker.processed - start_n) / (time.perf_counter() - start)
+        fps = (camera.processed - start_n) / (time.perf_counter() - start)
     finally:
-        worker.stop()
-        worker.join(2.0)
+        scheduler.stop()
+        camera.capture.stop()
+        scheduler.join(2.0)
     if stages is not None:
         for name in STAGES:
-            for value in worker.windows[name].samples():
+            for value in sink.windows[name].samples():
                 stages[name].add(value)
     return fps
+
+
+class StageRecorder:
+    """A result sink that keeps per-stage latencies, including the wait for a frame."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.windows = {name: LatencyWindow(size=100_000) for name in STAGES}
+        self._last_finished: float | None = None
+
+    def __call__(self, result: Result) -> None:
+        t = result.times
+        started = result.finished_at - (t.preprocess_ms + t.invoke_ms + t.postprocess_ms) / 1e3
+        if self._last_finished is not None:
+            self.windows["capture_wait"].add(max(0.0, started - self._last_finished) * 1e3)
+        self._last_finished = result.finished_at
+        for name, value in (("preprocess", t.preprocess_ms), ("invoke", t.invoke_ms),
+                            ("postprocess", t.postprocess_ms)):
+            self.windows[name].add(value)
 
 
 class NaiveLoop:

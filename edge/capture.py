@@ -115,10 +115,16 @@ class CaptureThread:
         frozen_after_s: float,
         backoff: Backoff,
         clock: Callable[[], float] = time.monotonic,
+        on_frame: Callable[[], None] | None = None,
     ) -> None:
-        """``clock`` times ages (stale, frozen, last_frame_age_s); sleeps always use real time."""
+        """``clock`` times ages (stale, frozen, last_frame_age_s); sleeps always use real time.
+
+        ``on_frame`` is called on the capture thread after each new frame, so one
+        consumer can wait on several cameras at once.
+        """
         self.camera = camera
         self.source = source
+        self._on_frame = on_frame
         self._stale_after_s = stale_after_s
         self._frozen_after_s = frozen_after_s
         self._backoff = backoff
@@ -197,6 +203,16 @@ class CaptureThread:
             return frame
 
     @property
+    def on_demand(self) -> bool:
+        """Frames are read as they are taken (a file at fast pace): none is ever late."""
+        return self._back_pressure
+
+    def peek(self) -> float | None:
+        """``captured_mono`` of the frame waiting to be taken, or None."""
+        with self._cond:
+            return None if self._slot is None else self._slot.captured_mono
+
+    @property
     def ended(self) -> bool:
         """No frame will ever come: the source ended and its last frame was taken, the
         thread failed, or stop() was called."""
@@ -236,11 +252,15 @@ class CaptureThread:
             self._log_stale(age)
         return stats
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop the thread, wait up to ``timeout`` s for it, and close the source."""
+    def request_stop(self) -> None:
+        """Ask the thread to stop without waiting, so several captures wind down together."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread, wait up to ``timeout`` s for it, and close the source."""
+        self.request_stop()
         thread = self._thread
         if thread is None:
             self.source.close()
@@ -347,6 +367,8 @@ class CaptureThread:
                 recovered_from = self._state
             self._state = new_state
             self._cond.notify_all()
+        if self._on_frame is not None:
+            self._on_frame()
         if recovered_from is not None:
             log.info(
                 "camera live",

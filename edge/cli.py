@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=_cmd_run)
 
+    stats = sub.add_parser("stats", parents=[common], help="show a running daemon's counters")
+    stats.add_argument("--config", required=True, type=Path, help="the daemon's config (runtime.stats_file)")
+    stats.add_argument("--json", action="store_true", help="the raw snapshot")
+    stats.set_defaults(func=_cmd_stats)
+
     infer = sub.add_parser("infer", parents=[common], help="run a model on images and print the results")
     _model_args(infer)
     infer.add_argument("--json", action="store_true", help="one JSON document per image")
@@ -113,6 +118,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if stream:
             stream.close()
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    path = cfg.runtime.stats_file
+    if path is None:
+        raise ConfigError(f"{args.config}: runtime.stats_file is not set, so the daemon writes no stats file")
+    try:
+        snap = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgeError(f"cannot read stats file {path}: {exc}") from None
+    if args.json:
+        print(json.dumps(snap, indent=2))
+        return 0
+    print(f"{path} ({time.time() - snap['at']:.0f} s old), alive={snap['liveness']['alive']}")
+    for cam in snap["cameras"]:
+        print(f"\n{cam['camera']}: {cam['state']}, budget {cam['budget_ms']} ms, captured {cam['captured']}, "
+              f"processed {cam['processed']} ({cam['processed_fps']} fps), superseded {cam['superseded']}, "
+              f"dropped {cam['dropped']}, deadline misses {cam['deadline_misses']}, age {cam['age_ms']}")
+        print(f"  {'task':<16}{'runs':>8}{'forced':>8}{'budget':>8}{'period':>8}{'trigger':>8}{'motion':>8}"
+              f"{'est ms':>9}{'p95 ms':>9}")
+        for name, t in cam["tasks"].items():
+            k = t["skips"]
+            print(f"  {name:<16}{t['runs']:>8}{t['forced']:>8}{k['budget']:>8}{k['period']:>8}{k['trigger']:>8}"
+                  f"{k['motion']:>8}{t['estimate_ms']:>9.2f}{t['latency_ms'].get('p95', 0):>9.2f}")
+    return 0
 
 
 def _load_model(args: argparse.Namespace):

@@ -1,62 +1,38 @@
-"""``edge run``: cameras, their capture threads and models, stats, and a clean stop.
+"""``edge run``: cameras, the scheduler and its executors, liveness, stats, a clean stop.
 
-Each camera has a :class:`CameraWorker`: a thread that takes the newest frame from
-the camera's capture thread, runs the camera's model on it and hands the prediction
-to the result sink. Nothing queues: a frame the worker was too busy for is replaced
-by a newer one in the capture slot and counted as superseded there.
+Start-up loads every model for every executor before any camera opens, so a bad
+model fails the start at once; a warm-up run of each model seeds the scheduler's
+cost estimates. Stop (SIGTERM/SIGINT) signals everything first and then joins it,
+so the whole stop fits in two seconds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .adapters import Prediction
-from .capture import CaptureThread, Frame
-from .config import CameraConfig, DeviceConfig
+import numpy as np
+
+from .capture import CaptureThread
+from .config import CameraConfig, DeviceConfig, SchedulerConfig
+from .liveness import Liveness
 from .logs import fields
-from .model import Model, StageTimes
+from .model import Model
+from .planner import CostModel
+from .scheduler import CameraRunner, Executor, Result, Scheduler, Sink
 from .sources import Source, make_source
-from .stats import LatencyWindow, RateMeter
 
 log = logging.getLogger("edge.run")
 
-STAGES = ("capture_wait", "preprocess", "invoke", "postprocess")
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """One model's prediction on one frame, with where the time went."""
-
-    frame: Frame
-    model: str
-    prediction: Prediction
-    times: StageTimes
-    finished_at: float  # time.monotonic()
-
-    @property
-    def age_ms(self) -> float:
-        """Capture-to-result age."""
-        return (self.finished_at - self.frame.captured_mono) * 1e3
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "camera": self.frame.camera,
-            "seq": self.frame.seq,
-            "captured_at": round(self.frame.captured_at, 4),
-            "model": self.model,
-            "age_ms": round(self.age_ms, 2),
-            **self.prediction.to_dict(),
-        }
-
 
 class ResultWriter:
-    """Appends results as JSON lines; shared by all camera workers."""
+    """Appends results as JSON lines; shared by all executors."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
@@ -69,102 +45,57 @@ class ResultWriter:
             self._stream.flush()
 
 
-class CameraWorker:
-    """Owns one camera's capture thread, model and inference thread."""
+def open_results(path: Path | None) -> tuple[ResultWriter | None, IO[str] | None]:
+    """A result sink for ``--results``: ``-`` is stdout, anything else a file appended to."""
+    if path is None:
+        return None, None
+    if str(path) == "-":
+        return ResultWriter(sys.stdout), None
+    stream = open(path, "a", encoding="utf-8")
+    return ResultWriter(stream), stream
 
-    def __init__(
-        self, cfg: CameraConfig, model: Model, sink: ResultWriter | None, source: Source | None = None
-    ) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.sink = sink
-        self.capture = CaptureThread(
-            cfg.id,
-            source or make_source(cfg.source),
-            stale_after_s=cfg.stale_after_s,
-            frozen_after_s=cfg.frozen_after_s,
-            backoff=cfg.reopen,
-        )
-        self.processed = 0
-        self.errors = 0
-        self.windows = {name: LatencyWindow() for name in (*STAGES, "age")}
-        now = time.monotonic()
-        self._captured_rate, self._processed_rate = RateMeter(now), RateMeter(now)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"infer-{cfg.id}", daemon=True)
 
-    def start(self) -> None:
-        self.capture.start()
-        now = time.monotonic()
-        self._captured_rate, self._processed_rate = RateMeter(now), RateMeter(now)
-        self._thread.start()
+def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: Source | None = None) -> CameraRunner:
+    """A camera's capture thread and planner, ready for a scheduler."""
+    capture = CaptureThread(
+        cfg.id,
+        source or make_source(cfg.source),
+        stale_after_s=cfg.stale_after_s,
+        frozen_after_s=cfg.frozen_after_s,
+        backoff=cfg.reopen,
+        on_frame=wake,
+    )
+    return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile))
 
-    def stop(self) -> None:
-        """Ask the worker to stop after its current frame; ``join`` waits for it."""
-        self._stop.set()
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        self.capture.stop(timeout)
-
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            waited = time.perf_counter()
-            frame = self.capture.get(timeout=0.1)
-            if frame is None:
-                if self.capture.ended:
-                    return
-                continue
-            wait_ms = (time.perf_counter() - waited) * 1e3
-            try:
-                prediction, times = self.model.predict(frame.image)
-            except Exception:  # one bad frame must not stop the camera
-                self.errors += 1
-                log.exception("inference failed", extra=fields(camera=self.cfg.id, model=self.model.name))
-                continue
-            result = Result(frame, self.model.name, prediction, times, time.monotonic())
-            self._record(wait_ms, result)
-            if self.sink is not None:
-                self.sink(result)
-
-    def _record(self, wait_ms: float, result: Result) -> None:
-        self.processed += 1
-        t = result.times
-        for name, value in zip(
-            (*STAGES, "age"), (wait_ms, t.preprocess_ms, t.invoke_ms, t.postprocess_ms, result.age_ms)
-        ):
-            self.windows[name].add(value)
-
-    def snapshot(self, now: float) -> dict[str, Any]:
-        """Counters, rates since the previous snapshot, and latency percentiles (ms)."""
-        cap = self.capture.stats()
-        return {
-            "camera": self.cfg.id,
-            "model": self.model.name,
-            "state": cap.state.value,
-            "capture_fps": round(self._captured_rate.rate(now, cap.captured), 2),
-            "processed_fps": round(self._processed_rate.rate(now, self.processed), 2),
-            "captured": cap.captured,
-            "processed": self.processed,
-            "superseded": cap.superseded,
-            "reopens": cap.reopens,
-            "read_errors": cap.read_errors,
-            "inference_errors": self.errors,
-            "latency_ms": {name: w.percentiles((50, 95)) for name, w in self.windows.items()},
-        }
+def warm_up(executor: Executor, cameras: list[CameraRunner]) -> None:
+    """Run each model twice on a blank frame; the second run seeds the cost estimates."""
+    for slot, model in executor.models.items():
+        _, h, w, _ = model.loaded.inputs[0].shape
+        blank = np.zeros((h, w, 3), np.uint8)
+        model.predict(blank)
+        t0 = time.monotonic()
+        model.predict(blank)
+        ms = (time.monotonic() - t0) * 1e3
+        for camera in cameras:
+            for task in camera.tasks.values():
+                if task.model == slot:
+                    camera.planner.costs.observe(task.name, ms)
 
 
 class Daemon:
     """Everything ``edge run`` starts, in dependency order, and stops in reverse."""
 
-    def __init__(self, cfg: DeviceConfig, sink: ResultWriter | None = None) -> None:
+    def __init__(self, cfg: DeviceConfig, sink: Sink | None = None) -> None:
         self.cfg = cfg
-        # Load every model before opening any camera: a bad model fails the start, fast.
-        self.workers = [CameraWorker(cam, self._load_model(cam.model), sink) for cam in cfg.cameras]
+        sched = cfg.runtime.scheduler
+        slots = sorted({t.model for cam in cfg.cameras for t in cam.effective_tasks()})
+        self.executors = [Executor(i, {slot: self._load_model(slot) for slot in slots})
+                          for i in range(sched.executors)]
+        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
+        self.scheduler = Scheduler(self.cameras, self.executors, sink)
+        warm_up(self.executors[0], self.cameras)
+        self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
 
     def _load_model(self, slot: str) -> Model:
         spec = self.cfg.models[slot]
@@ -185,47 +116,49 @@ class Daemon:
 
     def run(self, stop: threading.Event) -> int:
         """Run until ``stop`` is set or every source has ended; returns the exit code."""
-        started: list[CameraWorker] = []
+        started: list[CameraRunner] = []
         try:
-            for worker in self.workers:
-                worker.start()
-                started.append(worker)
-            log.info("running", extra=fields(device=self.cfg.device.id, cameras=len(self.workers)))
+            for camera in self.cameras:
+                camera.capture.start()
+                started.append(camera)
+            self.scheduler.start()
+            self.liveness.ready()
+            log.info("running", extra=fields(device=self.cfg.device.id, cameras=len(self.cameras),
+                                             executors=len(self.executors)))
             interval = self.cfg.logging.stats_interval_s
             next_stats = time.monotonic() + interval
-            while not stop.is_set() and not all(w.done for w in started):
-                stop.wait(min(0.2, max(0.0, next_stats - time.monotonic())))
+            while not stop.is_set() and not self.scheduler.done:
+                stop.wait(0.2)
+                self.liveness.poll()
                 if time.monotonic() >= next_stats:
-                    self.log_stats()
+                    self.report()
                     next_stats += interval
         finally:
             stopping = time.monotonic()
-            self._stop_all(started)
-            self.log_stats()
+            self.liveness.stopping()
+            self.scheduler.stop()
+            for camera in started:
+                camera.capture.request_stop()  # all at once; joined below
+            self.scheduler.join(1.0)
+            for camera in started:
+                camera.capture.stop(timeout=max(0.1, stopping + 1.5 - time.monotonic()))
+            self.report()
             reason = "signal" if stop.is_set() else "sources ended"
             log.info("stopped", extra=fields(reason=reason, stop_s=round(time.monotonic() - stopping, 3)))
         return 0
 
-    def _stop_all(self, workers: list[CameraWorker]) -> None:
-        for worker in workers:  # signal all first so they wind down in parallel
-            worker.stop()
-        deadline = time.monotonic() + 1.5
-        for worker in workers:
-            worker.join(max(0.1, deadline - time.monotonic()))
-
-    def log_stats(self) -> None:
-        now = time.monotonic()
-        for worker in self.workers:
-            log.info("stats", extra=fields(**worker.snapshot(now)))
+    def report(self) -> None:
+        """The stats line (one record per camera) and, if configured, the stats file."""
+        snap = self.scheduler.snapshot()
+        snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
+        for camera in snap["cameras"]:
+            log.info("stats", extra=fields(**camera))
+        if self.cfg.runtime.stats_file is not None:
+            write_atomically(self.cfg.runtime.stats_file, json.dumps({"at": time.time(), **snap}, indent=1))
 
 
-def open_results(path: Path | None) -> tuple[ResultWriter | None, IO[str] | None]:
-    """A result sink for ``--results``: ``-`` is stdout, anything else a file appended to."""
-    if path is None:
-        return None, None
-    if str(path) == "-":
-        import sys
-
-        return ResultWriter(sys.stdout), None
-    stream = open(path, "a", encoding="utf-8")
-    return ResultWriter(stream), stream
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

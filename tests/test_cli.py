@@ -59,11 +59,14 @@ def test_edge_run_finds_persons_in_the_pedestrian_clip_and_stops_at_its_end(tmp_
     assert len(with_person) / len(rows) > 0.8
     assert all(r["model"] == "yolov8n@8.1.42-b" and "image" not in r for r in rows)
 
+    assert all(r["task"] == "det" for r in rows)
+
     logs = json_logs(stderr)
     final = [e for e in logs if e["msg"] == "stats"][-1]
     assert final["processed"] == final["captured"] == len(rows)
-    assert final["superseded"] == 0
-    assert {"capture_wait", "preprocess", "invoke", "postprocess"} <= set(final["latency_ms"])
+    assert final["superseded"] == 0 and final["dropped"] == {"too_old": 0}
+    assert final["tasks"]["det"]["runs"] == len(rows)
+    assert {"p50", "p95"} <= set(final["tasks"]["det"]["latency_ms"])
     assert any(e["msg"] == "stopped" and e["reason"] == "sources ended" for e in logs)
 
 
