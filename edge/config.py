@@ -148,13 +148,88 @@ class Backoff(_Strict):
         return self
 
 
+class TriggerConfig(_Strict):
+    """Run a task on the crops of another task's detections."""
+
+    task: str = Field(description="the task whose detections fire this one")
+    classes: list[str] = Field(default=[], description="labels that fire it; empty: any")
+    min_score: float = Field(default=0.0, ge=0, le=1)
+    max_crops: int = Field(default=3, gt=0, description="at most this many crops a frame")
+    padding: float = Field(default=0.1, ge=0, le=1, description="added around each box, as a fraction of it")
+
+
+class TaskConfig(_Strict):
+    """One model run on a camera's frames: every frame, every Nth, at most every T ms, or on crops."""
+
+    name: str = Field(pattern=_ID)
+    model: str = Field(description="name of an entry under `models`")
+    priority: int = Field(default=0, description="higher runs first; the highest due task always runs")
+    every_n_frames: int | None = Field(default=None, gt=0)
+    min_interval_ms: float | None = Field(default=None, gt=0)
+    trigger: TriggerConfig | None = None
+    motion_gated: bool = Field(default=False, description="while the scene is still, run only at the keep-alive")
+    starve_after: int = Field(default=10, gt=0, description="budget skips in a row before it runs anyway")
+
+    @model_validator(mode="after")
+    def _one_cadence(self) -> "TaskConfig":
+        given = [k for k in ("every_n_frames", "min_interval_ms", "trigger") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of every_n_frames, min_interval_ms, trigger (got {', '.join(given)})")
+        return self
+
+
+class MotionConfig(_Strict):
+    """Frame differencing on a small grey copy of each frame."""
+
+    width: int = Field(default=160, ge=16, description="width of the grey copy compared")
+    threshold: int = Field(default=25, gt=0, le=255, description="grey-level change that counts")
+    min_area: float = Field(default=0.002, gt=0, le=1, description="share of pixels that must change")
+    keepalive_ms: float = Field(default=5000.0, gt=0, description="a gated task still runs this often")
+
+
 class CameraConfig(_Strict):
     id: str = Field(pattern=_ID)
     source: SourceConfig
-    model: str = Field(description="name of an entry under `models`")
+    model: str | None = Field(default=None, description="shorthand for one task running this model every frame")
+    tasks: list[TaskConfig] = []
+    budget_ms: float | None = Field(default=None, gt=0, description="per frame; default 1000 / source fps")
+    motion: MotionConfig = MotionConfig()
     stale_after_s: float = Field(default=5.0, gt=0, description="no frame for this long: stale")
     frozen_after_s: float = Field(default=10.0, gt=0, description="identical frames this long: frozen")
     reopen: Backoff = Backoff()
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "CameraConfig":
+        if (self.model is None) == (not self.tasks):
+            raise ValueError("give either `model` or `tasks`")
+        names = [t.name for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            if task.name in names[:i]:
+                raise _KeyedError(f"tasks[{i}].name", f"duplicate task name {task.name!r}")
+            parent = task.trigger.task if task.trigger else None
+            if parent is not None and (parent == task.name or parent not in names):
+                raise _KeyedError(f"tasks[{i}].trigger.task", f"no other task named {parent!r}")
+        if _has_trigger_cycle(self.tasks):
+            raise ValueError("triggers form a cycle")
+        return self
+
+    def effective_tasks(self) -> list[TaskConfig]:
+        """The tasks, with the `model` shorthand expanded."""
+        if self.model is not None:
+            return [TaskConfig(name=self.model, model=self.model)]
+        return list(self.tasks)
+
+
+def _has_trigger_cycle(tasks: list[TaskConfig]) -> bool:
+    parent = {t.name: t.trigger.task for t in tasks if t.trigger}
+    for start in parent:
+        seen, node = set(), start
+        while node in parent:
+            if node in seen:
+                return True
+            seen.add(node)
+            node = parent[node]
+    return False
 
 
 class ModelConfig(_Strict):
@@ -169,9 +244,21 @@ class DelegateConfig(_Strict):
     options: dict[str, str] = {}
 
 
+class SchedulerConfig(_Strict):
+    executors: int = Field(default=1, gt=0, description="inference threads, each owning its interpreters")
+    estimate_window: int = Field(default=20, ge=4, description="recent runs a task's cost estimate is taken over")
+    estimate_percentile: float = Field(default=90.0, gt=0, le=100)
+    stuck_factor: float = Field(default=20.0, gt=1, description="an invoke this many times its estimate is stuck")
+    stuck_min_ms: float = Field(default=2000.0, gt=0, description="never call an invoke stuck sooner")
+    stuck_limit_ms: float = Field(default=30000.0, gt=0, description="stuck after this long, whatever the estimate")
+
+
 class RuntimeConfig(_Strict):
     num_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
     delegate: DelegateConfig | None = None
+    scheduler: SchedulerConfig = SchedulerConfig()
+    stats_file: ConfigPath | None = Field(default=None, description="the stats snapshot `edge stats` reads")
+    heartbeat_file: ConfigPath | None = Field(default=None, description="touched while the daemon is alive")
 
 
 class LoggingConfig(_Strict):
@@ -198,10 +285,13 @@ class DeviceConfig(_Strict):
     @model_validator(mode="after")
     def _references(self) -> "DeviceConfig":
         seen: set[str] = set()
+        known = ", ".join(sorted(self.models))
         for i, cam in enumerate(self.cameras):
-            if cam.model not in self.models:
-                known = ", ".join(sorted(self.models))
+            if cam.model is not None and cam.model not in self.models:
                 raise _KeyedError(f"cameras[{i}].model", f"unknown model {cam.model!r} (known: {known})")
+            for j, task in enumerate(cam.tasks):
+                if task.model not in self.models:
+                    raise _KeyedError(f"cameras[{i}].tasks[{j}].model", f"unknown model {task.model!r} (known: {known})")
             if cam.id in seen:
                 raise _KeyedError(f"cameras[{i}].id", f"duplicate camera id {cam.id!r}")
             seen.add(cam.id)
@@ -250,11 +340,11 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors(include_url=False):
         message = _message(err)
-        keyed = re.match(r"^([\w\[\].]+): (.*)$", message)
-        if keyed and err["type"] == "value_error":
-            lines.append(message)  # a cross-field error already names its key
-            continue
         path = _loc_to_path(err["loc"])
+        if err["type"] == "value_error" and re.match(r"^[\w\[\].]+: ", message):
+            # a cross-field error names its key relative to the model that raised it
+            lines.append(f"{path}.{message}" if path else message)
+            continue
         lines.append(f"{path}: {message}" if path else message)
     return "; ".join(lines)
 
