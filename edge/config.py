@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from .contract import BATCH_OVERHEAD, DEFAULT_PREFIX, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_EVENT_BYTES
 from .errors import ConfigError
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe as an MQTT topic level and a file name
@@ -273,6 +274,45 @@ class DeviceInfo(_Strict):
     line: str = "default"
 
 
+class TlsConfig(_Strict):
+    """TLS to the broker; without ``ca_file`` the system's CAs are trusted."""
+
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = Field(default=None, description="client certificate (mutual TLS)")
+    key_file: ConfigPath | None = None
+
+
+class MqttConfig(_Strict):
+    """The broker the device syncs its outbox through (see DESIGN.md, MQTT contract)."""
+
+    host: str = Field(default="localhost", min_length=1)
+    port: int = Field(default=1883, gt=0, le=65535)
+    prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^[^$/#+]([^#+]*[^#+/])?$")
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=65535)
+    session_expiry_s: int = Field(default=7 * 86400, ge=0, description="broker keeps the session (acks) this long")
+    reconnect: Backoff = Field(default=Backoff(initial_s=1.0, max_s=60.0),
+                               description="exponential backoff between attempts, with jitter")
+
+
+class OutboxConfig(_Strict):
+    """The local SQLite outbox and how it is synced (see docs/outbox.md)."""
+
+    path: ConfigPath = Path("/var/lib/edgecam/outbox.db")
+    max_rows: int = Field(default=1_000_000, gt=0)
+    max_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="sum of stored event sizes")
+    synchronous: Literal["normal", "full"] = Field(
+        default="normal", description="normal: a commit survives a process kill; full: also a power cut")
+    handoff: int = Field(default=10_000, gt=0, description="events waiting for the writer; beyond, append drops")
+    commit_interval_s: float = Field(default=0.05, gt=0, le=5, description="longest wait before a commit")
+    batch_events: int = Field(default=500, gt=0, le=MAX_BATCH_EVENTS)
+    batch_bytes: int = Field(default=256 * 1024, ge=MAX_EVENT_BYTES + BATCH_OVERHEAD, le=MAX_BATCH_BYTES)
+    window: int = Field(default=4, gt=0, le=16, description="batches in flight awaiting the fleet's ack")
+    ack_timeout_s: float = Field(default=30.0, gt=0, description="re-send a batch not acked this long")
+
+
 class DeviceConfig(_Strict):
     """The whole ``edge run`` config file."""
 
@@ -281,6 +321,8 @@ class DeviceConfig(_Strict):
     logging: LoggingConfig = LoggingConfig()
     models: dict[Annotated[str, Field(pattern=_ID)], ModelConfig] = Field(min_length=1)
     cameras: list[CameraConfig] = Field(min_length=1)
+    mqtt: MqttConfig | None = Field(default=None, description="without it the outbox fills but never syncs")
+    outbox: OutboxConfig = OutboxConfig()
 
     @model_validator(mode="after")
     def _references(self) -> "DeviceConfig":
