@@ -28,3 +28,13 @@ def manifest_for(model_file: str) -> Path:
 @pytest.fixture
 def shared():
     return shared_path
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real Mosquitto on a free 127.0.0.1 port (tests/broker.py); skips without the binary."""
+    from broker import Broker
+
+    b = Broker(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()

@@ -1,0 +1,251 @@
+"""One MQTT 5 client on a thread of its own, connected for as long as it runs.
+
+The thread owns the paho client outright: it connects, runs the network loop, calls
+its handler's hooks and publishes from the same thread, so nothing about the client
+is shared. A lost or refused connection is retried with exponential backoff and
+jitter (many devices losing one broker must not come back in step). Both the device's
+sync and the fleet's ingest are a handler on a link.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .logs import fields
+
+log = logging.getLogger("edge.link")
+
+CONNECT_TIMEOUT_S = 3.0  # TCP connect; a stop waits for at most this much of it
+STOP_DRAIN_S = 1.0  # on stop, how long the last publishes may take
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Where and how to connect. ``will`` is called before each attempt, so the last
+    will can carry the attempt's time."""
+
+    host: str
+    port: int
+    client_id: str
+    keepalive_s: int = 30
+    clean_start: bool = False
+    session_expiry_s: int = 0  # 0: the broker drops the session when the link drops
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    use_tls: bool = False
+    will: Callable[[], Will] | None = None
+    max_inflight: int = 20
+
+
+class Handler(Protocol):
+    """What a link calls, always on its own thread."""
+
+    def on_connect(self, client: mqtt.Client, session_present: bool) -> None: ...
+
+    def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None: ...
+
+    def work(self, client: mqtt.Client) -> float:
+        """Do what is due while connected; return how long the loop may wait (s)."""
+        ...
+
+    def on_stop(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
+        """Last publishes before the clean disconnect; the link waits briefly for them."""
+        ...
+
+
+@dataclass
+class Backoff:
+    """Exponential delays with "equal jitter": half fixed, half random."""
+
+    initial_s: float
+    max_s: float
+    rng: Callable[[], float] = random.random
+    attempt: int = 0
+
+    def next(self) -> float:
+        ceiling = min(self.max_s, self.initial_s * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return ceiling * (0.5 + 0.5 * self.rng())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class LinkCounters:
+    connects: int = 0
+    disconnects: int = 0
+    connect_failures: int = 0
+    connected: bool = False
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Link:
+    """Runs ``handler`` on an MQTT 5 client until :meth:`stop`."""
+
+    def __init__(self, settings: LinkSettings, handler: Handler, *, name: str = "mqtt") -> None:
+        self.settings = settings
+        self.handler = handler
+        self.counters = LinkCounters()
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._client = self._make_client()  # after handler: it looks for optional hooks
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Say goodbye (handler's last publishes, then DISCONNECT) and join the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("mqtt link did not stop in time", extra=fields(client=self.settings.client_id))
+
+    @property
+    def connected(self) -> bool:
+        return self.counters.connected
+
+    # --- the thread --------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv5)
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        client.max_inflight_messages_set(s.max_inflight)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.use_tls:
+            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        on_subscribe = getattr(self.handler, "on_subscribe", None)
+        if on_subscribe is not None:  # optional: who needs to know the subscription is live
+            client.on_subscribe = lambda c, userdata, mid, reasons, props: on_subscribe(c, reasons)
+        return client
+
+    def _run(self) -> None:
+        client = self._client
+        wait = 0.0
+        socket_open = False
+        try:
+            while not self._stop.is_set():
+                if not socket_open:
+                    socket_open = self._connect(client)
+                    if not socket_open:
+                        self._stop.wait(self._backoff.next())
+                        continue
+                rc = client.loop(timeout=wait)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    socket_open = False
+                    self._lost(rc)
+                    self._stop.wait(self._backoff.next())
+                    continue
+                wait = self._work(client) if self.counters.connected else 0.1
+            if socket_open:
+                self._goodbye(client)
+        except Exception:  # a bug here must be loud, not a silently dead link
+            log.exception("mqtt link failed", extra=fields(client=self.settings.client_id))
+            self.counters.connected = False
+
+    def _work(self, client: mqtt.Client) -> float:
+        try:
+            return self.handler.work(client)
+        except Exception:  # e.g. a disk error reading the outbox: log it, keep the link up
+            log.exception("link work failed", extra=fields(client=self.settings.client_id))
+            return 1.0
+
+    def _connect(self, client: mqtt.Client) -> bool:
+        s = self.settings
+        if s.will is not None:
+            will = s.will()
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        props = Properties(PacketTypes.CONNECT)
+        if s.session_expiry_s > 0:
+            props.SessionExpiryInterval = s.session_expiry_s
+        try:
+            client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=s.clean_start,
+                           properties=props)
+            return True
+        except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
+            self.counters.connect_failures += 1
+            self.counters.last_error = f"{type(exc).__name__}: {exc}"
+            level = logging.WARNING if self.counters.connect_failures == 1 else logging.INFO
+            log.log(level, "mqtt connect failed", extra=fields(
+                broker=f"{s.host}:{s.port}", error=self.counters.last_error, attempt=self._backoff.attempt + 1))
+            return False
+
+    def _lost(self, rc: MQTTErrorCode) -> None:
+        if self.counters.connected:  # paho did not report it (e.g. a read error)
+            self.counters.connected = False
+            self.counters.disconnects += 1
+        self.counters.last_error = mqtt.error_string(rc)
+
+    def _goodbye(self, client: mqtt.Client) -> None:
+        infos = self.handler.on_stop(client) if self.counters.connected else []
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while time.monotonic() < deadline and not all(i.is_published() for i in infos):
+            if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        client.disconnect()
+        for _ in range(10):  # let the DISCONNECT out
+            if client.loop(timeout=0.02) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        self.counters.connected = False
+
+    # --- paho callbacks (on this thread, inside client.loop) ----------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.counters.connect_failures += 1
+            self.counters.last_error = f"refused: {reason}"
+            log.error("mqtt connect refused", extra=fields(client=self.settings.client_id, reason=str(reason)))
+            return
+        self.counters.connected = True
+        self.counters.connects += 1
+        self._backoff.reset()
+        log.info("mqtt connected", extra=fields(broker=f"{self.settings.host}:{self.settings.port}",
+                                                client=self.settings.client_id,
+                                                session_present=bool(flags.session_present)))
+        self.handler.on_connect(client, bool(flags.session_present))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.counters.connected:
+            self.counters.disconnects += 1
+            if not self._stop.is_set():
+                log.warning("mqtt connection lost", extra=fields(client=self.settings.client_id, reason=str(reason)))
+        self.counters.connected = False
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.handler.on_message(client, message)
+        except Exception:  # one bad message must never stop the link
+            log.exception("message handler failed", extra=fields(topic=message.topic))
