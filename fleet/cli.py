@@ -1,20 +1,221 @@
-"""The ``fleet`` command."""
+"""The ``fleet`` command: run the manager's ingest, read its events and devices."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
-from typing import Sequence
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
+from edge.errors import EdgeError, UsageError
 
 from . import __version__
 
+log = logging.getLogger("fleet")
+
+DEFAULT_DB = os.environ.get("FLEET_DB", "fleet.db")
+FOLLOW_POLL_S = 0.5
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fleet", description="edgecam fleet manager and operator CLI")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except EdgeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"fleet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `fleet events tail | head`
+        return 0
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        print(f"fleet: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    parser = argparse.ArgumentParser(prog="fleet", description="edgecam fleet manager and operator CLI",
+                                     parents=[common])
     parser.add_argument("--version", action="version", version=f"edgecam {__version__}")
-    parser.parse_args(argv)
-    parser.print_help(sys.stderr)
-    return 2
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the manager: ingest device outboxes")
+    serve.add_argument("--db", required=True, type=Path, help="the fleet store (SQLite; created if missing)")
+    serve.add_argument("--broker", default="localhost:1883", type=_broker, help="host:port (default localhost:1883)")
+    serve.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
+    serve.add_argument("--client-id", help="MQTT client id (default fleet-<host>-<pid>-<random>)")
+    serve.add_argument("--username", help="broker user; the password is read from $FLEET_MQTT_PASSWORD")
+    serve.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    serve.add_argument("--log-format", choices=("json", "human"), default="json")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.set_defaults(func=_cmd_serve)
+
+    events = sub.add_parser("events", parents=[common], help="stored device events")
+    events_sub = events.add_subparsers(metavar="ACTION")
+    tail = events_sub.add_parser("tail", parents=[common], help="the newest events, oldest first")
+    _db_arg(tail)
+    tail.add_argument("--device", help="only this device")
+    tail.add_argument("--kind", choices=EVENT_KINDS, help="only this kind")
+    tail.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing events as they are stored")
+    tail.add_argument("--json", action="store_true", help="one JSON document per line")
+    tail.set_defaults(func=_cmd_events_tail)
+
+    devices = sub.add_parser("devices", parents=[common], help="the device registry")
+    devices_sub = devices.add_subparsers(metavar="ACTION")
+    listing = devices_sub.add_parser("list", parents=[common], help="every known device")
+    _db_arg(listing)
+    listing.add_argument("--json", action="store_true", help="a JSON array")
+    listing.set_defaults(func=_cmd_devices_list)
+    return parser
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", type=Path, default=Path(DEFAULT_DB), help=f"the fleet store (default {DEFAULT_DB}, or $FLEET_DB)")
+
+
+def _broker(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {value!r}")
+    return host, int(port)
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _setup_logging(fmt: str, level: str) -> None:
+    from edge.logs import setup_logging
+
+    setup_logging(fmt, level)  # the `edge` loggers (the MQTT link is shared code)
+    edge_root = logging.getLogger("edge")
+    log.handlers[:] = edge_root.handlers
+    log.setLevel(edge_root.level)
+    log.propagate = False
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .ingest import Ingest
+    from .store import Store
+
+    _setup_logging(args.log_format, args.log_level)
+    if args.stats_interval <= 0:
+        raise UsageError("--stats-interval must be > 0")
+    host, port = args.broker
+    try:
+        Topics(args.prefix)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    store = Store.open(args.db)
+    ingest = Ingest(store, host=host, port=port, prefix=args.prefix, client_id=args.client_id,
+                    username=args.username, password=os.environ.get("FLEET_MQTT_PASSWORD"))
+    ingest.start()
+    log.info("serving", extra={"fields": {"db": str(args.db), "broker": f"{host}:{port}", "prefix": args.prefix}})
+    try:
+        while not stop.wait(args.stats_interval):
+            log.info("stats", extra={"fields": ingest.stats()})
+    finally:
+        ingest.stop()
+        store.close()
+        log.info("stopped", extra={"fields": ingest.stats()})
+    return 0
+
+
+# --- reads --------------------------------------------------------------------------------------
+
+
+def _cmd_events_tail(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    store = Store.open_readonly(args.db)
+    stop = threading.Event()
+    if args.follow:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        last = store.last_rowid() if args.follow else None
+        for event in store.events(device=args.device, kind=args.kind, limit=args.limit):
+            _print_event(event, args.json)
+        while args.follow and not stop.wait(FOLLOW_POLL_S):
+            for event in store.events(device=args.device, kind=args.kind, limit=1000, after_rowid=last):
+                _print_event(event, args.json)
+                last = event["rowid"]
+            sys.stdout.flush()
+    finally:
+        store.close()
+    return 0
+
+
+def _print_event(event: dict[str, Any], as_json: bool) -> None:
+    event = {k: v for k, v in event.items() if k != "rowid"}
+    if as_json:
+        print(json.dumps(event, separators=(",", ":")), flush=True)
+        return
+    payload = json.dumps(event["payload"], separators=(",", ":"))
+    if len(payload) > 100:
+        payload = payload[:97] + "..."
+    print(f"{_when(event['captured_at'])}  {event['device']:<20} {event['camera'] or '-':<12} "
+          f"{event['kind']:<17} {payload}", flush=True)
+
+
+def _cmd_devices_list(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    store = Store.open_readonly(args.db)
+    try:
+        devices = store.devices()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return 0
+    if not devices:
+        print("no devices yet")
+        return 0
+    header = ("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "MODELS")
+    rows = [(d["id"], d["state"] or "unknown", d["site"] or "-", d["line"] or "-", d["runtime"] or "-",
+             _when(d["last_seen"]), str(d["events"]),
+             ",".join(f"{k}={v}" for k, v in sorted(d["models"].items())) or "-") for d in devices]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 if __name__ == "__main__":
