@@ -135,6 +135,7 @@ class CaptureThread:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._slot: Frame | None = None
+        self._waiting_since = 0.0  # captured_mono of the first frame put since the slot was emptied
         self._state = CaptureState.STARTING
         self._eof = False
         self._failed = False
@@ -208,9 +209,13 @@ class CaptureThread:
         return self._back_pressure
 
     def peek(self) -> float | None:
-        """``captured_mono`` of the frame waiting to be taken, or None."""
+        """When the oldest frame not yet served arrived (superseded ones count), or None.
+
+        The waiting frame itself is newer when others were superseded; this is how
+        long the camera has been waiting, which is what a fair scheduler must see.
+        """
         with self._cond:
-            return None if self._slot is None else self._slot.captured_mono
+            return None if self._slot is None else self._waiting_since
 
     @property
     def ended(self) -> bool:
@@ -355,6 +360,8 @@ class CaptureThread:
                 return False
             if self._slot is not None:
                 self._superseded += 1
+            else:
+                self._waiting_since = mono
             self._slot = Frame(self.camera, self._captured, image, wall, mono)
             self._captured += 1
             self._last_frame_clock = now

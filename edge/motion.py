@@ -32,6 +32,6 @@ class MotionDetector:
             moving = True  # nothing to compare with: assume the scene matters
         else:
             changed = np.count_nonzero(cv2.absdiff(grey, previous) > self.cfg.threshold)
-            moving = changed >= self.cfg.min_area * grey.size
+            moving = bool(changed >= self.cfg.min_area * grey.size)
         self.moving += moving
         return moving

@@ -10,9 +10,10 @@ Rules, in order:
   still scene is skipped until its keep-alive (``motion``).
 - The highest-priority due task always runs, first, whatever the budget.
 - The other due tasks run in priority order when their estimate fits the budget
-  left, else they are skipped (``budget``). A task skipped for budget
-  ``starve_after`` frames in a row runs anyway in its turn (``forced``), so none
-  starves; it never jumps ahead of a higher-priority task.
+  left, else they are skipped (``budget``); a smaller task may fill what a larger
+  one could not use. A task skipped for budget ``starve_after`` frames in a row
+  runs anyway (``forced``), so none starves, but only when no higher-priority task
+  is still waiting in that frame: a budget overrun goes to the more important task.
 - A trigger task runs on the crops of its parent's matching detections, best score
   first, at most ``max_crops``; when the parent found nothing, it is skipped
   (``trigger``).
@@ -37,8 +38,9 @@ Box = tuple[float, float, float, float]
 class CostModel:
     """A latency estimate per task: a high percentile of its recent runs.
 
-    A percentile over a short window ignores a single outlier yet follows a model
-    that gets slower (a throttling CPU) within a few runs.
+    The percentile is taken at the sample at or below it ("lower"), so the single
+    slowest run never sets the estimate once there are two; yet a model that gets
+    slower (a throttling CPU) is planned for within a few runs.
     """
 
     def __init__(self, window: int = 20, percentile: float = 90.0) -> None:
@@ -54,7 +56,7 @@ class CostModel:
         runs = self._runs.get(task)
         if not runs:
             return 0.0
-        return float(np.percentile(np.fromiter(runs, dtype=np.float64), self.percentile))
+        return float(np.percentile(np.fromiter(runs, dtype=np.float64), self.percentile, method="lower"))
 
 
 @dataclass
@@ -150,10 +152,14 @@ class FramePlan:
             top, self._top = self._top, None
             return WorkItem(top.spec.name)
         for i, (state, crop) in enumerate(self._waiting):
-            starving = state.budget_skips >= state.spec.starve_after
-            if starving or self._p.costs.estimate(state.spec.name) <= remaining_ms:
+            if self._p.costs.estimate(state.spec.name) <= remaining_ms:
                 del self._waiting[i]
-                return WorkItem(state.spec.name, crop, forced=starving and crop is None)
+                return WorkItem(state.spec.name, crop)
+            # Overrunning the budget for a starving task is allowed only when no
+            # higher-priority item is still waiting: that one would deserve it more.
+            if i == 0 and crop is None and state.budget_skips >= state.spec.starve_after:
+                del self._waiting[i]
+                return WorkItem(state.spec.name, forced=True)
         return None
 
     def done(self, item: WorkItem, elapsed_ms: float, prediction: Prediction | None) -> None:

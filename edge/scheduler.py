@@ -207,14 +207,17 @@ class Scheduler:
                     self._cond.notify()  # the camera may have a newer frame by now
 
     def _earliest_deadline(self) -> CameraRunner | None:
+        # The deadline of a camera's oldest unserved frame, not of its newest: with
+        # newest-frame deadlines the camera whose frames land a little earlier in each
+        # period would win every time.
         best, best_deadline = None, float("inf")
         for camera in self.cameras:
             if camera.busy:
                 continue
-            captured = camera.capture.peek()
-            if captured is None:
+            waiting_since = camera.capture.peek()
+            if waiting_since is None:
                 continue
-            deadline = captured + camera.budget_ms / 1e3
+            deadline = waiting_since + camera.budget_ms / 1e3
             if deadline < best_deadline:
                 best, best_deadline = camera, deadline
         return best
