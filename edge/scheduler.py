@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from .adapters import Prediction
 from .capture import CaptureThread, Frame
-from .config import CameraConfig, SchedulerConfig
+from .config import CameraConfig
 from .logs import fields
 from .model import Model, StageTimes
 from .motion import MotionDetector

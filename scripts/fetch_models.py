@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import os
 import re
-import shutil
 import sys
 import tempfile
 import urllib.error

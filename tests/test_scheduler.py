@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import pytest
 
 from conftest import manifest_for, shared_path
 from edge.adapters import Prediction
