@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -208,10 +208,10 @@ _quoted = functools.lru_cache(maxsize=256)(json.dumps)
 BATCH_OVERHEAD = 200  # bytes of a batch body around its events (generous)
 
 
-def batch_body(device: str, batch: str, sent_at: float, events: Sequence[str]) -> bytes:
-    """An :class:`OutboxBatch` body from events already in :func:`event_json` form."""
+def batch_body(device: str, batch: str, sent_at: float, events: str) -> bytes:
+    """An :class:`OutboxBatch` body from events in :func:`event_json` form, joined by commas."""
     head = f'{{"v":{VERSION},"device":{json.dumps(device)},"batch":"{batch}","sent_at":{sent_at!r},"events":['
-    return (head + ",".join(events) + "]}").encode()
+    return (head + events + "]}").encode()
 
 
 def decode_batch(data: bytes, *, device: str) -> OutboxBatch:

@@ -20,6 +20,7 @@ priority, oldest first, so alert audit rows go last.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -40,9 +41,38 @@ from .logs import fields
 
 log = logging.getLogger("edge.outbox")
 
-PRIORITIES = range(9, -1, -1)  # sending order; the contract allows 0..9
+PRIORITIES = range(10)  # the contract allows 0..9
 TXN_MAX_EVENTS = 5000  # events per transaction: big enough to amortise the commit
 RETRY_MAX_S = 5.0
+MIN_ROW_BYTES = 100  # no stored event is smaller (the envelope alone is bigger)
+
+# Python's sqlite3 releases the GIL around every step, and a thread that gives the GIL
+# up while another thread computes may wait a whole switch interval (5 ms) to get it
+# back. So the hot paths take few steps, not one per row: inserts bind many rows to one
+# statement, and a batch is read, cut at its byte limit and joined in one SELECT.
+_INSERT_ROWS = (4096, 512, 64, 8, 1)  # statement sizes, largest first
+_COLUMNS = 6
+
+_READ_BATCH = """
+SELECT count(*), min(seq), max(seq), coalesce(sum(size), 0), group_concat(body, ',') FROM (
+  SELECT seq, size, body,
+         sum(size + 1) OVER w AS upto,
+         row_number() OVER w AS k
+  FROM (SELECT seq, size, body FROM events WHERE priority = ? AND seq > ? ORDER BY seq LIMIT ?)
+  WINDOW w AS (ORDER BY seq ROWS UNBOUNDED PRECEDING))
+WHERE upto <= ? OR (k = 1 AND ?)
+"""
+
+# the oldest rows of one priority that, taken in order, cover what must go
+_VICTIMS = """
+SELECT count(*), coalesce(sum(size), 0), max(seq) FROM (
+  SELECT seq, size,
+         row_number() OVER w - 1 AS rows_before,
+         sum(size) OVER w - size AS bytes_before
+  FROM (SELECT seq, size FROM events WHERE priority = ? ORDER BY seq LIMIT ?)
+  WINDOW w AS (ORDER BY seq ROWS UNBOUNDED PRECEDING))
+WHERE rows_before < ? OR bytes_before < ?
+"""
 
 
 class OutboxError(EdgeError):
@@ -53,7 +83,8 @@ class OutboxError(EdgeError):
 class Batch:
     """Events read for one outbox message, and the rows to delete when it is acked."""
 
-    events: tuple[str, ...]  # each in contract.event_json form
+    events: str  # the events in contract.event_json form, joined by commas
+    count: int
     ranges: tuple[tuple[int, int, int], ...]  # (priority, first seq, last seq), contiguous per priority
     nbytes: int  # size of the batch body, envelope included (an upper bound)
 
@@ -102,6 +133,14 @@ class Outbox:
         self._listeners: list[Callable[[Sequence[Event]], None]] = []
         self._cursor: dict[int, int] = {}  # priority -> last seq handed to sync
         self._read_at_commit = -1  # commit count when a read last found nothing new
+        # priority -> highest seq committed, so a read skips priorities with nothing new
+        self._tops: dict[int, int] = {}
+        for prio in PRIORITIES:
+            top = write.execute("SELECT max(seq) FROM events WHERE priority = ?", (prio,)).fetchone()[0]
+            if top is not None:
+                self._tops[prio] = top
+        limit = _variable_limit(write)
+        self._insert_sizes = tuple(n for n in _INSERT_ROWS if n * _COLUMNS <= limit) or (1,)
 
         self._counters = dict(committed=0, dropped=0, evicted=0, evicted_bytes=0, deleted=0,
                               commits=0, write_errors=0)
@@ -173,35 +212,27 @@ class Outbox:
         commits = self._counters["commits"]
         if commits == self._read_at_commit:
             return None  # nothing committed since the last empty read
-        events: list[str] = []
+        parts: list[str] = []
         ranges: list[tuple[int, int, int]] = []
-        size = BATCH_OVERHEAD
-        full = False
+        count, size = 0, BATCH_OVERHEAD
         with self._read_lock:
-            for prio in PRIORITIES:
-                if full or len(events) >= max_events:
-                    break
+            for prio in sorted(self._tops, reverse=True):
                 after = self._cursor.get(prio, 0)
-                rows = self._read.execute(
-                    "SELECT seq, body FROM events WHERE priority = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    (prio, after, max_events - len(events)),
-                ).fetchall()
-                first = last = None
-                for seq, body in rows:
-                    if events and size + len(body) + 1 > max_bytes:
-                        full = True
-                        break
-                    events.append(body)
-                    size += len(body) + 1
-                    first = seq if first is None else first
-                    last = seq
-                if last is not None:
+                if self._tops[prio] <= after:
+                    continue
+                if count >= max_events or (count and size >= max_bytes):
+                    break
+                n, first, last, nbytes, joined = self._read.execute(
+                    _READ_BATCH, (prio, after, max_events - count, max_bytes - size, count == 0)).fetchone()
+                if n:
+                    parts.append(joined)
                     ranges.append((prio, first, last))
                     self._cursor[prio] = last
-        if not events:
+                    count, size = count + n, size + nbytes + n
+        if not count:
             self._read_at_commit = commits
             return None
-        return Batch(tuple(events), tuple(ranges), size)
+        return Batch(",".join(parts), count, tuple(ranges), size)
 
     def delete(self, batch: Batch) -> None:
         """Delete a batch's rows: the fleet acknowledged it. Committed by the writer shortly."""
@@ -312,13 +343,17 @@ class Outbox:
                                     "WHERE priority = ? AND seq BETWEEN ? AND ?", (prio, first, last)).fetchone()
                 c.execute("DELETE FROM events WHERE priority = ? AND seq BETWEEN ? AND ?", (prio, first, last))
                 deleted, rows_n, bytes_n = deleted + n, rows_n - n, bytes_n - size
-            c.executemany("INSERT INTO events (seq, id, kind, priority, size, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._insert(c, rows)
             rows_n += len(rows)
             bytes_n += sum(r[4] for r in rows)
             evicted = (0, 0)
             if rows_n > self.cfg.max_rows or bytes_n > self.cfg.max_bytes:
-                seq, rows_n, bytes_n, record, evicted = self._evict(c, seq, rows_n, bytes_n)
+                seq += 1
+                record, record_row, evicted = self._evict(c, seq, rows_n, bytes_n)
+                rows_n += 1 - evicted[0]
+                bytes_n += record_row[4] - evicted[1]
                 added.append(record)
+                rows.append(record_row)
             c.execute("UPDATE outbox_state SET last_seq = ?, rows = ?, bytes = ? WHERE id = 1",
                       (seq, rows_n, bytes_n))
             c.execute("COMMIT")
@@ -326,6 +361,9 @@ class Outbox:
             rollback_quietly(c)
             raise
         self._last_seq, self._rows, self._bytes = seq, rows_n, bytes_n
+        for row in rows:
+            if row[0] > self._tops.get(row[3], 0):
+                self._tops[row[3]] = row[0]
         k = self._counters
         k["committed"] += len(added)
         k["deleted"] += deleted
@@ -338,41 +376,66 @@ class Outbox:
             except Exception:  # a listener's bug must not stop the writer
                 log.exception("outbox listener failed")
 
+    def _insert(self, c: sqlite3.Connection, rows: list[tuple]) -> None:
+        done = 0
+        for size in self._insert_sizes:
+            while len(rows) - done >= size:
+                params = [value for row in rows[done:done + size] for value in row]
+                c.execute(_insert_sql(size), params)
+                done += size
+
     def _row(self, seq: int, e: Event) -> tuple[int, str, str, int, int, str]:
         body = event_json(id=e.id, seq=seq, kind=e.kind.value, device=self.device_id, camera=e.camera,
                           captured_at=e.captured_at, recorded_at=e.recorded_at, priority=e.priority,
                           payload_json=e.payload_json)
         return (seq, e.id, e.kind.value, e.priority, len(body), body)  # ASCII: characters are bytes
 
-    def _evict(self, c: sqlite3.Connection, seq: int, rows_n: int, bytes_n: int):
+    def _evict(self, c: sqlite3.Connection, seq: int, rows_n: int, bytes_n: int
+               ) -> tuple[Event, tuple, tuple[int, int]]:
         """Delete lowest-priority, oldest rows until under the caps with some headroom, and
-        record what went as one ``outbox_eviction`` event, added in the same transaction."""
+        record what went as one ``outbox_eviction`` event (row ``seq``) in the same
+        transaction. Returns the event, its row, and (rows, bytes) evicted."""
         cfg = self.cfg
         # headroom: evicting one row per append when full would cost a transaction each
-        target_rows = cfg.max_rows - max(1, cfg.max_rows // 100) - 1
-        target_bytes = cfg.max_bytes - cfg.max_bytes // 100 - MAX_EVENT_BYTES
+        need_rows = rows_n - (cfg.max_rows - max(1, cfg.max_rows // 100) - 1)
+        need_bytes = bytes_n - (cfg.max_bytes - cfg.max_bytes // 100 - MAX_EVENT_BYTES)
         by_kind: dict[str, int] = {}
-        upto: dict[int, int] = {}  # priority -> last seq evicted
         first_id = last_id = None
         n = size = 0
-        cursor = c.execute("SELECT priority, seq, kind, size, id FROM events ORDER BY priority, seq")
-        while rows_n - n > target_rows or bytes_n - size > target_bytes:
-            row = cursor.fetchone()
-            if row is None:
+        for prio in PRIORITIES:  # lowest first
+            still_rows, still_bytes = need_rows - n, need_bytes - size
+            if still_rows <= 0 and still_bytes <= 0:
                 break
-            prio, victim, kind, row_size, event_id = row
-            upto[prio] = victim
-            by_kind[kind] = by_kind.get(kind, 0) + 1
-            first_id = first_id or event_id
-            last_id = event_id
-            n, size = n + 1, size + row_size
-        cursor.close()
-        for prio, last in upto.items():  # the victims are a prefix of each priority's rows
-            c.execute("DELETE FROM events WHERE priority = ? AND seq <= ?", (prio, last))
+            limit = max(still_rows, still_bytes // MIN_ROW_BYTES + 1)
+            count, nbytes, upto = c.execute(_VICTIMS, (prio, limit, still_rows, still_bytes)).fetchone()
+            if not count:
+                continue
+            for kind, k in c.execute("SELECT kind, count(*) FROM events WHERE priority = ? AND seq <= ? "
+                                     "GROUP BY kind", (prio, upto)):
+                by_kind[kind] = by_kind.get(kind, 0) + k
+            if first_id is None:
+                first_id = c.execute("SELECT id FROM events WHERE priority = ? ORDER BY seq LIMIT 1",
+                                     (prio,)).fetchone()[0]
+            last_id = c.execute("SELECT id FROM events WHERE seq = ?", (upto,)).fetchone()[0]
+            c.execute("DELETE FROM events WHERE priority = ? AND seq <= ?", (prio, upto))
+            n, size = n + count, size + nbytes
         record = eviction("cap", n, size, by_kind, first_id=first_id, last_id=last_id,
                           max_rows=cfg.max_rows, max_bytes=cfg.max_bytes)
-        seq += 1
         row = self._row(seq, record)
-        c.execute("INSERT INTO events (seq, id, kind, priority, size, body) VALUES (?, ?, ?, ?, ?, ?)", row)
+        self._insert(c, [row])
         log.warning("outbox full: evicted", extra=fields(rows=n, bytes=size, by_kind=by_kind))
-        return seq, rows_n - n + 1, bytes_n - size + row[4], record, (n, size)
+        return record, row, (n, size)
+
+
+@functools.lru_cache(maxsize=len(_INSERT_ROWS))
+def _insert_sql(rows: int) -> str:
+    values = ",".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO events (seq, id, kind, priority, size, body) VALUES {values}"
+
+
+def _variable_limit(conn: sqlite3.Connection) -> int:
+    """How many ``?`` one statement may have (999 before SQLite 3.32)."""
+    getlimit = getattr(conn, "getlimit", None)  # Python 3.11+
+    if getlimit is not None:
+        return getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999

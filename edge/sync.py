@@ -135,7 +135,7 @@ class Sync:
                 continue
             self.outbox.delete(flight.batch)
             self._counters["acked_batches"] += 1
-            self._counters["acked_events"] += len(flight.batch.events)
+            self._counters["acked_events"] += flight.batch.count
 
     def work(self, client: mqtt.Client) -> float:
         now = time.monotonic()
@@ -147,7 +147,7 @@ class Sync:
                 self._publish(client, self.topics.outbox(self.device.id), flight.body)
                 flight.deadline = now + timeout
                 self._counters["resent"] += 1
-                log.info("batch re-sent: no ack", extra=fields(batch=batch_id, events=len(flight.batch.events)))
+                log.info("batch re-sent: no ack", extra=fields(batch=batch_id, events=flight.batch.count))
         while len(self._inflight) < self._cfg.window:
             batch = self.outbox.next_batch(self._cfg.batch_events, self._cfg.batch_bytes)
             if batch is None:
@@ -157,7 +157,7 @@ class Sync:
             self._publish(client, self.topics.outbox(self.device.id), body)
             self._inflight[batch_id] = _InFlight(batch, body, now + timeout)
             self._counters["batches_sent"] += 1
-            self._counters["events_sent"] += len(batch.events)
+            self._counters["events_sent"] += batch.count
         if len(self._inflight) < self._cfg.window:
             return IDLE_POLL_S
         next_deadline = min(f.deadline for f in self._inflight.values())

@@ -130,7 +130,7 @@ def test_an_event_in_wire_form_decodes_under_the_contract():
                                captured_at=event.captured_at, recorded_at=event.recorded_at,
                                priority=event.priority, payload_json=event.payload_json)
     assert wire.isascii()
-    batch = contract.decode_batch(contract.batch_body("dev-1", E.new_id(), time.time(), [wire]), device="dev-1")
+    batch = contract.decode_batch(contract.batch_body("dev-1", E.new_id(), time.time(), wire), device="dev-1")
     decoded = batch.events[0]
     assert (decoded.id, decoded.seq, decoded.camera, decoded.captured_at) == (event.id, 7, "c0", 1_700_000_000.25)
     assert decoded.payload == json.loads(event.payload_json)

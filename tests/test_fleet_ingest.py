@@ -65,10 +65,10 @@ def listener(broker):
     client.close()
 
 
-def wire(device: str, events: list[E.Event], seq0: int = 1) -> list[str]:
-    return [contract.event_json(id=e.id, seq=seq0 + i, kind=e.kind.value, device=device, camera=e.camera,
+def wire(device: str, events: list[E.Event], seq0: int = 1) -> str:
+    return ",".join(contract.event_json(id=e.id, seq=seq0 + i, kind=e.kind.value, device=device, camera=e.camera,
                                 captured_at=e.captured_at, recorded_at=e.recorded_at, priority=e.priority,
-                                payload_json=e.payload_json) for i, e in enumerate(events)]
+                                payload_json=e.payload_json) for i, e in enumerate(events))
 
 
 def batch(device: str, n: int = 3, batch_id: str | None = None) -> tuple[str, bytes]:
@@ -81,7 +81,7 @@ def test_bad_batches_are_rejected_counted_and_never_stored_or_acked(fleet, liste
     good_id, good = batch("cam-1")
     _, foreign = batch("cam-2")
     big_payload = json.dumps({"blob": ["x" * 900] * 10})
-    huge_event = wire("cam-1", [E.health_snapshot("c0", {})])[0].replace('"payload":{}', f'"payload":{big_payload}')
+    huge_event = wire("cam-1", [E.health_snapshot("c0", {})]).replace('"payload":{}', f'"payload":{big_payload}')
     many = contract.batch_body("cam-1", E.new_id(), time.time(),
                                wire("cam-1", [E.health_snapshot("c0", {}) for _ in range(contract.MAX_BATCH_EVENTS + 1)]))
     bad = {
@@ -90,10 +90,10 @@ def test_bad_batches_are_rejected_counted_and_never_stored_or_acked(fleet, liste
         "wrong_device": [foreign,  # another device's batch on cam-1's topic
                          good.replace(b'"device":"cam-1","camera"', b'"device":"cam-2","camera"', 1)],
         "oversized": [b"{" + b" " * contract.MAX_BATCH_BYTES + b"}", many,
-                      contract.batch_body("cam-1", E.new_id(), time.time(), [huge_event])],
+                      contract.batch_body("cam-1", E.new_id(), time.time(), huge_event)],
         "schema": [good.replace(b'"kind":"health"', b'"kind":"selfie"', 1), b"[]",
                    good.replace(good_id.encode(), b"batch-1"), good.replace(b'"seq":1', b'"seq":"1"'),
-                   contract.batch_body("cam-1", E.new_id(), time.time(), [])],
+                   contract.batch_body("cam-1", E.new_id(), time.time(), "")],
     }
     for bodies in bad.values():
         for body in bodies:
