@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,6 +195,9 @@ class Link:
         try:
             client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=s.clean_start,
                            properties=props)
+            sock = client.socket()
+            if sock is not None:  # an ack is small and waited for: no Nagle delay on it
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return True
         except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
             self.counters.connect_failures += 1

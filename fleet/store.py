@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from pydantic_core import to_json
 
 from edge.contract import MAX_PAYLOAD_BYTES, ContractError, OutboxBatch, Status
 from edge.db import Migration, SchemaTooNew, connect, migrate, rollback_quietly
@@ -105,11 +106,11 @@ class Store:
         Raises ContractError("oversized") for a payload over the limit (nothing stored)."""
         rows = []
         for i, e in enumerate(batch.events):
-            payload = json.dumps(e.payload, separators=(",", ":"))
+            payload = to_json(e.payload)  # compact; pydantic's encoder is several times faster than json's
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise ContractError("oversized", f"events[{i}].payload: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
             rows.append((e.id, batch.device, e.seq, e.kind, e.camera, e.captured_at, e.recorded_at,
-                         e.priority, payload, batch.batch, received_at))
+                         e.priority, payload.decode(), batch.batch, received_at))
         with self._lock:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")

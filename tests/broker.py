@@ -54,6 +54,7 @@ class Broker:
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "max_queued_messages 10000\n"
+            "set_tcp_nodelay true\n"
         )
 
     def start(self, timeout: float = 10.0) -> "Broker":

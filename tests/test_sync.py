@@ -240,10 +240,12 @@ class Producer:
 
 
 def start_writer(tmp_path: Path, broker: Broker, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "outbox_writer.py"), "--db", str(tmp_path / "outbox.db"),
-         "--port", str(broker.port), "--device", DEVICE.id, "--committed", str(tmp_path / "committed.txt"), *extra],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "writer.log", "a"), cwd=REPO)
+    with open(tmp_path / "writer.log", "a") as log:  # the child keeps its own copy of the fd
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "outbox_writer.py"), "--db", str(tmp_path / "outbox.db"),
+             "--port", str(broker.port), "--device", DEVICE.id, "--committed", str(tmp_path / "committed.txt"),
+             *extra],
+            stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
 
 
 def outbox_rows(tmp_path: Path) -> int:
@@ -261,23 +263,27 @@ def test_kill_9_during_sync_twenty_times_every_committed_event_arrives_exactly_o
     rng = random.Random(seed)
     fleet = FleetProcess(tmp_path / "fleet.db", broker)
     fleet.wait_for("ingest subscribed")
-    writer = None
+    writer: subprocess.Popen | None = None
     try:
         for _ in range(20):
             writer = start_writer(tmp_path, broker)
             time.sleep(rng.uniform(0.8, 2.0))  # imports take ~0.5 s; then it appends and syncs
             writer.send_signal(signal.SIGKILL)
             writer.wait()
+            writer.stdout.close()
         assert len(committed_ids(tmp_path)) > 0
         writer = start_writer(tmp_path, broker, "--rate", "0")  # restarted once more, only to sync
+        assert writer.stdout.readline().strip() == "started"  # its SIGTERM handler is in place
         committed = committed_ids(tmp_path)
         wait_until(lambda: outbox_rows(tmp_path) == 0, 60, f"the outbox to drain (seed {seed})", interval=0.2)
         writer.send_signal(signal.SIGTERM)
         assert writer.wait(10) == 0
-        writer = None
     finally:
-        if writer and writer.poll() is None:
-            writer.kill()
+        if writer is not None:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+            writer.stdout.close()
         fleet.stop()
     ids = store_ids(tmp_path / "fleet.db")
     assert len(ids) == len(set(ids)), "an event stored twice"
@@ -307,10 +313,12 @@ def test_a_killed_device_goes_offline_by_its_will_and_online_again(tmp_path, bro
         wait_until(lambda: state() == "online", 20, "the device online")
         writer.send_signal(signal.SIGKILL)
         writer.wait()
+        writer.stdout.close()
         wait_until(lambda: state() == "offline", 20, "the last will: offline")
         writer = start_writer(tmp_path, broker, "--rate", "10")
         wait_until(lambda: state() == "online", 20, "online again")
     finally:
         writer.kill()
         writer.wait()
+        writer.stdout.close()
         fleet.stop()
