@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     pipeline = bench_sub.add_parser("pipeline", parents=[common], help="pipeline fps against bare invoke()")
     _pipeline_bench_args(pipeline, required=True)
     pipeline.set_defaults(func=_cmd_bench)
+    outbox = bench_sub.add_parser("outbox", parents=[common],
+                                  help="outbox append, end-to-end and drain rates against a local Mosquitto")
+    outbox.add_argument("--events", type=int, default=1_000_000, help="backlog to drain (default 1000000)")
+    outbox.add_argument("--live-events", type=int, default=200_000,
+                        help="events appended while syncing, end to end (default 200000)")
+    outbox.add_argument("--batch-events", type=int, default=500, help="events per outbox batch (default 500)")
+    outbox.add_argument("--window", type=int, default=4, help="batches awaiting an ack at once (default 4)")
+    outbox.add_argument("--workdir", type=Path, help="keep the outbox, fleet store and broker files here")
+    outbox.set_defaults(func=_cmd_bench_outbox)
     return parser
 
 
@@ -221,6 +230,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
     report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
                        threads=args.threads, seconds=args.seconds)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench_outbox(args: argparse.Namespace) -> int:
+    from .bench_outbox import run_outbox_bench
+
+    report = run_outbox_bench(args.events, live_events=args.live_events, batch_events=args.batch_events,
+                              window=args.window, workdir=args.workdir)
     print(json.dumps(report, indent=2))
     return 0
 
