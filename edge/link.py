@@ -27,7 +27,8 @@ from .logs import fields
 log = logging.getLogger("edge.link")
 
 CONNECT_TIMEOUT_S = 3.0  # TCP connect; a stop waits for at most this much of it
-STOP_DRAIN_S = 1.0  # on stop, how long the last publishes may take
+STOP_DRAIN_S = 0.5  # on stop, how long the last publishes may take
+MAX_LOOP_WAIT_S = 0.2  # the longest the loop blocks, so a stop is noticed promptly
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class Link:
                     if not socket_open:
                         self._stop.wait(self._backoff.next())
                         continue
-                rc = client.loop(timeout=wait)
+                rc = client.loop(timeout=min(wait, MAX_LOOP_WAIT_S))
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     socket_open = False
                     self._lost(rc)

@@ -250,3 +250,18 @@ def test_an_unusable_path_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutboxError, match="cannot open the outbox"):
         Outbox.open(OutboxConfig(path=tmp_path / "file" / "outbox.db"), "dev-1")
+
+
+def test_the_outbox_config_resolves_its_path_like_other_paths_and_checks_its_limits():
+    from edge.config import parse_config
+    from edge.errors import ConfigError
+
+    base = {"device": {"id": "cam"}, "models": {"m": {"path": "m.tflite"}},
+            "cameras": [{"id": "c0", "source": {"kind": "pattern"}, "model": "m"}]}
+    cfg = parse_config({**base, "outbox": {"path": "data/outbox.db"}}, base_dir=Path("/etc/edgecam"))
+    assert cfg.outbox.path == Path("/etc/edgecam/data/outbox.db") and cfg.mqtt is None
+    assert parse_config(base).outbox.path == Path("/var/lib/edgecam/outbox.db")
+    with pytest.raises(ConfigError, match=r"outbox.batch_bytes: must be >= \d+"):
+        parse_config({**base, "outbox": {"batch_bytes": 100}})
+    with pytest.raises(ConfigError, match="outbox.synchronous"):
+        parse_config({**base, "outbox": {"synchronous": "off"}})

@@ -101,8 +101,11 @@ def test_batches_reach_the_fleet_once_and_rows_leave_only_after_its_ack(tmp_path
         alerts = fleet.store.events(device=DEVICE.id, kind="alert", limit=100)
         assert [a["payload"]["n"] for a in alerts] == list(range(0, 3000, 50))
     finally:
+        stopping = time.monotonic()
         sync.stop()
+        stopped_in = time.monotonic() - stopping
         outbox.close()
+    assert stopped_in < 2, "a clean stop (goodbye status, disconnect) fits the daemon's 2 s"
     wait_until(lambda: fleet.store.devices()[0]["state"] == "offline", 10, "the goodbye status")
     fleet.close()
 
@@ -322,3 +325,30 @@ def test_a_killed_device_goes_offline_by_its_will_and_online_again(tmp_path, bro
         writer.wait()
         writer.stdout.close()
         fleet.stop()
+
+
+def test_the_mqtt_config_refuses_a_prefix_that_is_not_a_plain_topic():
+    from edge.config import parse_config
+    from edge.errors import ConfigError
+
+    base = {"device": {"id": "cam"}, "models": {"m": {"path": "m.tflite"}},
+            "cameras": [{"id": "c0", "source": {"kind": "pattern"}, "model": "m"}]}
+    cfg = parse_config({**base, "mqtt": {"host": "broker.plant", "prefix": "plant-a/v1"}})
+    assert (cfg.mqtt.host, cfg.mqtt.port, contract.Topics(cfg.mqtt.prefix).ack("cam")) == (
+        "broker.plant", 1883, "plant-a/v1/dev/cam/ack")
+    for prefix in ("a/#", "a/+/b", "$SYS", "/a", "a/"):
+        with pytest.raises(ConfigError, match="mqtt.prefix"):
+            parse_config({**base, "mqtt": {"prefix": prefix}})
+
+
+def test_reconnect_delays_grow_exponentially_with_jitter_and_reset():
+    from edge.link import Backoff
+
+    low = Backoff(1.0, 8.0, rng=lambda: 0.0)
+    high = Backoff(1.0, 8.0, rng=lambda: 0.999)
+    assert [low.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert [round(high.next(), 1) for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    low.reset()
+    assert low.next() == 0.5
+    first_delays = {Backoff(1.0, 8.0).next() for _ in range(20)}  # twenty devices losing one broker
+    assert len(first_delays) > 1 and all(0.5 <= d <= 1.0 for d in first_delays), "they do not retry in step"
