@@ -216,9 +216,9 @@ class Outbox:
         ranges: list[tuple[int, int, int]] = []
         count, size = 0, BATCH_OVERHEAD
         with self._read_lock:
-            for prio in sorted(self._tops, reverse=True):
+            for prio in reversed(PRIORITIES):  # not the dict itself: the writer may add a key
                 after = self._cursor.get(prio, 0)
-                if self._tops[prio] <= after:
+                if self._tops.get(prio, 0) <= after:
                     continue
                 if count >= max_events or (count and size >= max_bytes):
                     break
@@ -291,10 +291,10 @@ class Outbox:
                 try:
                     self._commit(events, deletes, drops)
                     events, deletes, retry_s = [], [], 0.1
-                except sqlite3.Error as exc:
+                except Exception as exc:  # disk full, I/O error, locked too long: keep the events, retry
                     self._counters["write_errors"] += 1
                     self._put_back_drops(drops)
-                    log.error("outbox commit failed; retrying",
+                    log.error("outbox commit failed; retrying", exc_info=not isinstance(exc, sqlite3.Error),
                               extra=fields(error=str(exc), events=len(events), retry_s=retry_s))
                     if closing:
                         log.error("outbox closing with uncommitted events", extra=fields(events=len(events)))

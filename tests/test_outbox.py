@@ -265,3 +265,26 @@ def test_the_outbox_config_resolves_its_path_like_other_paths_and_checks_its_lim
         parse_config({**base, "outbox": {"batch_bytes": 100}})
     with pytest.raises(ConfigError, match="outbox.synchronous"):
         parse_config({**base, "outbox": {"synchronous": "off"}})
+
+
+def test_a_failed_commit_keeps_its_events_and_succeeds_later(tmp_path):
+    from edge.db import BUSY_TIMEOUT_S
+
+    outbox = open_outbox(tmp_path)
+    blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # held past the writer's busy timeout: its commit fails
+        made = [detection(i) for i in range(100)]
+        assert all(outbox.append(e) for e in made)
+        wait = time.monotonic() + BUSY_TIMEOUT_S + 5
+        while outbox.stats()["write_errors"] == 0 and time.monotonic() < wait:
+            time.sleep(0.05)
+        assert outbox.stats()["write_errors"] >= 1 and outbox.stats()["rows"] == 0
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    try:
+        assert outbox.flush(timeout=15)
+        assert [e["id"] for e in drain(outbox)] == [e.id for e in made]
+    finally:
+        outbox.close()
