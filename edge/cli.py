@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     pipeline = bench_sub.add_parser("pipeline", parents=[common], help="pipeline fps against bare invoke()")
     _pipeline_bench_args(pipeline, required=True)
     pipeline.set_defaults(func=_cmd_bench)
+    scheduler = bench_sub.add_parser("scheduler", parents=[common],
+                                     help="the scheduler under overload against a FIFO queue")
+    scheduler.add_argument("--model", required=True, type=Path, help=".tflite file")
+    scheduler.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
+    scheduler.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
+    scheduler.add_argument("--source", required=True, type=Path, help="a video file, looped")
+    scheduler.add_argument("--cameras", type=int, help="default: enough for about 2x overload")
+    scheduler.add_argument("--fps", type=float, default=50.0, help="pace of each camera (default 50)")
+    scheduler.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    scheduler.set_defaults(func=_cmd_bench_scheduler)
     outbox = bench_sub.add_parser("outbox", parents=[common],
                                   help="outbox append, end-to-end and drain rates against a local Mosquitto")
     outbox.add_argument("--events", type=int, default=1_000_000, help="backlog to drain (default 1000000)")
@@ -218,6 +228,17 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     from .config import config_schema
 
     print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
+    from .bench_scheduler import run_scheduler_bench
+
+    if not args.source.is_file():
+        raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
+    report = run_scheduler_bench(args.model, args.source, manifest=args.manifest, threads=args.threads,
+                                 cameras=args.cameras, fps=args.fps, seconds=args.seconds)
+    print(json.dumps(report, indent=2))
     return 0
 
 
