@@ -125,7 +125,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .ingest import Ingest
     from .store import Store
 
-    _setup_logging(args.log_format, args.log_level)
     if args.stats_interval <= 0:
         raise UsageError("--stats-interval must be > 0")
     host, port = args.broker
@@ -133,6 +132,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         Topics(args.prefix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _setup_logging(args.log_format, args.log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
