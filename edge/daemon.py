@@ -20,13 +20,17 @@ from typing import IO, Any
 import numpy as np
 
 from .capture import CaptureThread
+from .events import model_event
 from .config import CameraConfig, DeviceConfig, SchedulerConfig
 from .liveness import Liveness
 from .logs import fields
 from .model import Model
+from .outbox import Outbox
 from .planner import CostModel
+from .recorder import Recorder, fan_out
 from .scheduler import CameraRunner, Executor, Result, Scheduler, Sink
 from .sources import Source, make_source
+from .sync import Sync
 
 log = logging.getLogger("edge.run")
 
@@ -92,10 +96,19 @@ class Daemon:
         slots = sorted({t.model for cam in cfg.cameras for t in cam.effective_tasks()})
         self.executors = [Executor(i, {slot: self._load_model(slot) for slot in slots})
                           for i in range(sched.executors)]
+        models = {slot: model.name for slot, model in self.executors[0].models.items()}
+        # Metadata goes to the fleet only when a broker is configured.
+        self.outbox = Outbox.open(cfg.outbox, cfg.device.id) if cfg.mqtt else None
+        self.recorder = Recorder(self.outbox) if self.outbox else None
+        self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models) if cfg.mqtt and self.outbox else None
         self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
-        self.scheduler = Scheduler(self.cameras, self.executors, sink)
+        self.scheduler = Scheduler(self.cameras, self.executors, fan_out([sink, self.recorder]))
         warm_up(self.executors[0], self.cameras)
         self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
+        if self.outbox is not None:
+            for slot, name in models.items():
+                self.outbox.append(model_event("loaded", slot, self.executors[0].models[slot].manifest.version,
+                                               model=name))
 
     def _load_model(self, slot: str) -> Model:
         spec = self.cfg.models[slot]
@@ -118,6 +131,8 @@ class Daemon:
         """Run until ``stop`` is set or every source has ended; returns the exit code."""
         started: list[CameraRunner] = []
         try:
+            if self.sync is not None:
+                self.sync.start()
             for camera in self.cameras:
                 camera.capture.start()
                 started.append(camera)
@@ -141,8 +156,12 @@ class Daemon:
                 camera.capture.request_stop()  # all at once; joined below
             self.scheduler.join(1.0)
             for camera in started:
-                camera.capture.stop(timeout=max(0.1, stopping + 1.5 - time.monotonic()))
+                camera.capture.stop(timeout=max(0.1, stopping + 1.2 - time.monotonic()))
             self.report()
+            if self.sync is not None:
+                self.sync.stop(timeout=0.3)
+            if self.outbox is not None:
+                self.outbox.close(timeout=max(0.2, stopping + 1.8 - time.monotonic()))
             reason = "signal" if stop.is_set() else "sources ended"
             log.info("stopped", extra=fields(reason=reason, stop_s=round(time.monotonic() - stopping, 3)))
         return 0
@@ -151,8 +170,13 @@ class Daemon:
         """The stats line (one record per camera) and, if configured, the stats file."""
         snap = self.scheduler.snapshot()
         snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
+        if self.outbox is not None and self.sync is not None:
+            snap["outbox"], snap["sync"] = self.outbox.stats(), self.sync.stats()
+            log.info("sync stats", extra=fields(outbox=snap["outbox"], sync=snap["sync"]))
         for camera in snap["cameras"]:
             log.info("stats", extra=fields(**camera))
+        if self.recorder is not None:
+            self.recorder.health(snap["cameras"])
         if self.cfg.runtime.stats_file is not None:
             write_atomically(self.cfg.runtime.stats_file, json.dumps({"at": time.time(), **snap}, indent=1))
 

@@ -1,0 +1,131 @@
+"""`edge run` syncing its metadata to a real `fleet serve` through a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import yaml
+
+from broker import FleetProcess, wait_until
+from conftest import REPO, manifest_for, shared_path
+
+YOLO = "models/yolov8n_full_integer_quant-b.tflite"
+
+
+def write_config(tmp_path: Path, broker, source: dict, device: str = "cam-e2e") -> Path:
+    cfg = {
+        "device": {"id": device, "site": "plant-a", "line": "3"},
+        "runtime": {"num_threads": 2},
+        "logging": {"format": "json", "stats_interval_s": 1},
+        "models": {"det": {"path": str(shared_path(YOLO)), "manifest": str(manifest_for(YOLO))}},
+        "cameras": [{"id": "door", "source": source, "model": "det"}],
+        "mqtt": {"host": broker.host, "port": broker.port, "reconnect": {"initial_s": 0.2, "max_s": 1}},
+        "outbox": {"path": str(tmp_path / "outbox.db"), "ack_timeout_s": 2},
+    }
+    path = tmp_path / "cam.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def edge_run(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def store_ids(db: Path, kind: str | None = None) -> list[str]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        query = "select id from events" + (" where kind = ?" if kind else "")
+        return [row[0] for row in conn.execute(query, (kind,) if kind else ())]
+
+
+def outbox_ids(db: Path) -> set[str]:
+    if not db.exists():
+        return set()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {row[0] for row in conn.execute("select id from events")}
+
+
+def fleet_json(*args: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "fleet", *args, "--json"], capture_output=True, text=True,
+                         cwd=REPO, timeout=30, check=True).stdout
+    if out.lstrip().startswith("["):
+        return json.loads(out)  # a list
+    return [json.loads(line) for line in out.splitlines() if line.strip()]  # a stream
+
+
+def test_edge_run_detections_reach_the_fleet_and_are_queryable(tmp_path, broker):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cap = cv2.VideoCapture(str(shared_path("media/pedestrians-360p10.avi")))
+    for i in range(30):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), cap.read()[1])
+    fleet = FleetProcess(tmp_path / "fleet.db", broker)
+    try:
+        fleet.wait_for("serving")
+        config = write_config(tmp_path, broker, {"kind": "images", "path": str(frames), "fps": 5})
+        results = tmp_path / "results.jsonl"
+        proc = edge_run(config, "--results", str(results))
+        # every frame of the clip has people: 30 detection summaries, each once
+        wait_until(lambda: len(store_ids(fleet.db, "detection_summary")) >= 30, 60, "30 detection summaries")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+
+        summaries = fleet_json("events", "tail", "--db", str(fleet.db), "--device", "cam-e2e",
+                               "--kind", "detection_summary", "--limit", "100")
+        assert len(summaries) == 30 == len({e["id"] for e in summaries})
+        frames_seen = sorted(e["payload"]["frame"] for e in summaries)
+        assert frames_seen == list(range(30))
+        rows = {json.loads(line)["seq"]: json.loads(line) for line in results.read_text().splitlines()}
+        for event in summaries:  # what the fleet holds is what the model said, boxes and all
+            local = rows[event["payload"]["frame"]]
+            persons = sum(d["label"] == "person" for d in local["detections"])
+            assert event["payload"]["counts"].get("person", 0) == persons
+            assert event["camera"] == "door" and "image" not in json.dumps(event)
+        kinds = {e["kind"] for e in fleet_json("events", "tail", "--db", str(fleet.db), "--limit", "1000")}
+        assert {"detection_summary", "health", "model"} <= kinds
+        devices = fleet_json("devices", "list", "--db", str(fleet.db))
+        assert [(d["id"], d["state"], d["models"]) for d in devices] == [("cam-e2e", "offline", {"det": "yolov8n@8.1.42-b"})]
+    finally:
+        fleet.stop()
+
+
+def test_kill_9_edge_run_twenty_times_loses_and_duplicates_nothing(tmp_path, broker):
+    fleet = FleetProcess(tmp_path / "fleet.db", broker)
+    outbox = tmp_path / "outbox.db"
+    video = str(shared_path("media/pedestrians-360p10.avi"))
+    config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "fast", "loop": True})
+    committed: set[str] = set()
+    rng = random.Random(7)
+    try:
+        fleet.wait_for("serving")
+        for _ in range(20):
+            proc = edge_run(config)
+            # wait for work to be under way, then kill at a random moment of it
+            wait_until(lambda: len(outbox_ids(outbox) - committed) > 0 or proc.poll() is not None, 60,
+                       "the outbox to fill")
+            time.sleep(rng.uniform(0.0, 1.5))
+            proc.kill()
+            proc.wait()
+            # what survived the kill is committed; it must reach the fleet exactly once
+            committed |= outbox_ids(outbox)
+        assert committed  # some kills caught events committed but not yet acked
+        final = edge_run(config)
+        wait_until(lambda: committed <= set(store_ids(fleet.db)), 120, "every committed event in the store")
+        final.send_signal(signal.SIGTERM)
+        final.communicate(timeout=30)
+    finally:
+        fleet.stop()
+    stored = store_ids(fleet.db)
+    assert len(stored) > 500  # twenty lives' worth of detections went through
+    assert len(stored) == len(set(stored))  # exactly once
+    stats = fleet.last_stats()
+    assert stats.get("duplicates", 0) >= 0 and not stats.get("rejected")
