@@ -129,3 +129,34 @@ def test_kill_9_edge_run_twenty_times_loses_and_duplicates_nothing(tmp_path, bro
     assert len(stored) == len(set(stored))  # exactly once
     stats = fleet.last_stats()
     assert stats.get("duplicates", 0) >= 0 and not stats.get("rejected")
+
+
+def test_broker_down_30s_inference_keeps_going_and_the_backlog_drains(tmp_path, broker):
+    fleet = FleetProcess(tmp_path / "fleet.db", broker)
+    outbox = tmp_path / "outbox.db"
+    video = str(shared_path("media/pedestrians-360p10.avi"))
+    config = write_config(tmp_path, broker, {"kind": "video", "path": video, "loop": True})
+    results = tmp_path / "results.jsonl"
+    count = lambda: len(results.read_text().splitlines()) if results.exists() else 0  # noqa: E731
+    try:
+        fleet.wait_for("serving")
+        proc = edge_run(config, "--results", str(results))
+        wait_until(lambda: len(store_ids(fleet.db, "detection_summary")) >= 10, 60, "sync to start")
+        broker.stop()
+        down_at, before = time.monotonic(), count()
+        time.sleep(30)
+        during = count() - before
+        backlog = outbox_ids(outbox)
+        broker.start()
+        # 30 s of a 10 fps clip: inference went on at the source's pace the whole time
+        assert during >= 150, during
+        assert len(backlog) >= 100  # and its metadata waited in the outbox
+        wait_until(lambda: backlog <= set(store_ids(fleet.db)), 90, "the backlog to drain")
+        assert time.monotonic() - down_at < 150
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+    finally:
+        fleet.stop()
+    stored = store_ids(fleet.db)
+    assert len(stored) == len(set(stored))
