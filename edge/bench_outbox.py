@@ -35,6 +35,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from . import __version__
+from .bench import StealMeter
 from .config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
 from .errors import EdgeError, UsageError
 from .events import Kind, new_event
@@ -60,7 +61,7 @@ def run_outbox_bench(
     """Run the four measurements and return a JSON-ready report."""
     if events < 1 or live_events < 0:
         raise UsageError("--events must be >= 1 and --live-events >= 0")
-    steal0 = _read_stat()
+    steal = StealMeter()
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgecam-bench-")))
@@ -134,7 +135,7 @@ def run_outbox_bench(
                    "synchronous": cfg.synchronous, "commit_interval_s": cfg.commit_interval_s},
         "targets": TARGETS,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "edgecam": __version__,
-                    "steal_percent": _steal_percent_since(steal0)},
+                    "steal_percent": steal.percent()},
     }
 
 
@@ -250,22 +251,6 @@ def _cpu_s(pid: int | None) -> float:
         return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
-
-
-def _read_stat() -> list[int] | None:
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-
-
-def _steal_percent_since(start: list[int] | None) -> float | None:
-    now = _read_stat()
-    if start is None or now is None:
-        return None
-    delta = [b - a for a, b in zip(start, now)]
-    return round(100 * delta[7] / sum(delta), 1) if sum(delta) else 0.0
 
 
 # --- the real processes -----------------------------------------------------------------------

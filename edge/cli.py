@@ -7,36 +7,15 @@ import json
 import signal
 import sys
 import threading
-import traceback
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import ConfigError, EdgeError, SourceError, UsageError
+from .errors import ConfigError, EdgeError, SourceError, UsageError, run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except EdgeError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"edge: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
-        if debug:
-            raise
-        print(f"edge: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+    return run_command("edge", _parser(), argv)
 
 
 def _parser() -> argparse.ArgumentParser:

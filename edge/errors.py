@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+import traceback
+from typing import Sequence
+
 
 class EdgeError(Exception):
     """An expected failure with a message meant for the operator.
@@ -31,3 +36,30 @@ class UsageError(EdgeError):
     """The command line asks for something that cannot be done as written."""
 
     exit_code = 2
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the chosen command: an EdgeError becomes one line on stderr
+    and its exit code, a bug one line too (the traceback with ``--debug``)."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except EdgeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `... | head`
+        return 0
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1

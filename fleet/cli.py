@@ -10,12 +10,11 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from edge.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
-from edge.errors import EdgeError, UsageError
+from edge.errors import UsageError, run_command
 
 from . import __version__
 
@@ -26,29 +25,7 @@ FOLLOW_POLL_S = 0.5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except EdgeError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"fleet: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `fleet events tail | head`
-        return 0
-    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
-        if debug:
-            raise
-        print(f"fleet: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+    return run_command("fleet", _parser(), argv)
 
 
 def _parser() -> argparse.ArgumentParser:
