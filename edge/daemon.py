@@ -98,9 +98,13 @@ class Daemon:
                           for i in range(sched.executors)]
         models = {slot: model.name for slot, model in self.executors[0].models.items()}
         # Metadata goes to the fleet only when a broker is configured.
-        self.outbox = Outbox.open(cfg.outbox, cfg.device.id) if cfg.mqtt else None
-        self.recorder = Recorder(self.outbox) if self.outbox else None
-        self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models) if cfg.mqtt and self.outbox else None
+        self.outbox: Outbox | None = None
+        self.recorder: Recorder | None = None
+        self.sync: Sync | None = None
+        if cfg.mqtt is not None:
+            self.outbox = Outbox.open(cfg.outbox, cfg.device.id)
+            self.recorder = Recorder(self.outbox)
+            self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models)
         self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
         self.scheduler = Scheduler(self.cameras, self.executors, fan_out([sink, self.recorder]))
         warm_up(self.executors[0], self.cameras)
@@ -170,7 +174,7 @@ class Daemon:
         """The stats line (one record per camera) and, if configured, the stats file."""
         snap = self.scheduler.snapshot()
         snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
-        if self.outbox is not None and self.sync is not None:
+        if self.outbox is not None and self.sync is not None:  # both or neither
             snap["outbox"], snap["sync"] = self.outbox.stats(), self.sync.stats()
             log.info("sync stats", extra=fields(outbox=snap["outbox"], sync=snap["sync"]))
         for camera in snap["cameras"]:
