@@ -139,16 +139,18 @@ def _yolov8(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -
             return Prediction("yolov8")
         picked = picked[np.argsort(-scores[picked], kind="stable")][: t.max_detections]
         corners = np.concatenate([xywh[picked, :2], xywh[picked, :2] + xywh[picked, 2:]], axis=1)
-        boxes = transform.boxes_to_frame(corners)
-        return Prediction(
-            "yolov8",
-            detections=tuple(
-                Detection(int(class_ids[i]), m.label(int(class_ids[i])), float(scores[i]), tuple(map(float, b)))
-                for i, b in zip(picked, boxes)
-            ),
-        )
+        return _detections("yolov8", m, class_ids, scores, picked, transform.boxes_to_frame(corners))
 
     return decode
+
+
+def _detections(task: str, m: Manifest, class_ids: np.ndarray, scores: np.ndarray,
+                indices: np.ndarray, frame_boxes: np.ndarray) -> Prediction:
+    """The prediction holding ``indices`` of the candidates, with their frame boxes in order."""
+    return Prediction(task, detections=tuple(
+        Detection(int(class_ids[i]), m.label(int(class_ids[i])), float(scores[i]), tuple(map(float, b)))
+        for i, b in zip(indices, frame_boxes)
+    ))
 
 
 def ssd_output_order(outputs: Sequence[TensorInfo]) -> tuple[int, int, int, int]:
@@ -176,14 +178,7 @@ def _ssd(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -> D
         keep = np.flatnonzero(scores >= t.score)[: t.max_detections]
         # ymin, xmin, ymax, xmax normalised → x1, y1, x2, y2 input pixels
         corners = boxes[keep][:, [1, 0, 3, 2]] * np.array([width, height, width, height], np.float32)
-        frame_boxes = transform.boxes_to_frame(corners)
-        return Prediction(
-            "ssd",
-            detections=tuple(
-                Detection(int(classes[i]), m.label(int(classes[i])), float(scores[i]), tuple(map(float, b)))
-                for i, b in zip(keep, frame_boxes)
-            ),
-        )
+        return _detections("ssd", m, classes, scores, keep, transform.boxes_to_frame(corners))
 
     return decode
 

@@ -14,7 +14,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
@@ -103,7 +103,11 @@ class LinkCounters:
     connect_failures: int = 0
     connected: bool = False
     last_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For a stats line."""
+        return {"connected": self.connected, "connects": self.connects, "disconnects": self.disconnects,
+                "connect_failures": self.connect_failures, "last_error": self.last_error}
 
 
 class Link:

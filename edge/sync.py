@@ -102,9 +102,7 @@ class Sync:
 
     def stats(self) -> dict[str, Any]:
         """Counters for the stats line."""
-        link = self._link.counters
-        return {"connected": link.connected, "connects": link.connects, "disconnects": link.disconnects,
-                "connect_failures": link.connect_failures, "inflight": len(self._inflight),
+        return {**self._link.counters.as_dict(), "inflight": len(self._inflight),
                 **self._counters, "acks_rejected": dict(self._counters["acks_rejected"])}
 
     # --- link handler (all on the link's thread) ------------------------------------------

@@ -64,9 +64,7 @@ class Ingest:
 
     def stats(self) -> dict[str, Any]:
         """Counters: batches and events received, stored, duplicates, rejected by reason."""
-        link = self._link.counters
-        return {"connected": link.connected, "connects": link.connects, "disconnects": link.disconnects,
-                **self._counters, "rejected": dict(self._counters["rejected"])}
+        return {**self._link.counters.as_dict(), **self._counters, "rejected": dict(self._counters["rejected"])}
 
     # --- link handler ------------------------------------------------------------------------
 
