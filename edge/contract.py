@@ -29,6 +29,14 @@ MAX_BATCH_BYTES = 1024 * 1024
 MAX_ACK_BATCHES = 64
 MAX_ACK_BYTES = 8 * 1024
 MAX_STATUS_BYTES = 16 * 1024
+MAX_DESIRED_BYTES = 256 * 1024  # a manifest carries its labels inline
+MAX_REPORTED_BYTES = 64 * 1024
+MAX_JOB_BYTES = 8 * 1024
+MAX_CHUNK_BYTES = 128 * 1024  # one artifact chunk's data
+MAX_CHUNK_HEADER_BYTES = 1024
+MAX_ARTIFACT_REQUEST_BYTES = 2 * 1024
+MAX_RPC_BYTES = 256 * 1024
+MAX_ALERT_BYTES = 16 * 1024
 
 EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction")
 
@@ -36,6 +44,14 @@ EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "out
 REASONS = ("oversized", "malformed_json", "bad_version", "schema", "wrong_device")
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a device or camera id: one safe topic level
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+OP_PATTERN = r"^[a-z][a-z0-9_.]{0,63}$"
+
+# A model or policy change on a device goes through these states, in this order, and
+# ends in one of the last three. "active" means swapped in and being watched;
+# "committed" means it passed the device's health window.
+JOB_STATES = ("downloading", "verifying", "testing", "active", "committed", "failed", "rolled_back")
+POLICY_SLOT = "policy"  # the slot name under which a policy's job and reported state travel
 ULID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"
 Ulid = Annotated[str, Field(pattern=ULID_PATTERN)]
 
@@ -87,8 +103,14 @@ class Topics:
     def artifact(self, device: str, sha256: str) -> str:
         return f"{self.prefix}/dev/{_level(device)}/artifact/{_level(sha256)}"
 
-    def rpc(self) -> str:
-        return f"{self.prefix}/fleet/rpc"
+    def rpc(self, identity: str) -> str:
+        """Where ``identity`` sends requests. The identity is a topic level, not a body
+        field, so a broker ACL (``pattern write {p}/fleet/rpc/%u``) can vouch for it."""
+        return f"{self.prefix}/fleet/rpc/{_level(identity)}"
+
+    def rpc_reply(self, identity: str, session: str) -> str:
+        """Where a client of ``identity`` wants its responses (ACL: read ``{p}/fleet/reply/%u/#``)."""
+        return f"{self.prefix}/fleet/reply/{_level(identity)}/{_level(session)}"
 
     def alert(self, site: str, line: str, camera: str) -> str:
         return f"{self.prefix}/alerts/{_level(site)}/{_level(line)}/{_level(camera)}"
@@ -96,6 +118,22 @@ class Topics:
     # subscriptions of the fleet manager
     def all_status(self) -> str:
         return f"{self.prefix}/dev/+/status"
+
+    def all_reported(self) -> str:
+        return f"{self.prefix}/dev/+/reported"
+
+    def all_jobs(self) -> str:
+        return f"{self.prefix}/dev/+/job/+"
+
+    def all_rpc(self) -> str:
+        return f"{self.prefix}/fleet/rpc/+"
+
+    def rpc_identity(self, topic: str) -> str | None:
+        """The identity in ``{p}/fleet/rpc/{identity}``, or None for any other topic."""
+        head = f"{self.prefix}/fleet/rpc/"
+        if not topic.startswith(head) or "/" in topic[len(head):]:
+            return None
+        return topic[len(head):] or None
 
     def shared_outbox(self, group: str = SHARE_GROUP) -> str:
         """Shared subscription: several managers split the devices' batches."""
@@ -169,7 +207,152 @@ class Status(_Body):
     models: dict[str, str] = {}
 
 
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+Ident = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class Artifact(_Body):
+    """A model (with its manifest, labels inline) or a policy document, signed.
+
+    ``signature`` is base64 Ed25519 over :meth:`signed_bytes`: every other field in
+    canonical JSON. None means unsigned, which a device refuses.
+    """
+
+    kind: Literal["model", "policy"]
+    name: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    sha256: Sha256
+    size: int = Field(gt=0)
+    manifest: dict[str, Any] = {}
+    signature: str | None = None
+
+    def signed_bytes(self) -> bytes:
+        return canonical(self.model_dump(exclude={"signature"}))
+
+
+class Assignment(_Body):
+    """One slot's desired artifact and the rollout job that asked for it."""
+
+    artifact: Artifact
+    job: Ident | None = None
+
+
+class Desired(_Body):
+    """``{p}/dev/{id}/desired``, retained: what the fleet wants running.
+
+    ``version`` grows with every change for this device; a device ignores a desired
+    state whose version is not above the last one it acted on. A slot missing from
+    ``models`` is left as it is.
+    """
+
+    v: Literal[1]
+    device: Ident
+    version: int = Field(ge=0)
+    at: float
+    models: dict[Ident, Assignment] = {}
+    policy: Assignment | None = None
+
+
+class Running(_Body):
+    """An artifact as it runs on a device."""
+
+    name: str
+    version: str
+    sha256: Sha256
+
+
+class Change(_Body):
+    slot: str
+    at: float
+    reason: str
+    job: Ident | None = None
+
+
+class Reported(_Body):
+    """``{p}/dev/{id}/reported``, retained: what runs, and the last change and why."""
+
+    v: Literal[1]
+    device: Ident
+    at: float
+    desired_version: int | None = None  # the last desired state acted on
+    models: dict[Ident, Running] = {}
+    previous: dict[Ident, Running] = {}
+    policy: Running | None = None
+    last_change: Change | None = None
+
+
+class JobStatus(_Body):
+    """``{p}/dev/{id}/job/{job}``: one step of a model or policy change on a device."""
+
+    v: Literal[1]
+    device: Ident
+    job: Ident
+    slot: Ident  # a model slot, or POLICY_SLOT
+    sha256: Sha256
+    state: Literal[JOB_STATES]  # type: ignore[valid-type]
+    at: float
+    reason: str | None = Field(default=None, max_length=1024)
+    progress: float | None = Field(default=None, ge=0, le=1)  # while downloading
+    metrics: dict[str, float] = {}
+
+
+class ArtifactRequest(_Body):
+    """``{p}/fleet/artifact/get``: a device asks for ``length`` bytes at ``offset``.
+
+    ``response_topic`` must be the device's own artifact topic for that sha256; the
+    fleet refuses anything else, so a request cannot aim data at another client.
+    """
+
+    v: Literal[1]
+    device: Ident
+    sha256: Sha256
+    offset: int = Field(ge=0)
+    length: int = Field(gt=0, le=MAX_CHUNK_BYTES)
+    request: Ident
+    response_topic: str = Field(max_length=512)
+
+
+class ChunkHeader(_Body):
+    """The JSON line in front of a chunk's raw bytes; ``error`` set means no data."""
+
+    v: Literal[1]
+    sha256: Sha256
+    offset: int = Field(ge=0)
+    total: int = Field(ge=0)
+    request: Ident
+    error: str | None = None
+
+
+class RpcRequest(_Body):
+    """``{p}/fleet/rpc/{identity}``: an operator's request; the answer goes to the
+    MQTT 5 response topic with the same correlation data."""
+
+    v: Literal[1]
+    id: Ident
+    op: str = Field(pattern=OP_PATTERN)
+    args: dict[str, Any] = {}
+
+
+class RpcError(_Body):
+    code: str
+    message: str
+
+
+class RpcResponse(_Body):
+    v: Literal[1]
+    id: Ident
+    ok: bool
+    result: Any = None
+    error: RpcError | None = None
+
+
 Body = TypeVar("Body", bound=_Body)
+
+
+def canonical(doc: Any) -> bytes:
+    """The one byte form a signature covers: sorted keys, no spaces, UTF-8."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
 
 
 def encode(body: _Body) -> bytes:
@@ -233,14 +416,76 @@ def decode_status(data: bytes, *, device: str) -> Status:
     return _decode(Status, data, limit=MAX_STATUS_BYTES, device=device)
 
 
-def _decode(model: type[Body], data: bytes, *, limit: int, device: str) -> Body:
+def decode_desired(data: bytes, *, device: str) -> Desired:
+    """A desired state received on ``device``'s desired topic, or ContractError."""
+    return _decode(Desired, data, limit=MAX_DESIRED_BYTES, device=device)
+
+
+def decode_reported(data: bytes, *, device: str) -> Reported:
+    """A reported state received on ``device``'s reported topic, or ContractError."""
+    return _decode(Reported, data, limit=MAX_REPORTED_BYTES, device=device)
+
+
+def decode_job(data: bytes, *, device: str, job: str) -> JobStatus:
+    """A job status received on ``{p}/dev/{device}/job/{job}``, or ContractError."""
+    body = _decode(JobStatus, data, limit=MAX_JOB_BYTES, device=device)
+    if body.job != job:
+        raise ContractError("schema", f"body names job {body.job!r} on job {job!r}'s topic")
+    return body
+
+
+def decode_artifact_request(data: bytes, topics: Topics) -> ArtifactRequest:
+    """A chunk request, or ContractError; its response topic must be the device's own."""
+    body = _decode(ArtifactRequest, data, limit=MAX_ARTIFACT_REQUEST_BYTES, device=None)
+    if body.response_topic != topics.artifact(body.device, body.sha256):
+        raise ContractError("wrong_device", f"response topic {body.response_topic!r} is not the device's own")
+    return body
+
+
+def encode_chunk(header: ChunkHeader, data: bytes = b"") -> bytes:
+    """A chunk on the wire: the header as one JSON line, then the raw bytes.
+
+    Raw, not base64: a 3 MB model would otherwise cost a third more through the broker.
+    """
+    if len(data) > MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk of {len(data)} bytes > {MAX_CHUNK_BYTES}")
+    return encode(header) + b"\n" + data
+
+
+def decode_chunk(data: bytes) -> tuple[ChunkHeader, bytes]:
+    """A chunk's header and bytes, or ContractError."""
+    end = data.find(b"\n", 0, MAX_CHUNK_HEADER_BYTES)
+    if end < 0:
+        raise ContractError("malformed_json", "no header line")
+    payload = data[end + 1:]
+    if len(payload) > MAX_CHUNK_BYTES:
+        raise ContractError("oversized", f"{len(payload)} bytes of data > {MAX_CHUNK_BYTES}")
+    header = _decode(ChunkHeader, data[:end], limit=MAX_CHUNK_HEADER_BYTES, device=None)
+    if header.error is not None and payload:
+        raise ContractError("schema", "a chunk with an error carries no data")
+    if header.offset + len(payload) > header.total:
+        raise ContractError("schema", f"chunk ends at {header.offset + len(payload)} > total {header.total}")
+    return header, payload
+
+
+def decode_rpc_request(data: bytes) -> RpcRequest:
+    """An operator request, or ContractError."""
+    return _decode(RpcRequest, data, limit=MAX_RPC_BYTES, device=None)
+
+
+def decode_rpc_response(data: bytes) -> RpcResponse:
+    """The fleet's answer to a request, or ContractError."""
+    return _decode(RpcResponse, data, limit=MAX_RPC_BYTES, device=None)
+
+
+def _decode(model: type[Body], data: bytes, *, limit: int, device: str | None) -> Body:
     if len(data) > limit:
         raise ContractError("oversized", f"{len(data)} bytes > {limit}")
     try:
         body = model.model_validate_json(data)
     except ValidationError as exc:
         raise ContractError(*_reason(exc)) from None
-    if body.device != device:  # type: ignore[attr-defined]
+    if device is not None and body.device != device:  # type: ignore[attr-defined]
         raise ContractError("wrong_device", f"body names {body.device!r} on {device!r}'s topic")  # type: ignore[attr-defined]
     return body
 
