@@ -110,6 +110,25 @@ class LinkCounters:
                 "connect_failures": self.connect_failures, "last_error": self.last_error}
 
 
+def new_client(s: LinkSettings) -> mqtt.Client:
+    """An MQTT 5 paho client with the settings' identity, credentials, TLS and window."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv5)
+    client.connect_timeout = CONNECT_TIMEOUT_S
+    client.max_inflight_messages_set(s.max_inflight)
+    if s.username is not None:
+        client.username_pw_set(s.username, s.password)
+    if s.use_tls:
+        client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+    return client
+
+
+def connect_properties(s: LinkSettings) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    if s.session_expiry_s > 0:
+        props.SessionExpiryInterval = s.session_expiry_s
+    return props
+
+
 class Link:
     """Runs ``handler`` on an MQTT 5 client until :meth:`stop`."""
 
@@ -142,14 +161,7 @@ class Link:
     # --- the thread --------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv5)
-        client.connect_timeout = CONNECT_TIMEOUT_S
-        client.max_inflight_messages_set(s.max_inflight)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.use_tls:
-            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+        client = new_client(self.settings)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -194,12 +206,9 @@ class Link:
         if s.will is not None:
             will = s.will()
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        props = Properties(PacketTypes.CONNECT)
-        if s.session_expiry_s > 0:
-            props.SessionExpiryInterval = s.session_expiry_s
         try:
             client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=s.clean_start,
-                           properties=props)
+                           properties=connect_properties(s))
             sock = client.socket()
             if sock is not None:  # an ack is small and waited for: no Nagle delay on it
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
