@@ -38,6 +38,11 @@ MAX_ARTIFACT_REQUEST_BYTES = 2 * 1024
 MAX_RPC_BYTES = 256 * 1024
 MAX_ALERT_BYTES = 16 * 1024
 
+# Why a chunk request got no data (``ChunkHeader.error``). "busy" means the fleet is
+# serving as many transfers as it allows: ask again after CHUNK_BUSY_RETRY_S.
+CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy")
+CHUNK_BUSY_RETRY_S = 1.0
+
 EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction")
 
 # Reasons a body is refused; receivers count rejections under these names.
@@ -114,6 +119,10 @@ class Topics:
 
     def alert(self, site: str, line: str, camera: str) -> str:
         return f"{self.prefix}/alerts/{_level(site)}/{_level(line)}/{_level(camera)}"
+
+    def alert_state(self, site: str, line: str, camera: str, rule: str) -> str:
+        """Retained on/off state of one rule on one camera, for a controller that reconnects."""
+        return f"{self.alert(site, line, camera)}/state/{_level(rule)}"
 
     # subscriptions of the fleet manager
     def all_status(self) -> str:
@@ -344,6 +353,59 @@ class RpcResponse(_Body):
     ok: bool
     result: Any = None
     error: RpcError | None = None
+
+
+class Alert(_Body):
+    """``{p}/alerts/{site}/{line}/{camera}`` (or a rule's own topic): something that matters.
+
+    ``captured_at`` is when the frame was taken, ``published_at`` when this message left
+    the device; ``delayed`` says it waited for the broker. ``box`` is normalised
+    (x1, y1, x2, y2 in 0..1). ``state`` is a level rule's new state (True on, False
+    cleared); edge events (entered, left, crossed, every) leave it None.
+    """
+
+    v: Literal[1]
+    id: Ulid
+    device: Ident
+    camera: Ident
+    rule: str
+    event: Literal["present", "cleared", "every", "entered", "left", "crossed", "camera_blind", "camera_restored"]
+    state: bool | None = None
+    label: str | None = None
+    confidence: float | None = None
+    box: tuple[float, float, float, float] | None = None
+    zone: str | None = None
+    line: str | None = None
+    direction: str | None = None
+    track: int | None = None
+    count: int | None = None  # objects matching now (present, every), or the rule's events so far
+    counts: dict[str, int] = {}  # the rule's events so far, by class
+    detail: str | None = None
+    captured_at: float
+    published_at: float
+    delayed: bool = False
+    model: str | None = None
+    model_version: str | None = None
+    policy_version: str
+    snapshot: str | None = None  # the id of a JPEG kept on the device
+
+
+class AlertState(_Body):
+    """A rule's retained state topic: whether its condition holds on the camera now."""
+
+    v: Literal[1]
+    device: Ident
+    camera: Ident
+    rule: str
+    on: bool
+    since: float
+    alert: Ulid | None = None  # the alert that set this state
+    policy_version: str
+
+
+def decode_alert(data: bytes) -> Alert:
+    """An alert as a line controller receives it, or ContractError."""
+    return _decode(Alert, data, limit=MAX_ALERT_BYTES, device=None)
 
 
 Body = TypeVar("Body", bound=_Body)
