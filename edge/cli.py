@@ -54,6 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     schema = config_sub.add_parser("schema", parents=[common], help="print the config JSON Schema")
     schema.set_defaults(func=_cmd_config_schema)
 
+    policy = sub.add_parser("policy", parents=[common], help="check a decision policy")
+    policy_sub = policy.add_subparsers(metavar="ACTION")
+    policy_check = policy_sub.add_parser("check", parents=[common], help="validate a policy file")
+    policy_check.add_argument("file", type=Path)
+    policy_check.set_defaults(func=_cmd_policy_check)
+
+    models = sub.add_parser("models", parents=[common], help="the models the device holds, by slot")
+    models_sub = models.add_subparsers(metavar="ACTION")
+    models_list = models_sub.add_parser("list", parents=[common], help="active and previous model of each slot")
+    models_list.add_argument("--config", required=True, type=Path, help="device config (agent.state_dir)")
+    models_list.add_argument("--json", action="store_true", help="one JSON list")
+    models_list.set_defaults(func=_cmd_models_list)
+    models_rollback = models_sub.add_parser("rollback", parents=[common],
+                                            help="make a slot's previous model the active one (next start)")
+    models_rollback.add_argument("slot")
+    models_rollback.add_argument("--config", required=True, type=Path, help="device config (agent.state_dir)")
+    models_rollback.set_defaults(func=_cmd_models_rollback)
+
     bench = sub.add_parser("bench", parents=[common], help="benchmarks; each prints one JSON document")
     bench_sub = bench.add_subparsers(metavar="SCENARIO")
     # `edge bench --model M --source S` is the pipeline benchmark.
@@ -110,9 +128,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until there is a daemon to reload
     sink, stream = open_results(args.results)
     try:
-        return Daemon(cfg, sink).run(stop)
+        daemon = Daemon(cfg, sink)
+        signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+        return daemon.run(stop)
     finally:
         if stream:
             stream.close()
@@ -200,6 +221,51 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(f"{args.file}: " + "; ".join(problems))
     print(f"{args.file}: ok ({len(cfg.cameras)} camera(s), {len(cfg.models)} model(s))")
+    return 0
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from .policy import load_policy
+
+    policy = load_policy(args.file)
+    print(f"{args.file}: ok (version {policy.version}, {len(policy.rules)} rule(s), {len(policy.zones)} zone(s), "
+          f"{len(policy.lines)} line(s))")
+    return 0
+
+
+def _model_store(config: Path):
+    from .config import load_config
+    from .modelstore import ModelStore
+
+    cfg = load_config(config)
+    if cfg.agent is None:
+        raise ConfigError(f"{config}: agent is not set, so this device keeps no model store")
+    return ModelStore(cfg.agent.state_dir, keep=cfg.agent.keep)
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from .modelstore import describe
+
+    rows = describe(_model_store(args.config).load())
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no model updates yet: every slot runs the model its config names")
+        return 0
+    print(f"{'slot':<12}{'role':<10}{'name':<28}{'version':<16}{'committed':<11}sha256")
+    for r in rows:
+        print(f"{r['slot']:<12}{r['role']:<10}{r['name']:<28}{r['version']:<16}{str(r['committed']).lower():<11}"
+              f"{r['sha256'][:16]}")
+    return 0
+
+
+def _cmd_models_rollback(args: argparse.Namespace) -> int:
+    from .modelstore import rollback_slot
+
+    entry = rollback_slot(_model_store(args.config), args.slot)
+    print(f"{args.slot}: {entry.name} {entry.version} is active from the next start of edge run "
+          "(systemctl restart edgecam)")
     return 0
 
 

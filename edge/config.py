@@ -313,6 +313,78 @@ class OutboxConfig(_Strict):
     ack_timeout_s: float = Field(default=30.0, gt=0, description="re-send a batch not acked this long")
 
 
+class SnapshotConfig(_Strict):
+    """JPEGs of alert and unsure frames, kept on the device only."""
+
+    dir: ConfigPath = Path("/var/lib/edgecam/snapshots")
+    max_mb: float = Field(default=200, gt=0, description="oldest files go first beyond this")
+    max_age_h: float = Field(default=72, gt=0)
+    jpeg_quality: int = Field(default=85, ge=10, le=100)
+
+
+class DecisionsConfig(_Strict):
+    """Outcomes, rules and alerts (the rules themselves are the policy file)."""
+
+    policy: ConfigPath | None = Field(default=None, description="the policy YAML; reloaded on SIGHUP")
+    max_pending_alerts: int = Field(default=1000, gt=0, description="alerts held while the broker is away")
+    snapshots: SnapshotConfig | None = Field(default=None, description="without it no snapshots are kept")
+
+
+class SmokeConfig(_Strict):
+    """The test a new model passes on the device before it serves."""
+
+    invokes: int = Field(default=3, gt=0, le=50, description="timed runs on a recent real frame")
+    latency_factor: float = Field(default=1.0, gt=0, description="median run must fit the camera budget x this")
+
+
+class HealthConfig(_Strict):
+    """The window a swapped-in model is watched for before it is committed."""
+
+    window_s: float = Field(default=60.0, gt=0)
+    min_results: int = Field(default=20, gt=0, description="new-model results needed for a verdict")
+    max_error_rate: float = Field(default=0.02, ge=0, le=1)
+    latency_factor: float = Field(default=1.0, gt=0, description="p95 of a run against the camera budget x this")
+    max_unsure_rate: float = Field(default=0.3, ge=0, le=1)
+    max_unsure_increase: float = Field(default=0.15, ge=0, le=1, description="over the previous model's rate")
+    max_confidence_drop: float = Field(default=0.2, ge=0, le=1)
+    detections_ratio: tuple[float, float] = Field(default=(0.5, 2.0), description="new / previous detections a frame")
+    unsure_band: tuple[float, float] = Field(
+        default=(0.25, 0.5), description="scores in [low, high) are unsure, until a policy decides")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "HealthConfig":
+        for key in ("detections_ratio", "unsure_band"):
+            low, high = getattr(self, key)
+            if not 0 <= low <= high:
+                raise _KeyedError(key, "must be [low, high] with 0 <= low <= high")
+        return self
+
+
+class CrashLoopConfig(_Strict):
+    restarts: int = Field(default=3, gt=0, description="starts within `minutes` of an activation")
+    minutes: float = Field(default=10.0, gt=0)
+
+
+class DownloadConfig(_Strict):
+    retries: int = Field(default=5, ge=0, description="unanswered chunk requests in a row")
+    chunk_timeout_s: float = Field(default=5.0, gt=0)
+    backoff: Backoff = Backoff(initial_s=0.5, max_s=10.0)
+    min_free_mb: float = Field(default=50.0, ge=0, description="left free on the disk after a download")
+
+
+class AgentConfig(_Strict):
+    """The model agent: takes models and policies the fleet assigns (needs `mqtt`)."""
+
+    public_key: ConfigPath = Field(description="the fleet's Ed25519 public key (PEM); artifacts must verify with it")
+    state_dir: ConfigPath = Path("/var/lib/edgecam/models")
+    keep: int = Field(default=3, ge=0, description="unused model versions kept on disk")
+    swap_timeout_s: float = Field(default=10.0, gt=0)
+    smoke: SmokeConfig = SmokeConfig()
+    health: HealthConfig = HealthConfig()
+    crash_loop: CrashLoopConfig = CrashLoopConfig()
+    download: DownloadConfig = DownloadConfig()
+
+
 class DeviceConfig(_Strict):
     """The whole ``edge run`` config file."""
 
@@ -323,6 +395,14 @@ class DeviceConfig(_Strict):
     cameras: list[CameraConfig] = Field(min_length=1)
     mqtt: MqttConfig | None = Field(default=None, description="without it the outbox fills but never syncs")
     outbox: OutboxConfig = OutboxConfig()
+    agent: AgentConfig | None = Field(default=None, description="model updates from the fleet")
+    decisions: DecisionsConfig = DecisionsConfig()
+
+    @model_validator(mode="after")
+    def _agent_needs_mqtt(self) -> "DeviceConfig":
+        if self.agent is not None and self.mqtt is None:
+            raise _KeyedError("agent", "needs `mqtt`: assignments and artifacts come through the broker")
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> "DeviceConfig":
@@ -448,6 +528,8 @@ def missing_files(cfg: DeviceConfig) -> list[str]:
         path = getattr(cam.source, "path", None)
         if path is not None and not path.exists():
             problems.append(f"cameras[{i}].source.path: not found: {path}")
+    if cfg.decisions.policy is not None and not cfg.decisions.policy.exists():
+        problems.append(f"decisions.policy: file not found: {cfg.decisions.policy}")
     return problems
 
 

@@ -108,6 +108,10 @@ class Topics:
     def artifact(self, device: str, sha256: str) -> str:
         return f"{self.prefix}/dev/{_level(device)}/artifact/{_level(sha256)}"
 
+    def artifacts(self, device: str) -> str:
+        """The device's subscription to the chunks of every artifact it asks for."""
+        return f"{self.prefix}/dev/{_level(device)}/artifact/+"
+
     def rpc(self, identity: str) -> str:
         """Where ``identity`` sends requests. The identity is a topic level, not a body
         field, so a broker ACL (``pattern write {p}/fleet/rpc/%u``) can vouch for it."""

@@ -19,7 +19,11 @@ from typing import IO, Any
 
 import numpy as np
 
+from .alerts import AlertPublisher
 from .capture import CaptureThread
+from .contract import Topics
+from .decisions import DecisionEngine
+from .errors import EdgeError
 from .events import model_event
 from .config import CameraConfig, DeviceConfig, SchedulerConfig
 from .liveness import Liveness
@@ -27,8 +31,16 @@ from .logs import fields
 from .model import Model
 from .outbox import Outbox
 from .planner import CostModel
+from .policy import load_policy, parse_policy
 from .recorder import Recorder, fan_out
 from .scheduler import CameraRunner, Executor, Result, Scheduler, Sink
+from .snapshots import SnapshotLimits, SnapshotStore
+from .agent import Agent
+from .health_watch import HealthWatch, band_outcome
+from .modelstore import CrashLoop, Entry, ModelStore
+from .signing import sha256_file
+from .smoke import RuntimeOptions
+from .smoke import load_model as load_stored
 from .sources import Source, make_source
 from .sync import Sync
 
@@ -94,6 +106,7 @@ class Daemon:
         self.cfg = cfg
         sched = cfg.runtime.scheduler
         slots = sorted({t.model for cam in cfg.cameras for t in cam.effective_tasks()})
+        self._open_model_store()  # before loading: the store may name other models than the config
         self.executors = [Executor(i, {slot: self._load_model(slot) for slot in slots})
                           for i in range(sched.executors)]
         models = {slot: model.name for slot, model in self.executors[0].models.items()}
@@ -106,15 +119,127 @@ class Daemon:
             self.recorder = Recorder(self.outbox)
             self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models)
         self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
-        self.scheduler = Scheduler(self.cameras, self.executors, fan_out([sink, self.recorder]))
+        self.reload_requested = threading.Event()  # SIGHUP: read the policy file again
+        self._decisions_setup()
+        # decisions first: an alert must not wait for the results file or the outbox
+        self.health = self._health_watch()
+        self.scheduler = Scheduler(self.cameras, self.executors,
+                                   fan_out([self.decisions, sink, self.recorder, self.health]))
+        if self.health is not None:
+            self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)
         self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
+        self.agent = self._make_agent()
         if self.outbox is not None:
             for slot, name in models.items():
                 self.outbox.append(model_event("loaded", slot, self.executors[0].models[slot].manifest.version,
                                                model=name))
 
+    def _decisions_setup(self) -> None:
+        cfg = self.cfg
+        d = cfg.decisions
+        policy = load_policy(d.policy) if d.policy is not None else None
+        self.alerts: AlertPublisher | None = None
+        if cfg.mqtt is not None:
+            self.alerts = AlertPublisher.for_device(cfg.mqtt, cfg.device, max_pending=d.max_pending_alerts)
+        self.snapshots: SnapshotStore | None = None
+        if d.snapshots is not None:
+            s = d.snapshots
+            self.snapshots = SnapshotStore(s.dir, SnapshotLimits(int(s.max_mb * 1e6), s.max_age_h * 3600, s.jpeg_quality))
+        topics = Topics(cfg.mqtt.prefix if cfg.mqtt else Topics().prefix)
+        self.decisions = DecisionEngine(
+            cfg.device.id, lambda camera: topics.alert(cfg.device.site, cfg.device.line, camera), self.alerts,
+            policy=policy, audit=self.outbox.append if self.outbox is not None else None,
+            snapshots=self.snapshots, model_version=self._model_version)
+        if policy is not None:
+            log.info("policy loaded", extra=fields(version=policy.version, rules=len(policy.rules),
+                                                   source=str(d.policy)))
+
+    def _model_version(self, camera: str, task: str) -> str | None:
+        for runner in self.cameras:
+            if runner.cfg.id == camera and task in runner.tasks:
+                model = self.executors[0].models.get(runner.tasks[task].model)
+                return model.manifest.version if model is not None else None
+        return None
+
+    def apply_policy(self, text: str, *, source: str) -> str:
+        """Use the policy in ``text`` from the next frame on; returns its version.
+
+        Raises PolicyError for a policy that does not parse or validate; the policy in
+        force then stays."""
+        policy = parse_policy(text, source=source)
+        old = self.decisions.policy
+        self.decisions.set_policy(policy)
+        log.info("policy applied", extra=fields(version=policy.version, previous=old.version if old else None,
+                                                source=source, rules=len(policy.rules)))
+        return policy.version
+
+    def reload_policy(self) -> None:
+        """SIGHUP: read the configured policy file again; a broken one is refused and logged."""
+        path = self.cfg.decisions.policy
+        if path is None:
+            log.warning("reload asked but decisions.policy is not set")
+            return
+        try:
+            self.apply_policy(path.read_text(), source=str(path))
+        except (OSError, EdgeError) as exc:
+            log.error("policy refused; the current one stays", extra=fields(
+                error=str(exc), current=self.decisions.policy.version if self.decisions.policy else None))
+
+    # --- model updates (edge/agent.py) -------------------------------------------------------
+
+    def _open_model_store(self) -> None:
+        """The agent's model store, and the crash-loop check of this start."""
+        self.store: ModelStore | None = None
+        self.crash_loops: list[CrashLoop] = []
+        a = self.cfg.agent
+        if a is None:
+            return
+        self.store = ModelStore(a.state_dir, keep=a.keep)
+        self.crash_loops = self.store.boot(time.time(), a.crash_loop.restarts, a.crash_loop.minutes)
+        self._store_state = self.store.load()
+
+    def _stored_model(self, slot: str) -> Model | None:
+        """The model the store names active for ``slot`` (it overrides the config's), if any."""
+        s = self._store_state.slots.get(slot) if self.store is not None else None
+        if s is None or s.active is None:
+            return None
+        entry = s.active
+        # a file that cannot load fails the start; restarts then trip the crash-loop check
+        model = load_stored(self.store.path(entry.sha256), self.store.manifest(entry.sha256), self._runtime_options())
+        log.info("model loaded", extra=fields(slot=slot, model=model.name, sha256=entry.sha256[:12], source="store",
+                                              committed=entry.committed))
+        return model
+
+    def _runtime_options(self) -> RuntimeOptions:
+        rt = self.cfg.runtime
+        return RuntimeOptions(rt.num_threads, rt.delegate.library if rt.delegate else None,
+                              rt.delegate.options if rt.delegate else None)
+
+    def _health_watch(self) -> HealthWatch | None:
+        """Per-slot result statistics for the agent's health window. Until a decisions policy
+        is wired in (set ``health.outcome``), unsure is the config's score band."""
+        if self.cfg.agent is None:
+            return None
+        slot_of = {(cam.id, t.name): t.model for cam in self.cfg.cameras for t in cam.effective_tasks()}
+        return HealthWatch(slot_of, band_outcome(*self.cfg.agent.health.unsure_band))
+
+    def _make_agent(self) -> Agent | None:
+        if self.store is None or self.health is None:
+            return None
+        factory = {}
+        for slot, model in self.executors[0].models.items():
+            path = self.cfg.models[slot].path
+            factory[slot] = Entry(sha256=sha256_file(path), name=model.manifest.name, version=model.manifest.version)
+        return Agent(self.cfg, self.store, self.scheduler, self.health, factory, self._runtime_options(),
+                     apply_policy=getattr(self, "apply_policy", None), outbox=self.outbox,
+                     on_models=self.sync.set_models if self.sync is not None else None,
+                     crash_loops=self.crash_loops)
+
     def _load_model(self, slot: str) -> Model:
+        stored = self._stored_model(slot)
+        if stored is not None:
+            return stored
         spec = self.cfg.models[slot]
         rt = self.cfg.runtime
         model = Model.load(
@@ -137,10 +262,16 @@ class Daemon:
         try:
             if self.sync is not None:
                 self.sync.start()
+            if self.alerts is not None:
+                self.alerts.start()
+            if self.snapshots is not None:
+                self.snapshots.start()
             for camera in self.cameras:
                 camera.capture.start()
                 started.append(camera)
             self.scheduler.start()
+            if self.agent is not None:
+                self.agent.start()
             self.liveness.ready()
             log.info("running", extra=fields(device=self.cfg.device.id, cameras=len(self.cameras),
                                              executors=len(self.executors)))
@@ -149,12 +280,18 @@ class Daemon:
             while not stop.is_set() and not self.scheduler.done:
                 stop.wait(0.2)
                 self.liveness.poll()
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload_policy()
+                self.decisions.poll_health({c.cfg.id: c.capture.stats().state.value for c in self.cameras})
                 if time.monotonic() >= next_stats:
                     self.report()
                     next_stats += interval
         finally:
             stopping = time.monotonic()
             self.liveness.stopping()
+            if self.agent is not None:
+                self.agent.stop(timeout=0.5)
             self.scheduler.stop()
             for camera in started:
                 camera.capture.request_stop()  # all at once; joined below
@@ -162,6 +299,10 @@ class Daemon:
             for camera in started:
                 camera.capture.stop(timeout=max(0.1, stopping + 1.2 - time.monotonic()))
             self.report()
+            if self.alerts is not None:
+                self.alerts.stop(timeout=0.3)
+            if self.snapshots is not None:
+                self.snapshots.stop(timeout=0.3)
             if self.sync is not None:
                 self.sync.stop(timeout=0.3)
             if self.outbox is not None:
@@ -177,6 +318,16 @@ class Daemon:
         if self.outbox is not None and self.sync is not None:  # both or neither
             snap["outbox"], snap["sync"] = self.outbox.stats(), self.sync.stats()
             log.info("sync stats", extra=fields(outbox=snap["outbox"], sync=snap["sync"]))
+        if self.agent is not None:
+            snap["agent"] = self.agent.stats()
+            log.info("agent stats", extra=fields(**snap["agent"]))
+        snap["decisions"] = self.decisions.stats()
+        if self.alerts is not None:
+            snap["decisions"]["mqtt"] = self.alerts.stats()
+        if self.snapshots is not None:
+            snap["decisions"]["snapshots"] = self.snapshots.stats()
+        if self.decisions.policy is not None:
+            log.info("decision stats", extra=fields(**snap["decisions"]))
         for camera in snap["cameras"]:
             log.info("stats", extra=fields(**camera))
         if self.recorder is not None:

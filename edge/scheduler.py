@@ -79,7 +79,12 @@ class Running:
 
 
 class Executor:
-    """One inference thread's interpreters: a Model per model slot it serves."""
+    """One inference thread's interpreters: a Model per model slot it serves.
+
+    ``models`` is read and replaced by the executor's own thread only: another thread
+    asks for a model swap with :meth:`swap`, and the executor takes it between two
+    frames (:meth:`apply_swaps`), so no frame ever runs half on one model.
+    """
 
     def __init__(self, index: int, models: dict[str, Model]) -> None:
         self.index = index
@@ -87,6 +92,25 @@ class Executor:
         self.running: Running | None = None  # written by its own thread only
         self.busy_s = 0.0
         self.overhead = LatencyWindow()
+        self._swap_lock = threading.Lock()
+        self._swaps: dict[str, tuple[Model, threading.Event]] = {}
+
+    def swap(self, slot: str, model: Model) -> threading.Event:
+        """Ask for ``model`` to serve ``slot`` from the next frame on; the event is set once it does."""
+        taken = threading.Event()
+        with self._swap_lock:
+            self._swaps[slot] = (model, taken)
+        return taken
+
+    def apply_swaps(self) -> None:
+        """Take the pending swaps (the executor's thread, between frames)."""
+        if not self._swaps:  # the common case, without the lock
+            return
+        with self._swap_lock:
+            swaps, self._swaps = self._swaps, {}
+        for slot, (model, taken) in swaps.items():
+            self.models[slot] = model
+            taken.set()
 
 
 class CameraRunner:
@@ -156,6 +180,7 @@ class Scheduler:
         self.cameras = cameras
         self.executors = executors
         self.sink = sink
+        self.on_error: Callable[[str, str, str], None] | None = None  # (camera, task, model) of a failed run
         self.inference_errors = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -189,8 +214,29 @@ class Scheduler:
         """Every executor has exited: stopped, or every camera's source ended."""
         return not any(t.is_alive() for t in self._threads)
 
+    def swap(self, slot: str, models: list[Model], timeout: float) -> dict[int, Model]:
+        """Give executor i ``models[i]`` for ``slot``, each between two of its frames.
+
+        Returns the models replaced, by executor index (the caller keeps them loaded
+        for a rollback). Raises TimeoutError if an executor did not take its model in
+        ``timeout`` (e.g. stuck in an invoke); the swap then still happens when it can.
+        """
+        old = {ex.index: ex.models[slot] for ex in self.executors}
+        events = [ex.swap(slot, model) for ex, model in zip(self.executors, models, strict=True)]
+        if self.done:  # no executor thread left to take it
+            for ex in self.executors:
+                ex.apply_swaps()
+        with self._cond:
+            self._cond.notify_all()  # idle executors take it now
+        deadline = time.monotonic() + timeout
+        for event in events:
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"an executor did not take the new {slot} model within {timeout:g} s")
+        return old
+
     def _run(self, executor: Executor) -> None:
         while not self._stop.is_set():
+            executor.apply_swaps()
             with self._cond:
                 camera = self._earliest_deadline()
                 if camera is None:
@@ -266,6 +312,8 @@ class Scheduler:
             prediction, times = model.predict(image)
         except Exception:  # one bad run must not stop the camera
             self.inference_errors += 1
+            if self.on_error is not None:
+                self.on_error(camera.cfg.id, task.name, model.name)
             log.exception("inference failed", extra=fields(camera=camera.cfg.id, task=task.name, model=model.name))
             return None
         finally:
