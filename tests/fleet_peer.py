@@ -60,12 +60,18 @@ class FleetPeer:
         self._client.loop_stop()
         self._client.disconnect()
 
-    def desire(self, models: dict[str, Assignment], policy: Assignment | None = None) -> int:
-        """Publish the next retained desired state; returns its version."""
-        self._version += 1
-        body = Desired(v=1, device=self.device, version=self._version, at=time.time(), models=models, policy=policy)
-        self._client.publish(self.topics.desired(self.device), encode(body), qos=1, retain=True).wait_for_publish(5)
-        return self._version
+    def desire(self, models: dict[str, Assignment], policy: Assignment | None = None, *,
+               version: int | None = None) -> int:
+        """Publish the next (or the given) retained desired state; returns its version."""
+        if version is None:
+            self._version += 1
+            version = self._version
+        body = Desired(v=1, device=self.device, version=version, at=time.time(), models=models, policy=policy)
+        self.raw(self.topics.desired(self.device), encode(body), retain=True)
+        return version
+
+    def raw(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
     def job(self, job: str) -> list[JobStatus]:
         with self._lock:

@@ -183,3 +183,68 @@ def test_yolov8n_a_to_b_on_a_running_edge_run_without_a_frame_gap(tmp_path, brok
         assert again.stop() == 0
     finally:
         peer.close()
+
+
+def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reaches_the_fleet(
+        tmp_path, broker, keys, runs):
+    key, public = keys
+    video = str(shared_path(VIDEO))
+    cameras = [
+        {"id": "door", "source": {"kind": "video", "path": video, "loop": True}, "model": "det"},
+        # a camera with a 2 ms budget: its tiny classifier fits, a detector is far too slow
+        {"id": "gate", "source": {"kind": "video", "path": video, "loop": True}, "model": "cls", "budget_ms": 2},
+    ]
+    config = write_config(tmp_path, broker, public, cameras=cameras, models={"det": YOLO_A, "cls": TINY})
+    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    a_sha = artifact(YOLO_A)[0].sha256
+    try:
+        run = EdgeRun(config, tmp_path)
+        runs.append(run)
+        serving(run, "yolov8n@8.1.42-a")
+        wait_until(lambda: peer.last_reported(), 20, "the device's reported state")
+
+        peer.raw(peer.topics.desired(DEVICE), b"{not json")  # rejected and counted, nothing else
+        art_b, data_b = artifact(YOLO_B, key)
+        corrupted = bytearray(data_b)
+        corrupted[len(corrupted) // 2] ^= 0xFF
+        other_key = load_private_key(init_keys(tmp_path / "other")[0])
+        broken, broken_data = artifact("models/broken/model_invoking_error.tflite", key,
+                                       manifest={"name": "broken", "version": "1", "task": "classify"})
+        tiny, tiny_data = artifact(TINY, key)
+        cases = [
+            # (job, slot, artifact, bytes served, final state, reason)
+            ("corrupt", "det", art_b, bytes(corrupted), "failed", "sha256"),
+            ("forged", "det", sign(other_key, art_b.model_copy(update={"signature": None})), data_b, "failed",
+             "bad_signature"),
+            ("unsigned", "det", art_b.model_copy(update={"signature": None}), data_b, "failed", "unsigned"),
+            ("broken", "det", broken, broken_data, "failed", "load_error"),
+            ("slow", "cls", art_b, data_b, "failed", "too_slow"),
+            # a classifier in a detection slot passes its smoke test, then its outputs collapse
+            ("collapse", "det", tiny, tiny_data, "rolled_back", ("unsure_rate", "confidence_drop", "detections_per_frame")),
+        ]
+        for job, slot, art, data, want_state, want_reason in cases:
+            peer.blobs[art.sha256] = data
+            peer.desire({slot: Assignment(artifact=art, job=job)})
+            done = final(peer, job)
+            assert done.state == want_state, (job, done)
+            assert done.reason.startswith(want_reason), (job, done.reason)
+            serving(run, "yolov8n@8.1.42-a", n=3)
+            reported = peer.last_reported()
+            assert reported.models["det"].sha256 == a_sha and reported.models["cls"].name == "mobilenet_v1_0.25_128"
+            peer.blobs.pop(art.sha256)
+        seen = states(peer, "collapse")
+        assert seen[-3:] == ["testing", "active", "rolled_back"], seen
+        assert not any(s.state == "downloading" for j in ("forged", "unsigned") for s in peer.job(j))
+
+        # an old desired state (a retained copy, a replay) is ignored
+        peer.desire({"det": Assignment(artifact=art_b, job="replay")}, version=1)
+        stats = wait_until(lambda: (s := json.loads((tmp_path / "stats.json").read_text())["agent"])["stale"] and s,
+                           10, "the stale desired state to be counted")
+        assert stats["rejected"] == {"malformed_json": 1}
+        assert not peer.job("replay")
+        assert run.stop() == 0
+        state = ModelStore(tmp_path / "store").load()
+        assert state.desired_version == len(cases)
+        assert state.slots["det"].active.sha256 == a_sha  # the factory model, copied in for the trial
+    finally:
+        peer.close()
