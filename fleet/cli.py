@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from edge.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
 from edge.errors import UsageError, run_command
 
-from . import __version__
+from . import __version__, operate
 
 log = logging.getLogger("fleet")
 
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
     serve.add_argument("--client-id", help="MQTT client id (default fleet-<host>-<pid>-<random>)")
     serve.add_argument("--username", help="broker user; the password is read from $FLEET_MQTT_PASSWORD")
+    serve.add_argument("--keys", type=Path, help="directory with the signing key fleet.key (`fleet keys init`)")
+    serve.add_argument("--artifacts", type=Path, help="where artifact bytes are kept (default <db>.artifacts)")
+    serve.add_argument("--operator", action="append", metavar="IDENTITY",
+                       help="an identity allowed to operate the fleet (repeatable; default: operator)")
+    serve.add_argument("--max-transfers", type=_positive, default=64,
+                       help="artifact downloads served at once (default 64)")
     serve.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines")
     serve.add_argument("--log-format", choices=("json", "human"), default="json")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -65,7 +71,27 @@ def _parser() -> argparse.ArgumentParser:
     _db_arg(listing)
     listing.add_argument("--json", action="store_true", help="a JSON array")
     listing.set_defaults(func=_cmd_devices_list)
+    show = devices_sub.add_parser("show", parents=[common, _rpc_parent()],
+                                  help="a device's desired and reported state and its rollout jobs (via the broker)")
+    show.add_argument("device")
+    show.set_defaults(func=operate.cmd_devices_show)
+
+    operate.add_commands(sub, common, _rpc_parent())
     return parser
+
+
+def _rpc_parent() -> argparse.ArgumentParser:
+    """Arguments of every command that talks to the manager through the broker."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "localhost:1883"), type=_broker,
+                   help="host:port (default $FLEET_BROKER or localhost:1883)")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
+    p.add_argument("--identity", default=os.environ.get("FLEET_IDENTITY", "operator"),
+                   help="who you are to the manager; also the broker user (default $FLEET_IDENTITY or operator)")
+    p.add_argument("--username", help="broker user if not the identity; password from $FLEET_MQTT_PASSWORD")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the manager (default 30)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
@@ -99,8 +125,7 @@ def _setup_logging(fmt: str, level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .ingest import Ingest
-    from .store import Store
+    from .manager import Manager, ManagerSettings
 
     if args.stats_interval <= 0:
         raise UsageError("--stats-interval must be > 0")
@@ -109,22 +134,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         Topics(args.prefix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    operators = frozenset(args.operator or ["operator"])
     _setup_logging(args.log_format, args.log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    store = Store.open(args.db)
-    ingest = Ingest(store, host=host, port=port, prefix=args.prefix, client_id=args.client_id,
-                    username=args.username, password=os.environ.get("FLEET_MQTT_PASSWORD"))
-    ingest.start()
-    log.info("serving", extra={"fields": {"db": str(args.db), "broker": f"{host}:{port}", "prefix": args.prefix}})
+    manager = Manager(ManagerSettings(
+        db=args.db, host=host, port=port, prefix=args.prefix, artifacts=args.artifacts, keys=args.keys,
+        operators=operators, client_id=args.client_id, username=args.username,
+        password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers))
+    manager.start()
+    log.info("serving", extra={"fields": {"db": str(args.db), "broker": f"{host}:{port}", "prefix": args.prefix,
+                                          "operators": sorted(operators), "signing": args.keys is not None}})
     try:
         while not stop.wait(args.stats_interval):
-            log.info("stats", extra={"fields": ingest.stats()})
+            log.info("stats", extra={"fields": manager.stats()})
     finally:
-        ingest.stop()
-        store.close()
-        log.info("stopped", extra={"fields": ingest.stats()})
+        manager.stop()
+        log.info("stopped", extra={"fields": manager.stats()})
     return 0
 
 

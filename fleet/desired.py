@@ -1,0 +1,67 @@
+"""Per-device desired state: what the fleet wants running, versioned and retained.
+
+Every change makes a new :class:`~edge.contract.Desired` with a higher version, is
+committed to the store, and only then published retained on the device's desired
+topic, so a device that is offline finds it when it returns. Versions are
+``max(previous + 1, now in ms)``: they keep growing even if the store were rebuilt,
+and a device ignores any version not above the last it acted on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.contract import POLICY_SLOT, Assignment, Desired, Reported
+
+
+class DesiredBook:
+    """Desired and reported state of every device, in memory, backed by the store."""
+
+    def __init__(self, desired_rows: list[dict[str, Any]], reported_rows: list[dict[str, Any]]) -> None:
+        self.desired: dict[str, Desired] = {r["device"]: Desired.model_validate_json(r["doc"]) for r in desired_rows}
+        self.reported: dict[str, Reported] = {r["device"]: Reported.model_validate_json(r["doc"]) for r in reported_rows}
+        self._unpublished: dict[str, Desired] = {}
+
+    def slot(self, device: str, slot: str) -> Assignment | None:
+        doc = self.desired.get(device)
+        if doc is None:
+            return None
+        return doc.policy if slot == POLICY_SLOT else doc.models.get(slot)
+
+    def running(self, device: str, slot: str) -> str | None:
+        """The sha256 the device last reported running in ``slot``."""
+        rep = self.reported.get(device)
+        if rep is None:
+            return None
+        run = rep.policy if slot == POLICY_SLOT else rep.models.get(slot)
+        return run.sha256 if run else None
+
+    def assign(self, device: str, slot: str, assignment: Assignment, now: float) -> Desired:
+        """A new desired state for ``device`` with ``slot`` set; other slots kept."""
+        old = self.desired.get(device)
+        version = max((old.version + 1) if old else 1, int(now * 1000))
+        models = dict(old.models) if old else {}
+        policy = old.policy if old else None
+        if slot == POLICY_SLOT:
+            policy = assignment
+        else:
+            models[slot] = assignment
+        doc = Desired(v=1, device=device, version=version, at=now, models=models, policy=policy)
+        self.desired[device] = doc
+        self._unpublished[device] = doc
+        return doc
+
+    def take_unpublished(self) -> list[Desired]:
+        docs, self._unpublished = list(self._unpublished.values()), {}
+        return docs
+
+    def all(self) -> list[Desired]:
+        return list(self.desired.values())
+
+
+def desired_row(doc: Desired) -> dict[str, Any]:
+    return {"device": doc.device, "version": doc.version, "doc": doc.model_dump_json(), "updated_at": doc.at}
+
+
+def reported_row(doc: Reported, received_at: float) -> dict[str, Any]:
+    return {"device": doc.device, "doc": doc.model_dump_json(), "at": doc.at, "received_at": received_at}

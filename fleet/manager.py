@@ -1,0 +1,242 @@
+"""The manager: ingest, plus the control link that runs rollouts, serves artifacts and
+answers operators.
+
+The control link is one MQTT 5 client on its own thread that owns the rollout engine,
+the registry and the transfers: every message (reported state, job status, chunk
+request, operator request) and every tick runs on that thread, so none of them needs
+a lock. Its session is persistent (a fixed client id, kept by the broker for an hour),
+so job statuses sent while the manager restarts wait for it. Job statuses are
+committed in small batches (every ``FLUSH_S``), operator requests before they are
+answered, and desired states before they are published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.contract import (DEFAULT_PREFIX, ContractError, RpcError, RpcResponse, Topics, decode_artifact_request,
+                           decode_job, decode_reported, decode_rpc_request, encode, encode_chunk)
+from edge.link import Link, LinkSettings
+from edge.logs import fields
+from edge.signing import load_private_key
+
+from .ingest import Ingest
+from .registry import Registry
+from .rollouts import Engine
+from .rpc import Operations
+from .store import Store
+from .transfers import Transfers
+
+log = logging.getLogger("fleet.manager")
+
+TICK_S = 0.2  # how often health windows and stages are judged
+FLUSH_S = 0.1  # the longest a job status waits for its commit
+SESSION_EXPIRY_S = 3600
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    db: Path
+    host: str = "localhost"
+    port: int = 1883
+    prefix: str = DEFAULT_PREFIX
+    artifacts: Path | None = None  # default: beside the store, <db>.artifacts
+    keys: Path | None = None  # directory with fleet.key
+    operators: frozenset[str] = frozenset({"operator"})
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    max_transfers: int = 64
+
+
+@dataclass
+class ControlCounters:
+    rpc: int = 0
+    rpc_errors: int = 0
+    desired_published: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class Control:
+    """The link handler that owns the engine, registry and transfers."""
+
+    def __init__(self, store: Store, registry: Registry, engine: Engine, transfers: Transfers,
+                 ops_factory: Any, topics: Topics) -> None:
+        self.store = store
+        self.registry = registry
+        self.engine = engine
+        self.transfers = transfers
+        self.topics = topics
+        self.ops: Operations = ops_factory(self)
+        self.counters = ControlCounters()
+        self.subscribed = False
+        self._next_tick = 0.0
+        self._next_flush = 0.0
+
+    # --- link handler -------------------------------------------------------------------------
+
+    def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
+        self.subscribed = False
+        t = self.topics
+        client.subscribe([(t.all_reported(), 1), (t.all_jobs(), 1), (t.artifact_get(), 1), (t.all_rpc(), 1)])
+        # the broker may have lost its retained messages; versions make a repeat harmless
+        for doc in self.engine.book.all():
+            client.publish(t.desired(doc.device), encode(doc), qos=1, retain=True)
+
+    def on_subscribe(self, client: mqtt.Client, reasons: list) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error("control subscription refused", extra=fields(reasons=failed))
+            return
+        self.subscribed = True
+        log.info("control subscribed", extra=fields(prefix=self.topics.prefix))
+
+    def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        topic, now = message.topic, time.time()
+        t = self.topics
+        identity = t.rpc_identity(topic)
+        if identity is not None:
+            return self._rpc(client, identity, message, now)
+        if topic == t.artifact_get():
+            return self._chunk_request(client, message.payload, now)
+        device = t.device_of(topic)
+        if device is None:
+            return self._reject("schema", topic, "not a device topic")
+        try:
+            if topic == t.reported(device):
+                if message.payload:  # an empty retained message clears the topic
+                    self.engine.on_reported(decode_reported(message.payload, device=device), now)
+            elif topic.startswith(t.job(device, "x")[:-1]):
+                job = topic.rsplit("/", 1)[1]
+                self.engine.on_job(decode_job(message.payload, device=device, job=job), now)
+        except ContractError as exc:
+            self._reject(exc.reason, topic, exc.detail)
+
+    def work(self, client: mqtt.Client) -> float:
+        now = time.time()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK_S
+            self.engine.tick(now)
+        if now >= self._next_flush:
+            self._next_flush = now + FLUSH_S
+            self._flush(client)
+        more = self.transfers.pump(client, now)
+        return 0.0 if more else min(FLUSH_S, TICK_S)
+
+    def on_stop(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
+        return self._flush(client)
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def _flush(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
+        infos = []
+        for doc in self.engine.flush():  # committed first, then published
+            infos.append(client.publish(self.topics.desired(doc.device), encode(doc), qos=1, retain=True))
+            self.counters.desired_published += 1
+        return infos
+
+    def _chunk_request(self, client: mqtt.Client, payload: bytes, now: float) -> None:
+        try:
+            req = decode_artifact_request(payload, self.topics)
+        except ContractError as exc:
+            return self._reject(exc.reason, self.topics.artifact_get(), exc.detail)
+        busy = self.transfers.request(req, now)
+        if busy is not None:
+            client.publish(req.response_topic, encode_chunk(busy), qos=1)
+
+    def _rpc(self, client: mqtt.Client, identity: str, message: mqtt.MQTTMessage, now: float) -> None:
+        self.counters.rpc += 1
+        props = message.properties
+        reply_to = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        mine = f"{self.topics.prefix}/fleet/reply/{identity}/"
+        if not reply_to or not reply_to.startswith(mine) or any(c in reply_to for c in "+#"):
+            self.counters.rpc_errors += 1
+            return self._reject("bad_reply_topic", message.topic, f"response topic {reply_to!r} is not under {mine}")
+        try:
+            req = decode_rpc_request(message.payload)
+        except ContractError as exc:
+            self.counters.rpc_errors += 1
+            self._reject(exc.reason, message.topic, exc.detail)
+            response = RpcResponse(v=1, id="invalid", ok=False,
+                                   error=RpcError(code="bad_request", message=f"malformed request: {exc}"))
+        else:
+            try:
+                response = self.ops.handle(identity, req, now)
+                if response.ok:
+                    self._flush(client)  # durable before the operator hears it is done
+            except Exception as exc:  # a bug must not kill the manager nor leave the caller waiting
+                log.exception("operation failed", extra=fields(op=req.op))
+                self.engine.flush()
+                response = RpcResponse(v=1, id=req.id, ok=False,
+                                       error=RpcError(code="internal", message=f"{type(exc).__name__}: {exc}"))
+            if not response.ok:
+                self.counters.rpc_errors += 1
+        out = Properties(PacketTypes.PUBLISH)
+        if correlation is not None:
+            out.CorrelationData = correlation
+        client.publish(reply_to, encode(response), qos=1, properties=out)
+
+    def _reject(self, reason: str, topic: str, detail: str) -> None:
+        self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
+        log.warning("rejected", extra=fields(reason=reason, topic=topic, detail=detail[:200]))
+
+    def stats(self) -> dict[str, Any]:
+        e, t = self.engine.counters, self.transfers.counters
+        rejected = dict(self.counters.rejected)
+        for k, v in e.rejected.items():
+            rejected[k] = rejected.get(k, 0) + v
+        return {"rpc": self.counters.rpc, "rpc_errors": self.counters.rpc_errors,
+                "desired_published": self.counters.desired_published, "jobs": e.jobs, "reported": e.reported,
+                "stale_jobs": e.stale_jobs, "chunk_requests": t.requests, "chunks": t.chunks,
+                "chunk_bytes": t.bytes, "transfers_active": self.transfers.active,
+                "transfers_completed": t.completed, "busy": t.busy, "chunk_errors": dict(t.errors),
+                "rollouts_active": sum(1 for r in list(self.engine.rollouts.values()) if r.state in ("running", "paused")),
+                "control_rejected": rejected}
+
+
+class Manager:
+    """``fleet serve``: the ingest and the control link over one store."""
+
+    def __init__(self, settings: ManagerSettings) -> None:
+        s = settings
+        self.settings = s
+        self.topics = Topics(s.prefix)
+        key = load_private_key(s.keys / "fleet.key") if s.keys else None
+        self.store = Store.open(s.db)
+        directory = s.artifacts or s.db.with_name(s.db.name + ".artifacts")
+        self.registry = Registry(self.store, directory, key)
+        self.engine = Engine(self.store, self.registry, clock=time.time)
+        self.transfers = Transfers(directory, self.topics, max_transfers=s.max_transfers)
+        self.ingest = Ingest(self.store, host=s.host, port=s.port, prefix=s.prefix, client_id=s.client_id,
+                             username=s.username, password=s.password)
+        self.control = Control(self.store, self.registry, self.engine, self.transfers,
+                               lambda c: Operations(self.engine, self.registry, s.operators, self.stats), self.topics)
+        control_id = f"{s.client_id}-control" if s.client_id else f"fleet-control-{socket.gethostname()}"
+        self._link = Link(LinkSettings(
+            host=s.host, port=s.port, client_id=control_id, clean_start=False, session_expiry_s=SESSION_EXPIRY_S,
+            backoff_initial_s=0.5, backoff_max_s=5.0, username=s.username, password=s.password,
+            max_inflight=200), self.control, name="control")
+
+    def start(self) -> None:
+        self.ingest.start()
+        self._link.start()
+
+    def stop(self) -> None:
+        self._link.stop(5.0)
+        self.engine.flush()  # anything the link's goodbye could not commit
+        self.ingest.stop()
+        self.store.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.ingest.stats(), **self.control.stats(), "pid": os.getpid()}

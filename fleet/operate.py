@@ -1,0 +1,446 @@
+"""The operator's commands: keys, models, policies, rollouts, devices, the simulator
+and the rollout benchmark. All but ``keys init`` reach the manager through the broker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from edge.errors import UsageError
+
+from .client import FleetClient
+
+WATCH_POLL_S = 0.5
+BAR = 24
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.ArgumentParser) -> None:
+    keys = sub.add_parser("keys", parents=[common], help="the fleet's signing keys")
+    keys_sub = keys.add_subparsers(metavar="ACTION")
+    init = keys_sub.add_parser("init", parents=[common], help="make an Ed25519 key pair (never overwrites)")
+    init.add_argument("--dir", type=Path, default=Path("fleet-keys"), help="where (default ./fleet-keys)")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=cmd_keys_init)
+
+    for kind, plural in (("model", "models"), ("policy", "policies")):
+        group = sub.add_parser(plural, parents=[common], help=f"the {kind} registry")
+        group_sub = group.add_subparsers(metavar="ACTION")
+        push = group_sub.add_parser("push", parents=[common, rpc], help=f"validate, upload and sign a {kind}")
+        push.add_argument("file", type=Path)
+        push.add_argument("--name", help=f"{kind} name" + (" (default: the manifest's)" if kind == "model" else ""))
+        push.add_argument("--version", help=f"{kind} version (default: the {'manifest' if kind == 'model' else 'document'}'s)")
+        if kind == "model":
+            push.add_argument("--manifest", type=Path, help="the model's manifest (default: beside the model)")
+        push.set_defaults(func=cmd_push, kind=kind)
+        listing = group_sub.add_parser("list", parents=[common, rpc], help=f"every {kind} version")
+        listing.add_argument("--name", help="only this name")
+        listing.set_defaults(func=cmd_list, kind=kind)
+        show = group_sub.add_parser("show", parents=[common, rpc], help=f"a {kind}'s versions, or one (NAME@VERSION)")
+        show.add_argument("ref", metavar="NAME[@VERSION]")
+        show.set_defaults(func=cmd_show, kind=kind)
+
+    rollout = sub.add_parser("rollout", parents=[common], help="staged rollouts of models and policies")
+    r_sub = rollout.add_subparsers(metavar="ACTION")
+    start = r_sub.add_parser("start", parents=[common, rpc], help="start a staged rollout")
+    start.add_argument("ref", metavar="NAME@VERSION")
+    start.add_argument("--kind", choices=("model", "policy"), default="model")
+    start.add_argument("--slot", help="the model slot on the devices (models only)")
+    start.add_argument("--target", required=True, help="device ids (cam-1,cam-2) or tags (site=plant-a,line=3)")
+    start.add_argument("--canary", type=int, default=1, help="devices in the canary stage (default 1; 0: none)")
+    start.add_argument("--waves", default="10%,50%,100%", help="cumulative share of the target per wave")
+    start.add_argument("--health-window", default="5m", help="how long a device must stay healthy (5m, 30s)")
+    start.add_argument("--abort-failure-pct", type=float, default=20.0, help="abort at this failure share")
+    start.add_argument("--min-executed", type=int, default=3, help="finished executions before it may abort")
+    start.set_defaults(func=cmd_rollout_start)
+    for action, helptext in (("pause", "stop assigning new stages"), ("resume", "carry on a paused rollout"),
+                             ("abort", "stop and send every updated device back"),
+                             ("rollback", "send a rollout's devices (or one) back to their previous version"),
+                             ("status", "a rollout's progress (or every rollout)"),
+                             ("watch", "live progress per stage until the rollout settles")):
+        p = r_sub.add_parser(action, parents=[common, rpc], help=helptext)
+        p.add_argument("id", nargs="?" if action == "status" else None)
+        if action == "abort":
+            p.add_argument("--reason")
+        if action == "rollback":
+            p.add_argument("--device", help="only this device")
+        p.set_defaults(func=cmd_rollout, action=action)
+
+    sim = sub.add_parser("simulate", parents=[common, rpc], help="run N simulated devices in this process")
+    sim.add_argument("--devices", type=int, required=True)
+    sim.add_argument("--public-key", type=Path, required=True, help="the key the devices pin (fleet.pub)")
+    sim.add_argument("--slot", default="detector")
+    sim.add_argument("--runs", metavar="NAME@VERSION", help="what the devices run at start (with --runs-file)")
+    sim.add_argument("--runs-file", type=Path, help="the file of --runs (for its sha256)")
+    sim.add_argument("--id-prefix", default="sim")
+    sim.add_argument("--health-window", default="1s", help="each device's own watch before it commits")
+    sim.add_argument("--fail-verify", type=float, default=0, metavar="PCT", help="percent whose download is corrupted")
+    sim.add_argument("--unhealthy", type=float, default=0, metavar="PCT", help="percent that roll back as unhealthy")
+    sim.add_argument("--offline-mid-download", type=float, default=0, metavar="PCT",
+                     help="percent that drop off halfway through a download")
+    sim.add_argument("--offline-for", default="5s", help="how long they stay away")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks")
+    b_sub = bench.add_subparsers(metavar="WHAT")
+    b = b_sub.add_parser("rollout", parents=[common], help="a staged rollout to N simulated devices, measured")
+    b.add_argument("--devices", type=int, default=1000)
+    b.add_argument("--model", type=Path, help="the model to roll out (default ../shared/models/yolov8n_full_integer_quant-b.tflite)")
+    b.add_argument("--health-window", default="2s")
+    b.add_argument("--max-transfers", type=int, default=64)
+    b.add_argument("--pumps", type=int, default=2, help="simulator threads")
+    b.add_argument("--ingest-batches", type=int, default=5, help="outbox batches per device in the ingest phase")
+    b.add_argument("--ingest-events", type=int, default=20, help="events per batch")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_rollout)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> FleetClient:
+    import os
+
+    host, port = args.broker
+    return FleetClient(host, port, identity=args.identity, prefix=args.prefix, username=args.username,
+                       password=os.environ.get("FLEET_MQTT_PASSWORD"), timeout=args.timeout)
+
+
+def _ref(value: str, *, version_required: bool) -> tuple[str, str | None]:
+    name, at, version = value.partition("@")
+    if not name or (at and not version) or (version_required and not version):
+        raise UsageError(f"expected NAME@VERSION, got {value!r}" if version_required
+                         else f"expected NAME or NAME@VERSION, got {value!r}")
+    return name, version or None
+
+
+def duration(value: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1h``, ``1.5s`` → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    if not m:
+        raise UsageError(f"expected a duration like 30s, 5m or 1h, got {value!r}")
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def waves(value: str) -> list[float]:
+    try:
+        return [float(w.strip().rstrip("%")) for w in value.split(",") if w.strip()]
+    except ValueError:
+        raise UsageError(f"expected percentages like 10%,50%,100%, got {value!r}") from None
+
+
+def target(value: str) -> dict[str, Any]:
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise UsageError("--target is empty")
+    tagged = ["=" in p for p in parts]
+    if all(tagged):
+        return {"tags": dict(p.split("=", 1) for p in parts)}
+    if any(tagged):
+        raise UsageError("--target is either device ids or key=value tags, not both")
+    return {"ids": parts}
+
+
+def _out(args: argparse.Namespace, doc: Any, human: str) -> None:
+    print(json.dumps(doc, indent=2) if args.json else human)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class Progress:
+    """A progress bar on stderr, drawn only for a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label = total, label
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        filled = int(BAR * done / max(1, self.total))
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (BAR - filled)}] {100 * done // max(1, self.total):3d}%"
+                         f" {_mb(done)}/{_mb(self.total)}")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# --- keys, models, policies ----------------------------------------------------------------------
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from edge.signing import KeyFileError, init_keys
+
+    try:
+        private, public = init_keys(args.dir)
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    _out(args, {"private": str(private), "public": str(public)},
+         f"private key {private} (mode 600: keep it with the manager, `fleet serve --keys {args.dir}`)\n"
+         f"public key  {public} (pin it on every device)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from edge.signing import sha256_file
+
+    from .registry import ArtifactError, validate_model, validate_policy
+    from .rpc import UPLOAD_CHUNK_BYTES
+
+    path: Path = args.file
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        if args.kind == "model":
+            manifest = validate_model(path, args.manifest)
+            name, version = args.name or manifest["name"], args.version or manifest["version"]
+            if (name, version) != (manifest["name"], manifest["version"]):
+                raise UsageError(f"the manifest names {manifest['name']}@{manifest['version']}, "
+                                 f"not {name}@{version}; fix one of them")
+        else:
+            manifest = None
+            found = validate_policy(path)
+            version = args.version or found
+            name = args.name or path.stem
+            if version != found:
+                raise UsageError(f"the policy document says version {found}, not {version}")
+    except ArtifactError as exc:
+        raise UsageError(str(exc)) from None
+    sha = sha256_file(path)
+    data = path.read_bytes()
+    with _client(args) as client:
+        if not client.call("artifacts.has", {"sha256": sha})["stored"]:
+            bar = Progress(len(data), f"upload {path.name}", not args.json)
+            import base64
+
+            for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
+                piece = data[offset:offset + UPLOAD_CHUNK_BYTES]
+                client.call("artifacts.upload", {"sha256": sha, "size": len(data), "offset": offset,
+                                                 "data": base64.b64encode(piece).decode()})
+                bar.update(offset + len(piece))
+        result = client.call("artifacts.push", {"kind": args.kind, "name": name, "version": version,
+                                                "sha256": sha, "manifest": manifest}, timeout=max(args.timeout, 60))
+    verb = "pushed" if result["created"] else "already there:"
+    _out(args, result, f"{verb} {args.kind} {name}@{version} sha256 {sha[:16]}… {_mb(result['size'])}, signed")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = client.call("artifacts.list", {"kind": args.kind, "name": args.name})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no {args.kind}s yet")
+    else:
+        _table(("NAME", "VERSION", "SHA256", "SIZE", "PUSHED BY"),
+               [(r["name"], r["version"], r["sha256"][:16], _mb(r["size"]), r["pushed_by"] or "-") for r in rows])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    name, version = _ref(args.ref, version_required=False)
+    with _client(args) as client:
+        rows = client.call("artifacts.show", {"kind": args.kind, "name": name, "version": version})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        m = r.get("manifest") or {}
+        print(f"{r['kind']} {r['name']}@{r['version']}\n  sha256 {r['sha256']}\n  size {r['size']} bytes\n"
+              f"  signed {'yes' if r.get('signature') else 'no'}\n  pushed by {r['pushed_by']}"
+              + (f"\n  task {m.get('task')}, {len(m.get('labels', []))} labels" if m else ""))
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+# --- rollouts ---------------------------------------------------------------------------------------------
+
+
+def cmd_rollout_start(args: argparse.Namespace) -> int:
+    name, version = _ref(args.ref, version_required=True)
+    if args.kind == "model" and not args.slot:
+        raise UsageError("a model rollout needs --slot")
+    body = {"kind": args.kind, "name": name, "version": version, "slot": args.slot, "target": target(args.target),
+            "canary": args.canary, "waves": waves(args.waves), "health_window_s": duration(args.health_window),
+            "abort_failure_pct": args.abort_failure_pct, "min_executed": args.min_executed}
+    with _client(args) as client:
+        status = client.call("rollouts.start", body)
+    _out(args, status, f"rollout {status['id']} started: {name}@{version} to {status['devices']} devices in "
+                       f"{len(status['stages'])} stages; `fleet rollout watch {status['id']}` to follow it")
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    action = args.action
+    if action != "status" and not args.id:
+        raise UsageError(f"rollout {action} needs a rollout id")
+    with _client(args) as client:
+        if action == "watch":
+            return _watch(client, args)
+        if action == "status" and not args.id:
+            rows = client.call("rollouts.list")
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no rollouts yet")
+            else:
+                _table(("ID", "STATE", "ARTIFACT", "SLOT", "DEVICES", "STAGE", "FAILED"),
+                       [(r["id"], r["state"], f"{r['name']}@{r['version']}", r["slot"], str(r["devices"]),
+                         str(r["stage"]), str(r["failed"])) for r in rows])
+            return 0
+        body: dict[str, Any] = {"id": args.id}
+        if action == "abort" and args.reason:
+            body["reason"] = args.reason
+        if action == "rollback" and args.device:
+            body["device"] = args.device
+        status = client.call(f"rollouts.{action}", body)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print("\n".join(render(status)))
+    return 0
+
+
+def render(s: dict[str, Any]) -> list[str]:
+    """A rollout as lines of text: a header, one bar per stage, then why it stopped."""
+    lines = [f"{s['id']}  {s['name']}@{s['version']} → slot {s['slot']}  {s['state'].upper()}  "
+             f"{s['devices']} devices, {s['finished']} finished, {s['failed']} failed"]
+    for st in s["stages"]:
+        n = st["devices"]
+        ok = st.get("succeeded", 0)
+        bad = st.get("failed", 0)
+        busy = sum(st.get(k, 0) for k in ("assigned", "in_progress", "active"))
+        filled, failed = int(BAR * ok / max(1, n)), int(BAR * bad / max(1, n))
+        bar = "#" * filled + "x" * failed + "." * (BAR - filled - failed)
+        mark = ">" if s["stage"] == st["stage"] and s["state"] in ("running", "paused") else " "
+        lines.append(f"{mark} {st['name']:<8} [{bar}] {ok}/{n} ok  {bad} failed  {busy} in progress"
+                     + (f"  {st['skipped']} skipped" if st.get("skipped") else ""))
+    if s["reverts"]:
+        lines.append("  sent back: " + ", ".join(f"{v} {k}" for k, v in sorted(s["reverts"].items())))
+    if s["reason"]:
+        lines.append(f"  reason: {s['reason']}")
+    return lines
+
+
+def _watch(client: FleetClient, args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    tty = sys.stdout.isatty() and not args.json
+    drawn, last = 0, None
+    status: dict[str, Any] = {}
+    while not stop.is_set():
+        status = client.call("rollouts.status", {"id": args.id})
+        if args.json:
+            key = json.dumps({k: v for k, v in status.items() if k != "updated_at"}, sort_keys=True)
+            if key != last:
+                print(json.dumps(status), flush=True)
+                last = key
+        else:
+            lines = render(status)
+            if tty:
+                if drawn:
+                    sys.stdout.write(f"\x1b[{drawn}F\x1b[J")
+                sys.stdout.write("\n".join(lines) + "\n")
+                drawn = len(lines)
+            elif "\n".join(lines) != last:
+                print("\n".join(lines), flush=True)
+                last = "\n".join(lines)
+            sys.stdout.flush()
+        if status.get("settled"):
+            break
+        stop.wait(WATCH_POLL_S)
+    return 0 if status.get("state") == "completed" else 1
+
+
+def cmd_devices_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        view = client.call("devices.show", {"id": args.device})
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    desired, reported = view["desired"], view["reported"]
+    print(f"device {view['device']}")
+    if desired:
+        print(f"  desired v{desired['version']}: " + ", ".join(
+            f"{slot}={a['artifact']['name']}@{a['artifact']['version']} (job {a['job']})"
+            for slot, a in sorted(desired["models"].items())) + (
+            f", policy={desired['policy']['artifact']['version']}" if desired.get("policy") else ""))
+    if reported:
+        print(f"  reported (desired v{reported['desired_version']}): " + ", ".join(
+            f"{slot}={r['name']}@{r['version']}" for slot, r in sorted(reported["models"].items())))
+        if reported.get("last_change"):
+            print(f"  last change: {reported['last_change']['reason']}")
+    for e in view["executions"]:
+        print(f"  rollout {e['rollout']}: {e['state']}" + (f" ({e['reason']})" if e["reason"] else "")
+              + (f", sent back: {e['revert']}" if e["revert"] else ""))
+    return 0
+
+
+# --- simulator and benchmark -----------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edge.signing import KeyFileError, load_public_key
+
+    from .simulator import Faults, SimSettings, Simulator, load_running, pick
+
+    if args.devices < 1:
+        raise UsageError("--devices must be at least 1")
+    if bool(args.runs) != bool(args.runs_file):
+        raise UsageError("--runs and --runs-file go together")
+    try:
+        key = load_public_key(args.public_key)
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    host, port = args.broker
+    ids = SimSettings(host=host, port=port, count=args.devices, public_key=key, id_prefix=args.id_prefix).device_ids()
+    faults = Faults(fail_verify=pick(ids, args.fail_verify, seed=args.seed),
+                    unhealthy=pick(ids, args.unhealthy, seed=args.seed + 1),
+                    offline_mid_download=pick(ids, args.offline_mid_download, seed=args.seed + 2),
+                    offline_for_s=duration(args.offline_for))
+    sim = Simulator(SimSettings(host=host, port=port, count=args.devices, public_key=key, prefix=args.prefix,
+                                id_prefix=args.id_prefix, slot=args.slot,
+                                runs=load_running(args.runs, args.runs_file) if args.runs else None,
+                                health_window_s=duration(args.health_window), faults=faults))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sim.start()
+    print(json.dumps({"devices": args.devices, "fail_verify": sorted(faults.fail_verify),
+                      "unhealthy": sorted(faults.unhealthy),
+                      "offline_mid_download": sorted(faults.offline_mid_download)}), flush=True)
+    while not stop.wait(5.0):
+        states: dict[str, int] = {}
+        for d in sim.devices.values():
+            for state in d.jobs.values():
+                states[state] = states.get(state, 0) + 1
+        print(json.dumps({"online": sim.online(), "jobs": states}), flush=True)
+    sim.stop()
+    return 0
+
+
+def cmd_bench_rollout(args: argparse.Namespace) -> int:
+    from .bench import run_rollout_bench
+
+    result = run_rollout_bench(devices=args.devices, model=args.model, health_window_s=duration(args.health_window),
+                               max_transfers=args.max_transfers, pumps=args.pumps,
+                               ingest_batches=args.ingest_batches, ingest_events=args.ingest_events)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0 if result.get("state") == "completed" else 1
+

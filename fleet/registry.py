@@ -1,0 +1,206 @@
+"""The artifact registry: validated, signed models and policies, stored by sha256.
+
+An artifact's bytes live in ``<dir>/<sha256>`` (content-addressed, written once by an
+atomic rename); its signed description (:class:`~edge.contract.Artifact`) lives in the
+store. A version is immutable: pushing the same name and version again with the same
+bytes changes nothing, with different bytes it is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge.contract import SHA256_PATTERN, Artifact
+from edge.signing import SignatureError, sign, verify, verify_file
+
+from .errors import OpError
+from .store import Conflict, Store
+
+log = logging.getLogger("fleet.registry")
+
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+
+
+class ArtifactError(OpError):
+    """An artifact that cannot be accepted or served; ``code`` names why."""
+
+
+def validate_model(path: Path, manifest: dict[str, Any] | str | Path | None) -> dict[str, Any]:
+    """Load ``path`` with LiteRT and check the manifest against its tensors; returns the
+    manifest as JSON-ready data with its labels inline. ``manifest`` is a file, a parsed
+    manifest, or None (beside the model, else guessed from the tensors)."""
+    from edge.errors import ModelError
+    from edge.manifest import Manifest
+    from edge.model import Model
+    from edge.runtime import load_interpreter
+
+    try:
+        if isinstance(manifest, dict):
+            model = Model(load_interpreter(path, num_threads=1), Manifest.model_validate(manifest))
+        else:
+            model = Model.load(path, manifest=manifest, num_threads=1)
+    except ModelError as exc:
+        raise ArtifactError("invalid_artifact", f"model rejected: {exc}") from None
+    except ValueError as exc:  # pydantic: a manifest with wrong fields
+        raise ArtifactError("invalid_artifact", f"manifest rejected: {exc}") from None
+    return model.manifest.model_dump(mode="json")
+
+
+def validate_policy(path: Path) -> str:
+    """Check a policy document; returns its version. Uses the edge's own parser when
+    this install has it, else checks only that it is a YAML mapping with a version."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError("invalid_artifact", f"cannot read policy {path.name}: {exc}") from None
+    try:
+        from edge.policy import PolicyError, parse_policy
+    except ImportError:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ArtifactError("invalid_artifact", f"policy is not YAML: {exc}") from None
+        if not isinstance(doc, dict) or "version" not in doc:
+            raise ArtifactError("invalid_artifact", "policy must be a YAML mapping with a version")
+        return str(doc["version"])
+    try:
+        return str(parse_policy(text, source=path.name).version)
+    except PolicyError as exc:
+        raise ArtifactError("invalid_artifact", f"policy rejected: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Pushed:
+    artifact: Artifact
+    created: bool  # False: this exact version was already there
+
+
+class Registry:
+    """Artifacts on disk and in the store; signs with the fleet's private key."""
+
+    def __init__(self, store: Store, directory: Path, key: Ed25519PrivateKey | None) -> None:
+        self.store = store
+        self.directory = directory
+        self.uploads = directory / "uploads"
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        self._key = key
+        self.public_key: Ed25519PublicKey | None = key.public_key() if key else None
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / sha256
+
+    def has_bytes(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    # --- uploads: bytes arrive in pieces over RPC, in order ----------------------------
+
+    def upload(self, sha256: str, size: int, offset: int, data: bytes) -> int:
+        """Append ``data`` at ``offset`` of the upload of ``sha256``; returns bytes held."""
+        _check_sha(sha256)
+        if not 0 < size <= MAX_ARTIFACT_BYTES:
+            raise ArtifactError("bad_request", f"size must be 1..{MAX_ARTIFACT_BYTES} bytes")
+        if self.has_bytes(sha256):
+            return size
+        part = self.uploads / f"{sha256}.part"
+        held = part.stat().st_size if part.exists() else 0
+        if offset == 0:
+            held = 0
+        elif offset != held:
+            raise ArtifactError("bad_request", f"upload of {sha256[:12]}… holds {held} bytes, not {offset}")
+        if offset + len(data) > size:
+            raise ArtifactError("bad_request", f"upload runs past its size {size}")
+        with open(part, "r+b" if offset else "wb") as f:
+            f.seek(offset)
+            f.write(data)
+            f.truncate()
+        held = offset + len(data)
+        if held == size:
+            self._finish_upload(part, sha256)
+        return held
+
+    def _finish_upload(self, part: Path, sha256: str) -> None:
+        digest = _sha256(part)
+        if digest != sha256:
+            part.unlink()
+            raise ArtifactError("invalid_artifact", f"uploaded bytes hash to {digest[:12]}…, not {sha256[:12]}…"
+                                                   " (tampered or corrupted in transit); upload discarded")
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(part, self.path(sha256))
+
+    # --- push -----------------------------------------------------------------------------
+
+    def push(self, *, kind: str, name: str, version: str, sha256: str,
+             manifest: dict[str, Any] | None, by: str, now: float) -> Pushed:
+        """Validate the stored bytes, sign, and record the version (idempotent)."""
+        _check_sha(sha256)
+        if self._key is None:
+            raise ArtifactError("no_key", "the manager has no signing key (start it with --keys DIR)")
+        existing = self.store.find_artifact(kind, name, version)
+        if existing is not None:
+            if existing.sha256 != sha256:
+                raise ArtifactError("conflict", f"{kind} {name} {version} exists with other bytes "
+                                                f"(sha256 {existing.sha256[:12]}…); push a new version")
+            return Pushed(existing, False)
+        path = self.path(sha256)
+        if not path.is_file():
+            raise ArtifactError("not_found", f"no uploaded bytes for sha256 {sha256[:12]}…; upload first")
+        if _sha256(path) != sha256:
+            raise ArtifactError("invalid_artifact", f"stored bytes of {sha256[:12]}… do not hash to it")
+        if kind == "model":
+            doc = validate_model(path, manifest if manifest is not None else None)
+            if (doc["name"], doc["version"]) != (name, version):
+                raise ArtifactError("invalid_artifact", f"manifest names {doc['name']} {doc['version']}, "
+                                                        f"the push {name} {version}")
+        else:
+            if manifest:
+                raise ArtifactError("bad_request", "a policy carries no manifest")
+            found = validate_policy(path)
+            if found != version:
+                raise ArtifactError("invalid_artifact", f"policy document says version {found}, the push {version}")
+            doc = {}
+        artifact = sign(self._key, Artifact(kind=kind, name=name, version=version, sha256=sha256,
+                                            size=path.stat().st_size, manifest=doc))
+        try:
+            self.store.put_artifact(artifact, by=by, now=now)
+        except Conflict as exc:  # raced with another push of the same version
+            raise ArtifactError("conflict", str(exc)) from None
+        log.info("artifact pushed", extra={"fields": {"kind": kind, "name": name, "version": version,
+                                                      "sha256": sha256, "by": by}})
+        return Pushed(artifact, True)
+
+    def check(self, artifact: Artifact) -> None:
+        """Refuse to hand out an artifact whose bytes or signature no longer match."""
+        path = self.path(artifact.sha256)
+        if not path.is_file():
+            raise ArtifactError("invalid_artifact", f"bytes of {artifact.name} {artifact.version} are missing")
+        try:
+            verify_file(artifact, path)
+            if self.public_key is not None:
+                verify(self.public_key, artifact)
+        except SignatureError as exc:
+            raise ArtifactError("invalid_artifact", f"{artifact.name} {artifact.version} is tampered: {exc}") from None
+
+
+def _check_sha(sha256: str) -> None:
+    import re
+
+    if not isinstance(sha256, str) or not re.fullmatch(SHA256_PATTERN, sha256):
+        raise ArtifactError("bad_request", "sha256 must be 64 lowercase hex digits")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
