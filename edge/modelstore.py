@@ -207,6 +207,9 @@ class ModelStore:
                 failed, restored = entry, s.previous
                 loops.append(CrashLoop(slot=slot, failed=failed, restored=restored, restarts=len(entry.boots)))
                 s.active, s.previous = restored, failed.model_copy(update={"boots": []})
+                state.last_change = {"slot": slot, "at": now, "job": failed.job,
+                                     "reason": f"crash_loop: {len(failed.boots)} starts after activating "
+                                               f"{failed.name} {failed.version}"}
                 # the desired state that asked for the failed model is answered: do not retry it
                 if failed.desired_version is not None:
                     state.desired_version = max(state.desired_version or 0, failed.desired_version)

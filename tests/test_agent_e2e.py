@@ -109,6 +109,14 @@ def runs():
             run.kill()
 
 
+def agent_stats(tmp_path: Path) -> dict:
+    """The agent's counters in the daemon's stats file ({} before the first one)."""
+    try:
+        return json.loads((tmp_path / "stats.json").read_text()).get("agent", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def serving(run: EdgeRun, model: str, n: int = 5, timeout: float = 60) -> None:
     wait_until(lambda: run.models_seen()[-n:] == [model] * n or run.proc.poll() is not None, timeout,
                f"{model} to serve")
@@ -238,7 +246,7 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
 
         # an old desired state (a retained copy, a replay) is ignored
         peer.desire({"det": Assignment(artifact=art_b, job="replay")}, version=1)
-        stats = wait_until(lambda: (s := json.loads((tmp_path / "stats.json").read_text())["agent"])["stale"] and s,
+        stats = wait_until(lambda: (s := agent_stats(tmp_path)).get("stale") and s,
                            10, "the stale desired state to be counted")
         assert stats["rejected"] == {"malformed_json": 1}
         assert not peer.job("replay")
@@ -246,5 +254,102 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
         state = ModelStore(tmp_path / "store").load()
         assert state.desired_version == len(cases)
         assert state.slots["det"].active.sha256 == a_sha  # the factory model, copied in for the trial
+    finally:
+        peer.close()
+
+
+def objects_consistent(store_dir: Path) -> str | None:
+    """The active model's sha256 per the state file (None: the config's), after checking its file."""
+    from edge.signing import sha256_file
+
+    state = ModelStore(store_dir).load()  # parses: never half a file
+    active = state.slots["det"].active if "det" in state.slots else None
+    if active is None:
+        return None
+    assert sha256_file(store_dir / "objects" / f"{active.sha256}.tflite") == active.sha256
+    return active.sha256
+
+
+def test_kill_9_during_download_resumes_and_during_the_swap_leaves_old_or_new(tmp_path, broker, keys, runs):
+    key, public = keys
+    config = write_config(tmp_path, broker, public)
+    peer = FleetPeer(broker.host, broker.port, DEVICE, chunk_delay_s=0.1)
+    store = tmp_path / "store"
+    art_b, data_b = artifact(YOLO_B, key)
+    a_sha = artifact(YOLO_A)[0].sha256
+    peer.blobs[art_b.sha256] = data_b
+    try:
+        first = EdgeRun(config, tmp_path, "first")
+        runs.append(first)
+        serving(first, "yolov8n@8.1.42-a")
+        peer.desire({"det": Assignment(artifact=art_b, job="resume")})
+        wait_until(lambda: len(peer.requests) >= 8, 30, "a third of the download")
+        first.kill()
+        part = store / "staging" / f"{art_b.sha256}.part"
+        have = part.stat().st_size
+        assert 0 < have < art_b.size and data_b.startswith(part.read_bytes())
+        asked_before = len(peer.requests)
+
+        peer.chunk_delay_s = 0
+        second = EdgeRun(config, tmp_path, "second")
+        runs.append(second)
+        wait_until(lambda: "testing" in states(peer, "resume"), 60, "the smoke test")
+        # the download went on from where it stopped, not from the start
+        offsets = [offset for _, offset in peer.requests[asked_before:]]
+        assert offsets[0] == have and 0 not in offsets, offsets[:3]
+        time.sleep(random.Random(3).uniform(0, 0.3))  # somewhere in smoke test, load, state write, swap
+        second.kill()
+        at_kill = objects_consistent(store)
+        assert at_kill in (None, a_sha, art_b.sha256)
+
+        third = EdgeRun(config, tmp_path, "third")
+        runs.append(third)
+        # it starts on exactly what the state file names, then finishes the job
+        wait_until(lambda: third.models_seen(), 60, "the first result")
+        assert third.models_seen()[0] == ("yolov8n@8.1.42-b" if at_kill == art_b.sha256 else "yolov8n@8.1.42-a")
+        done = final(peer, "resume")
+        assert done.state == "committed", done
+        serving(third, "yolov8n@8.1.42-b", n=3)
+        assert third.stop() == 0
+        assert objects_consistent(store) == art_b.sha256
+        assert not part.exists()
+    finally:
+        peer.close()
+
+
+def test_a_crash_loop_after_activation_boots_the_previous_model_and_says_so(tmp_path, broker, keys, runs):
+    key, public = keys
+    config = write_config(tmp_path, broker, public, crash_loop={"restarts": 2, "minutes": 10},
+                          health={"window_s": 120, "min_results": 10})
+    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    art_b, data_b = artifact(YOLO_B, key)
+    peer.blobs[art_b.sha256] = data_b
+    try:
+        run = EdgeRun(config, tmp_path, "activating")
+        runs.append(run)
+        serving(run, "yolov8n@8.1.42-a")
+        peer.desire({"det": Assignment(artifact=art_b, job="crashy")})
+        wait_until(lambda: "active" in states(peer, "crashy"), 60, "the swap")
+        serving(run, "yolov8n@8.1.42-b", n=2)
+        run.kill()  # the new model "crashes" the daemon
+        again = EdgeRun(config, tmp_path, "restart-1")
+        runs.append(again)
+        serving(again, "yolov8n@8.1.42-b", n=2)  # one restart: still on trial
+        again.kill()
+        (tmp_path / "stats.json").unlink(missing_ok=True)
+        last = EdgeRun(config, tmp_path, "restart-2")
+        runs.append(last)
+        serving(last, "yolov8n@8.1.42-a")  # two restarts within minutes: back on the previous
+        assert set(last.models_seen()) == {"yolov8n@8.1.42-a"}
+        done = final(peer, "crashy")
+        assert done.state == "rolled_back" and done.reason.startswith("crash_loop"), done
+        reported = wait_until(lambda: (r := peer.last_reported()) and r.models["det"].version == "8.1.42-a" and r,
+                              20, "reported to name -a")
+        assert reported.last_change.reason.startswith("crash_loop")
+        # the retained desired state that asked for -b is answered: it is not tried again
+        stats = wait_until(lambda: (s := agent_stats(tmp_path)).get("stale") and s,
+                           20, "the retained desired state to arrive and be ignored")
+        assert stats["desired"] == 1 and "downloading" not in stats["jobs"]
+        assert last.stop() == 0
     finally:
         peer.close()
