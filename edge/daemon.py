@@ -217,12 +217,18 @@ class Daemon:
                               rt.delegate.options if rt.delegate else None)
 
     def _health_watch(self) -> HealthWatch | None:
-        """Per-slot result statistics for the agent's health window. Until a decisions policy
-        is wired in (set ``health.outcome``), unsure is the config's score band."""
+        """Per-slot result statistics for the agent's health window. Unsure is the decisions
+        policy's outcome when one is in force, else the config's score band."""
         if self.cfg.agent is None:
             return None
         slot_of = {(cam.id, t.name): t.model for cam in self.cfg.cameras for t in cam.effective_tasks()}
-        return HealthWatch(slot_of, band_outcome(*self.cfg.agent.health.unsure_band))
+        band = band_outcome(*self.cfg.agent.health.unsure_band)
+
+        def outcome(label: str, score: float) -> str:
+            policy = self.decisions.policy  # the policy in force now, if any
+            return policy.outcome(label, score) if policy is not None else band(label, score)
+
+        return HealthWatch(slot_of, outcome)
 
     def _make_agent(self) -> Agent | None:
         if self.store is None or self.health is None:

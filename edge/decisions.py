@@ -208,7 +208,8 @@ class DecisionEngine:
             cam.outcomes[obs.outcome] += 1
         if any(o.outcome == "unsure" for o in observations):
             self._unsure(policy, cam, frame, observations)
-        tracks, lost = cam.tracker.update(observations, frame.captured_at)
+        # "accept" is below a class's accept_at: noise, not an object worth an id
+        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.captured_at)
         raised: list[Alert] = []
         for state in cam.rules:
             raised.extend(self._evaluate(policy, state, frame, observations, tracks, lost))

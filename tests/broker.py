@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -55,6 +56,9 @@ class Broker:
             "log_type error\nlog_type warning\nlog_type notice\n"
             "max_queued_messages 10000\n"
             "set_tcp_nodelay true\n"
+            # started as root, mosquitto would drop to its own user, which cannot write a
+            # private temp dir: no log, and sessions silently not saved across a restart
+            + (f"user {getpass.getuser()}\n" if os.geteuid() == 0 else "")
         )
 
     def start(self, timeout: float = 10.0) -> "Broker":

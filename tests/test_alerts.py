@@ -1,0 +1,242 @@
+"""Alerts from `edge run` on real video and YOLOv8n to a line controller on a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import yaml
+
+from broker import wait_until
+from conftest import REPO, manifest_for, shared_path
+from controller import Controller
+from edge.contract import decode_alert
+from edge.decisions import DecisionEngine, FrameInfo
+from edge.model import Model
+from edge.policy import parse_policy
+
+YOLO = "models/yolov8n_full_integer_quant-b.tflite"
+ALERTS = "edgecam/v1/alerts/plant-a/3/door"
+
+# The crossing in the middle of the overhead clip; people walk in and out of it.
+CROSSWALK = """
+version: "cw-1"
+classes:
+  person: {accept_at: 0.3, reject_at: 0.5}
+zones:
+  crosswalk: {polygon: [[0.3, 0.45], [0.7, 0.45], [0.7, 1.0], [0.3, 1.0]]}
+tracker: {min_hits: 3, lost_after_s: 1.0}
+rules:
+  - name: person-entered
+    when: {event: entered, classes: [person], zone: crosswalk}
+    debounce: {k: 3, n: 5}
+    cooldown_s: 30         # per object: someone walking along the edge is one entry
+  - name: crosswalk-occupied
+    when: {event: present, classes: [person], zone: crosswalk}
+    debounce: {k: 3, n: 5}
+    state: true
+camera_health: {enabled: false}
+"""
+
+# A person-on-every-frame rule with a cooldown: a steady stream of alerts.
+EVERY = """
+version: "{version}"
+classes:
+  person: {{accept_at: 0.3, reject_at: {reject_at}}}
+rules:
+  - name: person-seen
+    when: {{event: every, classes: [person]}}
+    cooldown_s: {cooldown}
+camera_health: {{enabled: false}}
+"""
+
+
+def write_config(tmp_path: Path, broker, source: dict, policy: str) -> Path:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(policy)
+    cfg = {
+        "device": {"id": "cam-alerts", "site": "plant-a", "line": "3"},
+        "runtime": {"num_threads": 2, "stats_file": str(tmp_path / "stats.json")},
+        "logging": {"format": "json", "stats_interval_s": 0.5},
+        "models": {"det": {"path": str(shared_path(YOLO)), "manifest": str(manifest_for(YOLO))}},
+        "cameras": [{"id": "door", "source": source, "model": "det"}],
+        "mqtt": {"host": broker.host, "port": broker.port, "reconnect": {"initial_s": 0.2, "max_s": 1}},
+        "outbox": {"path": str(tmp_path / "outbox.db")},
+        "decisions": {"policy": str(policy_file)},
+    }
+    path = tmp_path / "cam.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def edge_run(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def audited_alerts(outbox: Path) -> list[dict]:
+    """The alert audit rows the device committed (nothing acks them here, so all stay)."""
+    with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as conn:
+        return [json.loads(row[0])["payload"] for row in conn.execute("select body from events where kind = 'alert'")]
+
+
+def stats(tmp_path: Path) -> dict:
+    try:
+        return json.loads((tmp_path / "stats.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_a_line_controller_gets_person_entered_zone_alerts_on_the_real_clip(tmp_path, broker):
+    controller = Controller(broker, "edgecam/v1/alerts/#")
+    try:
+        video = str(shared_path("media/pedestrians-720p50.avi"))
+        config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "native"}, CROSSWALK)
+        proc = edge_run(config)
+        proc.wait(timeout=120)  # the clip ends, the daemon stops by itself
+        stop(proc)
+        wait_until(lambda: any(m.retained is False and "/state/" in m.topic for m in controller.received()),
+                   5, "a state update")
+    finally:
+        controller.close()
+    alerts = [decode_alert(m.payload) for m in controller.received() if m.topic == ALERTS]
+    entered = [a for a in alerts if a.rule == "person-entered"]
+    # people walk into the crossing several times in the clip; a flicker is not an entry
+    assert 2 <= len(entered) <= 25, [(a.track, a.captured_at) for a in entered]
+    assert len({a.track for a in entered}) == len(entered)  # each object once (its cooldown)
+    assert [a.count for a in entered] == list(range(1, len(entered) + 1))  # the rule's running count
+    for a in entered:
+        x = (a.box[0] + a.box[2]) / 2
+        assert a.label == "person" and a.confidence >= 0.5 and a.zone == "crosswalk"
+        assert 0.25 <= x <= 0.75 and a.box[3] >= 0.4  # its feet are at the crossing
+        assert a.model.startswith("yolov8n") and a.model_version == "8.1.42-b" and a.policy_version == "cw-1"
+        assert a.device == "cam-alerts" and not a.delayed
+        assert 0 <= a.published_at - a.captured_at < 2.0
+    assert all(m.expiry == 60 for m in controller.received() if m.topic == ALERTS)
+    # every alert is also an audit row in the outbox
+    audit_ids = {row["id"] for row in audited_alerts(tmp_path / "outbox.db")}
+    assert {a.id for a in alerts} <= audit_ids
+    # a controller that connects later still learns whether the crossing is occupied now
+    states = [json.loads(m.payload) for m in controller.received() if m.topic.endswith("/state/crosswalk-occupied")]
+    assert states and states[0]["on"] is True
+    late = Controller(broker, f"{ALERTS}/state/#", client_id="late-controller")
+    try:
+        wait_until(lambda: late.received(), 5, "the retained state")
+        retained = late.received()[0]
+        assert retained.retained and json.loads(retained.payload)["on"] == states[-1]["on"]
+    finally:
+        late.close()
+
+
+def test_alerts_wait_for_the_broker_and_arrive_marked_delayed_none_lost(tmp_path, broker):
+    controller = Controller(broker, f"{ALERTS}", client_id="plc", persistent=True)
+    video = str(shared_path("media/pedestrians-360p10.avi"))
+    config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "native", "loop": True},
+                          EVERY.format(version="e-1", reject_at=0.5, cooldown=0.3))
+    proc = edge_run(config)
+    try:
+        wait_until(lambda: len(controller.received()) >= 3, 60, "alerts while the broker is up")
+        broker.stop()
+        down_at = time.time()
+        # inference and decisions go on; alerts wait on the device
+        wait_until(lambda: stats(tmp_path).get("decisions", {}).get("mqtt", {}).get("pending", 0) >= 5, 30,
+                   "alerts queued while the broker is down")
+        broker.start()
+        up_at = time.time()
+        wait_until(lambda: any(decode_alert(m.payload).delayed for m in controller.received()), 30,
+                   "delayed alerts after the reconnect")
+        time.sleep(1.0)
+    finally:
+        stop(proc)
+        time.sleep(0.5)  # the last alerts in flight
+        controller.close()
+    received = {}
+    for m in controller.received():
+        alert = decode_alert(m.payload)
+        received.setdefault(alert.id, alert)  # QoS 1: a copy may come twice, by the same id
+    audited = audited_alerts(tmp_path / "outbox.db")
+    assert {row["id"] for row in audited} == set(received)  # every alert the device decided arrived
+    delayed = [a for a in received.values() if a.delayed]
+    assert len(delayed) >= 5
+    for a in delayed:  # decided while the broker was away, sent once it was back, capture time kept
+        assert down_at - 1.0 <= a.captured_at <= up_at and a.published_at >= up_at - 0.5
+    assert all(not row["delivered"] for row in audited if row["id"] in {a.id for a in delayed})
+
+
+def test_sighup_reloads_the_policy_mid_run_without_a_frame_lost_and_refuses_a_broken_one(tmp_path, broker):
+    controller = Controller(broker, ALERTS)
+    video = str(shared_path("media/pedestrians-360p10.avi"))
+    # files are read frame by frame at "fast": a lost frame would be a gap in the results' seq
+    config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "fast", "loop": True},
+                          EVERY.format(version="v1", reject_at=0.5, cooldown=0))
+    policy_file = tmp_path / "policy.yaml"
+    results = tmp_path / "results.jsonl"
+    proc = edge_run(config, "--results", str(results))
+    try:
+        wait_until(lambda: len(controller.received()) >= 5, 60, "alerts under policy v1")
+        # v2: no person is ever that sure, so the alerts stop
+        policy_file.write_text(EVERY.format(version="v2", reject_at=0.99, cooldown=0))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: stats(tmp_path).get("decisions", {}).get("policy") == "v2", 30, "policy v2 in force")
+        seen_at_v2 = len(controller.received())
+        policy_file.write_text("version: v3\nrules: [{name: x, when: {event: entered}}]\n")  # no zone: invalid
+        proc.send_signal(signal.SIGHUP)
+        frames_before = len(results.read_text().splitlines())
+        wait_until(lambda: len(results.read_text().splitlines()) > frames_before + 20, 60, "frames after the refusal")
+        assert proc.poll() is None
+        assert stats(tmp_path)["decisions"]["policy"] == "v2"
+    finally:
+        stderr = stop(proc)
+        controller.close()
+    versions = [decode_alert(m.payload).policy_version for m in controller.received()]
+    assert set(versions) <= {"v1", "v2"} and versions[0] == "v1"
+    # after v2 took over, at most the frames already in flight alerted under v1
+    assert len(versions) - seen_at_v2 <= 2 and "v2" not in versions
+    assert "policy refused" in stderr and "rules[0].when.zone" in stderr
+    seqs = [json.loads(line)["seq"] for line in results.read_text().splitlines()]
+    assert seqs == list(range(len(seqs)))  # not one frame dropped across both reloads
+
+
+def test_tracker_ids_on_the_real_clip_stay_with_the_people_walking(shared):
+    model = Model.load(shared(YOLO), manifest=manifest_for(YOLO), num_threads=2)
+    policy = parse_policy("version: t\ntracker: {min_hits: 3, lost_after_s: 1.0}\n"
+                          "classes: {person: {accept_at: 0.3, reject_at: 0.5}}")
+    engine = DecisionEngine("dev", lambda cam: "t", None, policy=policy)
+    cap = cv2.VideoCapture(str(shared("media/pedestrians-720p50.avi")))
+    first, last, n, most_at_once = {}, {}, 0, 0
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if n % 2 == 0:  # 25 fps is plenty for walking people
+            prediction, _ = model.predict(image)
+            t = n / 50
+            most_at_once = max(most_at_once, sum(d.label == "person" and d.score >= 0.5
+                                                 for d in prediction.detections))
+            engine.observe(policy, FrameInfo("cam", t, image.shape[1], image.shape[0], "yolov8n", None), prediction)
+            for track in engine._cameras["cam"].tracker.tracks.values():
+                if track.confirmed and track.seen_now and track.label == "person":
+                    first.setdefault(track.id, t)
+                    last[track.id] = t
+        n += 1
+    lasting = {tid: last[tid] - first[tid] for tid in first}
+    steady = [tid for tid, span in lasting.items() if span >= 1.0]
+    # an overhead crowd: about twenty people detected at once, others walking in and out
+    # over the clip's 6.8 s; ids must neither merge people nor shatter each walk
+    assert most_at_once <= len(steady) <= 3 * most_at_once, (most_at_once, lasting)
+    # people in view from start to end keep one id throughout
+    assert sum(span >= 5.0 for span in lasting.values()) >= 8, lasting
