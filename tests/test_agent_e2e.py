@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import signal
@@ -39,11 +40,16 @@ def artifact(model: str, key=None, *, manifest: dict | None = None, data: bytes 
     path = shared_path(model)
     data = data if data is not None else path.read_bytes()
     doc = manifest or load_manifest(manifest_for(model), model_dir=path.parent).model_dump()
-    import hashlib
-
     art = Artifact(kind="model", name=doc["name"], version=doc["version"], sha256=hashlib.sha256(data).hexdigest(),
                    size=len(data), manifest=doc)
     return (sign(key, art) if key is not None else art), data
+
+
+def policy_artifact(key, text: str, version: str) -> tuple[Artifact, bytes]:
+    data = text.encode()
+    art = Artifact(kind="policy", name="line3", version=version, sha256=hashlib.sha256(data).hexdigest(),
+                   size=len(data))
+    return sign(key, art), data
 
 
 def write_config(tmp_path: Path, broker, public_key: Path, *, cameras: list[dict] | None = None,
@@ -244,6 +250,18 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
         assert seen[-3:] == ["testing", "active", "rolled_back"], seen
         assert not any(s.state == "downloading" for j in ("forged", "unsigned") for s in peer.job(j))
 
+        # policies travel the same way and go through the daemon's apply_policy
+        good = policy_artifact(key, "version: 7\ndefault: {accept_at: 0.2, reject_at: 0.6}\n", "7")
+        bad = policy_artifact(key, "version: 8\ndefault: {accept_at: 0.9, reject_at: 0.1}\n", "8")
+        for job, (art, data), want in (("policy-7", good, "committed"), ("policy-8", bad, "failed")):
+            peer.blobs[art.sha256] = data
+            peer.desire({}, policy=Assignment(artifact=art, job=job))
+            done = final(peer, job)
+            assert done.state == want and done.slot == "policy", done
+        assert done.reason.startswith("invalid_policy")
+        reported = wait_until(lambda: (r := peer.last_reported()) and r.policy and r, 10, "the policy reported")
+        assert reported.policy.version == "7"
+
         # an old desired state (a retained copy, a replay) is ignored
         peer.desire({"det": Assignment(artifact=art_b, job="replay")}, version=1)
         stats = wait_until(lambda: (s := agent_stats(tmp_path)).get("stale") and s,
@@ -252,7 +270,7 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
         assert not peer.job("replay")
         assert run.stop() == 0
         state = ModelStore(tmp_path / "store").load()
-        assert state.desired_version == len(cases)
+        assert state.desired_version == len(cases) + 2
         assert state.slots["det"].active.sha256 == a_sha  # the factory model, copied in for the trial
     finally:
         peer.close()
