@@ -66,7 +66,7 @@ def run_outbox_bench(
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgecam-bench-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        broker = stack.enter_context(_Mosquitto(workdir / "mosquitto"))
+        broker = stack.enter_context(LocalMosquitto(workdir / "mosquitto"))
         fleet = stack.enter_context(_FleetServe(workdir / "fleet.db", broker.port))
         baseline = _baseline(broker.port)
 
@@ -256,14 +256,14 @@ def _cpu_s(pid: int | None) -> float:
 # --- the real processes -----------------------------------------------------------------------
 
 
-class _Mosquitto:
+class LocalMosquitto:
     """Mosquitto on a free 127.0.0.1 port, without persistence, in ``workdir``."""
 
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
         if binary is None:
-            raise EdgeError("the outbox benchmark needs the mosquitto broker (apt-get install mosquitto)")
+            raise EdgeError("benchmarks need the mosquitto broker (apt-get install mosquitto)")
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         conf = workdir / "mosquitto.conf"
@@ -276,7 +276,7 @@ class _Mosquitto:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def __enter__(self) -> "_Mosquitto":
+    def __enter__(self) -> "LocalMosquitto":
         self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
