@@ -80,6 +80,8 @@ class AlertPublisher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._connected and self._client.want_write():
             time.sleep(0.01)
+        with self._lock:
+            self._connected = False  # a goodbye, not a lost link
         self._client.disconnect()
         self._client.loop_stop()
 

@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--batch-events", type=int, default=500, help="events per outbox batch (default 500)")
     outbox.add_argument("--window", type=int, default=4, help="batches awaiting an ack at once (default 4)")
     outbox.add_argument("--workdir", type=Path, help="keep the outbox, fleet store and broker files here")
+    alerts = bench_sub.add_parser("alerts", parents=[common],
+                                  help="capture-to-alert latency at a real subscriber against invoke()")
+    alerts.add_argument("--model", required=True, type=Path, help=".tflite file (a person detector)")
+    alerts.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
+    alerts.add_argument("--source", required=True, type=Path, help="a video with people, looped at its own pace")
+    alerts.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
+    alerts.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
     return parser
 
@@ -305,6 +313,15 @@ def _cmd_bench_outbox(args: argparse.Namespace) -> int:
 
     report = run_outbox_bench(args.events, live_events=args.live_events, batch_events=args.batch_events,
                               window=args.window, workdir=args.workdir)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench_alerts(args: argparse.Namespace) -> int:
+    from .bench_alerts import run_alerts_bench
+
+    report = run_alerts_bench(args.model, args.source, manifest=args.manifest, seconds=args.seconds,
+                              threads=args.threads)
     print(json.dumps(report, indent=2))
     return 0
 
