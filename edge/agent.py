@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -40,17 +41,18 @@ from .contract import (
     decode_desired,
     encode,
 )
-from .download import DownloadError, Downloader, DownloadSettings
+from .download import Downloader, DownloadError, DownloadSettings
+from .errors import ConfigError
 from .events import model_event
-from .health_watch import HealthLimits, HealthWatch, Verdict
+from .health_watch import HealthLimits, HealthWatch, Verdict, Window
 from .link import Link
 from .logs import fields
 from .manifest import Manifest
 from .model import Model
-from .modelstore import CrashLoop, Entry, ModelStore, SlotState, StoreError
+from .modelstore import CrashLoop, Entry, ModelStore, SlotState
 from .scheduler import CameraRunner, Scheduler
-from .signing import SignatureError, load_public_key, verify, verify_file
-from .smoke import RuntimeOptions, SmokeError, load_model, smoke_test
+from .signing import KeyFileError, SignatureError, load_public_key, verify, verify_file
+from .smoke import RuntimeOptions, SmokeError, SmokeResult, load_model, smoke_test
 from .sync import link_settings
 
 log = logging.getLogger("edge.agent")
@@ -111,7 +113,10 @@ class Agent:
         self.outbox = outbox
         self.on_models = on_models
         self.limits = health_limits(self.cfg)
-        self.public_key = load_public_key(self.cfg.public_key)
+        try:
+            self.public_key = load_public_key(self.cfg.public_key)
+        except KeyFileError as exc:  # the operator's config names it: exit 2, naming the key
+            raise ConfigError(f"agent.public_key: {exc}") from None
         self.slots = {
             slot: _Slot(slot, [c for c in scheduler.cameras if any(t.model == slot for t in c.tasks.values())], entry)
             for slot, entry in factory.items()
@@ -122,6 +127,7 @@ class Agent:
         self._desired: Desired | None = None
         self._desired_lock = threading.Lock()
         self._wake = threading.Event()
+        self._worker_busy = False  # written by the worker; the link polls faster meanwhile
         self._crash_loops = list(crash_loops or [])
         self._previous_models: dict[str, dict[int, Model]] = {}  # slot -> executor index -> model kept for rollback
         dl = self.cfg.download
@@ -219,8 +225,6 @@ class Agent:
 
     # --- the worker --------------------------------------------------------------------------
 
-    _worker_busy = False
-
     def _work_loop(self) -> None:
         try:
             self._after_boot()
@@ -315,7 +319,7 @@ class Agent:
         self._activate(slot, job, art, version, models, {"smoke_latency_ms": smoke.latency_ms,
                                                           "smoke_limit_ms": smoke.limit_ms})
 
-    def _fetch(self, job: str, slot: str, art: Artifact) -> tuple[Any, Manifest]:
+    def _fetch(self, job: str, slot: str, art: Artifact) -> tuple[Path, Manifest]:
         """The artifact's verified file in the store, downloading what is missing."""
         if art.kind != "model":
             raise Refused("wrong_kind", f"a {art.kind} artifact for model slot {slot}")
@@ -326,7 +330,7 @@ class Agent:
             raise Refused("bad_manifest", str(exc.errors()[0]["msg"])) from None
         return self._download_verified(job, slot, art), manifest
 
-    def _download_verified(self, job: str, slot: str, art: Artifact):
+    def _download_verified(self, job: str, slot: str, art: Artifact) -> Path:
         if self.store.has(art):
             self._job(job, slot, art.sha256, "verifying")
             return self.store.path(art.sha256, art.kind)
@@ -347,7 +351,7 @@ class Agent:
             raise
         return self.store.admit(art, part)
 
-    def _smoke(self, slot: str, path, manifest: Manifest):
+    def _smoke(self, slot: str, path: Path, manifest: Manifest) -> SmokeResult:
         info = self.slots[slot]
         frame = self.health.recent_frame(c.cfg.id for c in info.cameras)
         if frame is None:
@@ -388,7 +392,7 @@ class Agent:
         self._send_reported()
         self._judge(slot, entry, window, old, {"swap_ms": round(swap_ms, 3)}, prior_previous=prior_previous)
 
-    def _judge(self, slot: str, entry: Entry, window, previous: Entry | None, extra: dict[str, float], *,
+    def _judge(self, slot: str, entry: Entry, window: Window, previous: Entry | None, extra: dict[str, float], *,
                prior_previous: Entry | None = None) -> None:
         """Wait out the health window, then commit or roll back."""
         verdict: Verdict | None = None
@@ -426,7 +430,7 @@ class Agent:
             else:
                 loaded = [models[ex.index] for ex in self.scheduler.executors]
             self.scheduler.swap(slot, loaded, self.cfg.swap_timeout_s)
-        except (StoreError, TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure here is logged loud
+        except Exception as exc:  # the store, the runtime, a stuck executor: say it loud, keep serving
             log.exception("rollback failed", extra=fields(slot=slot, error=str(exc)))
             return
         with self.store.locked() as st:

@@ -530,6 +530,8 @@ def missing_files(cfg: DeviceConfig) -> list[str]:
             problems.append(f"cameras[{i}].source.path: not found: {path}")
     if cfg.decisions.policy is not None and not cfg.decisions.policy.exists():
         problems.append(f"decisions.policy: file not found: {cfg.decisions.policy}")
+    if cfg.agent is not None and not cfg.agent.public_key.is_file():
+        problems.append(f"agent.public_key: file not found: {cfg.agent.public_key}")
     return problems
 
 

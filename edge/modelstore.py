@@ -35,6 +35,7 @@ from .signing import sha256_file
 log = logging.getLogger("edge.modelstore")
 
 STATE_NAME = "state.json"
+STALE_PART_S = 86400.0
 SUFFIX = {"model": ".tflite", "policy": ".policy"}
 
 
@@ -188,6 +189,10 @@ class ModelStore:
             for path in self.objects.glob(f"{doc.stem}.*"):
                 path.unlink(missing_ok=True)
             deleted.append(doc.stem)
+        # a download nobody resumed for a day is not coming back
+        for part in self.staging.glob("*"):
+            if time.time() - part.stat().st_mtime > STALE_PART_S:
+                part.unlink(missing_ok=True)
         return deleted
 
     # --- boot ----------------------------------------------------------------------------

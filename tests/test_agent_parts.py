@@ -154,3 +154,29 @@ def test_latency_over_budget_fails_only_when_the_old_model_was_faster():
     feed(watch, "new@2", [0.9], 30, latency_ms=95)
     verdict = watch.evaluate(window, LIMITS)
     assert not verdict.healthy and verdict.reason.startswith("latency")
+
+
+def test_a_missing_public_key_is_a_config_error_naming_the_key(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    cfg = {"device": {"id": "cam"}, "models": {"det": {"path": str(shared_path(TINY)),
+                                                        "manifest": str(manifest_for(TINY))}},
+           "cameras": [{"id": "door", "source": {"kind": "pattern"}, "model": "det"}],
+           "mqtt": {"port": 1}, "outbox": {"path": str(tmp_path / "o.db")},
+           "agent": {"public_key": str(tmp_path / "nope.pub"), "state_dir": str(tmp_path / "store")}}
+    path = tmp_path / "cam.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for command in (["config", "check", str(path)], ["run", "--config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "edge", *command], capture_output=True, text=True, cwd=REPO,
+                              timeout=60, check=False)
+        assert done.returncode == 2 and "agent.public_key" in done.stderr, done.stderr
+    cfg.pop("mqtt")
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "edge", "config", "check", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, check=False)
+    assert done.returncode == 2 and "agent: needs `mqtt`" in done.stderr, done.stderr
