@@ -191,10 +191,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from edge.signing import sha256_file
-
     from .registry import ArtifactError, validate_model, validate_policy
-    from .rpc import UPLOAD_CHUNK_BYTES
 
     path: Path = args.file
     if not path.is_file():
@@ -215,23 +212,35 @@ def cmd_push(args: argparse.Namespace) -> int:
                 raise UsageError(f"the policy document says version {found}, not {version}")
     except ArtifactError as exc:
         raise UsageError(str(exc)) from None
+    with _client(args) as client:
+        result = push_file(client, path, kind=args.kind, name=name, version=version, manifest=manifest,
+                           progress=not args.json, timeout=max(args.timeout, 60))
+    verb = "pushed" if result["created"] else "already there:"
+    _out(args, result, f"{verb} {args.kind} {name}@{version} sha256 {result['sha256'][:16]}… "
+                       f"{_mb(result['size'])}, signed")
+    return 0
+
+
+def push_file(client: FleetClient, path: Path, *, kind: str, name: str, version: str,
+              manifest: dict[str, Any] | None, progress: bool = False, timeout: float = 60.0) -> dict[str, Any]:
+    """Upload ``path`` unless the manager has its bytes, then register it (validated, signed there)."""
+    import base64
+
+    from edge.signing import sha256_file
+
+    from .rpc import UPLOAD_CHUNK_BYTES
+
     sha = sha256_file(path)
     data = path.read_bytes()
-    with _client(args) as client:
-        if not client.call("artifacts.has", {"sha256": sha})["stored"]:
-            bar = Progress(len(data), f"upload {path.name}", not args.json)
-            import base64
-
-            for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
-                piece = data[offset:offset + UPLOAD_CHUNK_BYTES]
-                client.call("artifacts.upload", {"sha256": sha, "size": len(data), "offset": offset,
-                                                 "data": base64.b64encode(piece).decode()})
-                bar.update(offset + len(piece))
-        result = client.call("artifacts.push", {"kind": args.kind, "name": name, "version": version,
-                                                "sha256": sha, "manifest": manifest}, timeout=max(args.timeout, 60))
-    verb = "pushed" if result["created"] else "already there:"
-    _out(args, result, f"{verb} {args.kind} {name}@{version} sha256 {sha[:16]}… {_mb(result['size'])}, signed")
-    return 0
+    if not client.call("artifacts.has", {"sha256": sha})["stored"]:
+        bar = Progress(len(data), f"upload {path.name}", progress)
+        for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):
+            piece = data[offset:offset + UPLOAD_CHUNK_BYTES]
+            client.call("artifacts.upload", {"sha256": sha, "size": len(data), "offset": offset,
+                                             "data": base64.b64encode(piece).decode()})
+            bar.update(offset + len(piece))
+    return client.call("artifacts.push", {"kind": kind, "name": name, "version": version, "sha256": sha,
+                                          "manifest": manifest}, timeout=timeout)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -225,6 +225,9 @@ class Engine:
         if status.sha256 != r.spec.sha256 or status.slot != r.spec.slot:
             return self._reject("job_mismatch", f"{status.device} job {status.job} names another artifact or slot")
         e.job_state = status.state
+        if e.revert is not None:  # sent back already: what the old job does now judges nothing
+            self._save(e, now)
+            return
         if status.state in ("downloading", "verifying", "testing"):
             if e.state == "assigned":
                 e.state = "in_progress"

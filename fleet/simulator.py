@@ -108,6 +108,7 @@ class SimDevice:
         self.online = False
         self.want_online = True
         self.offline_used = False
+        self.away_for: float | None = None
         self.acks = 0
         self.batches_sent = 0
         self.client: mqtt.Client | None = None
@@ -131,9 +132,11 @@ class SimDevice:
             self.client = None
             self.next_connect = time.monotonic() + RECONNECT_S
 
-    def go_offline(self) -> None:
-        """Drop off the network as a crash would: the broker publishes the last will."""
+    def go_offline(self, for_s: float | None = None) -> None:
+        """Drop off the network as a crash would (the broker publishes the last will);
+        back after ``for_s``, or when told."""
         self.want_online = False
+        self.away_for = for_s
         if self.client is not None:
             self.client.disconnect(reasoncode=mqtt.ReasonCode(PacketTypes.DISCONNECT, identifier=4))
 
@@ -156,9 +159,9 @@ class SimDevice:
         self.online = False
         self.pump.detach(self)
         self.client = None
-        self.next_connect = time.monotonic() + (self.s.faults.offline_for_s if not self.want_online else RECONNECT_S)
-        if not self.want_online:
-            self.pump.later(self.s.faults.offline_for_s, self, self.come_back)
+        self.next_connect = time.monotonic() + RECONNECT_S
+        if not self.want_online and self.away_for is not None:
+            self.pump.later(self.away_for, self, self.come_back)
 
     def _status(self, state: str) -> Status:
         return Status(v=1, device=self.id, state=state, at=time.time(), runtime="sim", site=self.site,
@@ -270,7 +273,7 @@ class SimDevice:
             self._job(j.assignment.job, j.slot, art.sha256, "downloading", progress=round(j.offset / art.size, 3))
             if self.id in self.s.faults.offline_mid_download and not self.offline_used:
                 self.offline_used = True
-                self.go_offline()
+                self.go_offline(self.s.faults.offline_for_s)
                 return
         self._ask(time.monotonic())
 
@@ -356,7 +359,7 @@ class Pump(threading.Thread):
         self._timers: list[tuple[float, int, SimDevice, Callable[[], Any]]] = []
         self._seq = itertools.count()
         self._calls: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def attach(self, device: SimDevice, client: mqtt.Client) -> None:
         client.on_socket_open = lambda c, u, sock: self._open(device, sock)
@@ -396,11 +399,11 @@ class Pump(threading.Thread):
         self._calls.put(fn)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
         next_misc = 0.0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             now = time.monotonic()
             while not self._calls.empty():
                 self._calls.get()()
