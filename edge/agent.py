@@ -49,7 +49,7 @@ from .link import Link
 from .logs import fields
 from .manifest import Manifest
 from .model import Model
-from .modelstore import CrashLoop, Entry, ModelStore, SlotState
+from .modelstore import CrashLoop, Entry, ModelStore, SlotState, StoreError
 from .scheduler import CameraRunner, Scheduler
 from .signing import KeyFileError, SignatureError, load_public_key, verify, verify_file
 from .smoke import RuntimeOptions, SmokeError, SmokeResult, load_model, smoke_test
@@ -130,6 +130,9 @@ class Agent:
         self._worker_busy = False  # written by the worker; the link polls faster meanwhile
         self._crash_loops = list(crash_loops or [])
         self._previous_models: dict[str, dict[int, Model]] = {}  # slot -> executor index -> model kept for rollback
+        state = store.load()  # the daemon loaded what it names (else the config's model)
+        self._serving = {slot: (state.slots[slot].active.sha256 if slot in state.slots and state.slots[slot].active
+                                else entry.sha256) for slot, entry in factory.items()}
         dl = self.cfg.download
         self.downloader = Downloader(self.device, self.topics, self._send, DownloadSettings(
             retries=dl.retries, chunk_timeout_s=dl.chunk_timeout_s, backoff_initial_s=dl.backoff.initial_s,
@@ -239,8 +242,36 @@ class Agent:
                         self._act(desired)
                     finally:
                         self._worker_busy = False
+                self._follow_state()
         except Exception:  # a bug here must be loud; capture and inference go on regardless
             log.exception("model agent failed")
+
+    def _follow_state(self) -> None:
+        """Serve what the state file names: a technician's ``edge models rollback`` on a
+        running daemon takes effect here, within a second."""
+        try:
+            state = self.store.load()
+        except StoreError as exc:
+            log.error("state file unreadable; serving on as before", extra=fields(error=str(exc)))
+            return
+        for slot, s in state.slots.items():
+            entry = s.active
+            if slot not in self.slots or entry is None or entry.sha256 == self._serving.get(slot):
+                continue
+            self._serving[slot] = entry.sha256  # tried once, whatever happens: no retry every second
+            try:
+                manifest = self.store.manifest(entry.sha256)
+                models = [load_model(self.store.path(entry.sha256), manifest, self.rt) for _ in self.scheduler.executors]
+                self.scheduler.swap(slot, models, self.cfg.swap_timeout_s)
+            except Exception as exc:  # the old model keeps serving
+                log.exception("model named by the state file not loaded", extra=fields(slot=slot, error=str(exc)))
+                continue
+            self._previous_models.pop(slot, None)
+            log.warning("model changed on the device", extra=fields(slot=slot, model=f"{entry.name}@{entry.version}",
+                                                                    sha256=entry.sha256[:12]))
+            self._audit("local_change", slot, entry.version, model=entry.name)
+            self._models_changed()
+            self._send_reported()
 
     def _after_boot(self) -> None:
         """Report crash-loop rollbacks decided at boot, re-apply the stored policy, and
@@ -380,6 +411,7 @@ class Agent:
             log.error("swap slow", extra=fields(slot=slot, error=str(exc)))
             replaced = {ex.index: m for ex, m in zip(self.scheduler.executors, models)}
         swap_ms = (time.monotonic() - t0) * 1e3
+        self._serving[slot] = entry.sha256
         self._previous_models[slot] = replaced
         new_name = models[0].name
         old_name = next(iter(replaced.values())).name if replaced else None
@@ -430,6 +462,7 @@ class Agent:
             else:
                 loaded = [models[ex.index] for ex in self.scheduler.executors]
             self.scheduler.swap(slot, loaded, self.cfg.swap_timeout_s)
+            self._serving[slot] = previous.sha256
         except Exception as exc:  # the store, the runtime, a stuck executor: say it loud, keep serving
             log.exception("rollback failed", extra=fields(slot=slot, error=str(exc)))
             return

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     models_list.add_argument("--json", action="store_true", help="one JSON list")
     models_list.set_defaults(func=_cmd_models_list)
     models_rollback = models_sub.add_parser("rollback", parents=[common],
-                                            help="make a slot's previous model the active one (next start)")
+                                            help="make a slot's previous model the active one")
     models_rollback.add_argument("slot")
     models_rollback.add_argument("--config", required=True, type=Path, help="device config (agent.state_dir)")
     models_rollback.set_defaults(func=_cmd_models_rollback)
@@ -272,8 +272,8 @@ def _cmd_models_rollback(args: argparse.Namespace) -> int:
     from .modelstore import rollback_slot
 
     entry = rollback_slot(_model_store(args.config), args.slot)
-    print(f"{args.slot}: {entry.name} {entry.version} is active from the next start of edge run "
-          "(systemctl restart edgecam)")
+    print(f"{args.slot}: {entry.name} {entry.version} is active: a running edge run swaps it in within a "
+          "second, else it starts on it")
     return 0
 
 

@@ -253,7 +253,7 @@ def describe(state: State) -> list[dict]:
 
 
 def rollback_slot(store: ModelStore, slot: str) -> Entry:
-    """A technician's rollback: the slot's previous model becomes active (from the next start)."""
+    """A technician's rollback: the slot's previous model becomes active (a running agent follows)."""
     with store.locked() as state:
         s = state.slots.get(slot)
         if s is None or s.previous is None:
