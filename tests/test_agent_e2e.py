@@ -367,3 +367,34 @@ def test_a_crash_loop_after_activation_boots_the_previous_model_and_says_so(tmp_
         assert last.stop() == 0
     finally:
         peer.close()
+
+
+def test_a_rollout_from_the_real_fleet_manager_reaches_a_running_edge_run(tmp_path, broker, runs):
+    from broker import FleetProcess
+
+    def fleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fleet", *args, "--broker", f"{broker.host}:{broker.port}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False)
+
+    keys = tmp_path / "keys"
+    made = subprocess.run([sys.executable, "-m", "fleet", "keys", "init", "--dir", str(keys)], capture_output=True,
+                          text=True, cwd=REPO, timeout=30, check=False)
+    assert made.returncode == 0, made.stderr
+    manager = FleetProcess(tmp_path / "fleet.db", broker, "--keys", str(keys))
+    try:
+        manager.wait_for("control subscribed")
+        config = write_config(tmp_path, broker, keys / "fleet.pub")
+        run = EdgeRun(config, tmp_path)
+        runs.append(run)
+        serving(run, "yolov8n@8.1.42-a")
+        pushed = fleet("models", "push", str(shared_path(YOLO_B)), "--manifest", str(manifest_for(YOLO_B)))
+        assert pushed.returncode == 0, pushed.stderr
+        started = fleet("rollout", "start", "yolov8n@8.1.42-b", "--slot", "det", "--target", DEVICE,
+                        "--canary", "0", "--waves", "100%", "--health-window", "2s", "--json")
+        assert started.returncode == 0, started.stderr
+        watched = fleet("rollout", "watch", json.loads(started.stdout)["id"], timeout=120)
+        assert watched.returncode == 0 and "COMPLETED" in watched.stdout, (watched.stdout, watched.stderr)
+        serving(run, "yolov8n@8.1.42-b")
+        assert run.stop() == 0
+    finally:
+        manager.stop()
