@@ -1,0 +1,238 @@
+"""``fleet bench rollout``: a staged rollout to N simulated devices, measured.
+
+Everything is real but the devices' inference: a Mosquitto of its own, ``fleet serve``
+as a separate process (so its CPU and memory are its own), the operator's RPC, and N
+simulated devices that download, hash and verify every byte. Reported: time from
+``rollouts.start`` to ``completed``, bytes through the broker (its ``$SYS`` counters),
+the manager's CPU seconds and peak RSS, and the ingest rates of the devices' statuses
+and outbox batches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.errors import EdgeError, UsageError
+from edge.manifest import load_manifest
+from edge.signing import init_keys, load_public_key
+
+from .client import FleetClient
+from .operate import push_file
+from .simulator import SimSettings, Simulator, load_running
+from .store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDGECAM_SHARED", REPO.parent / "shared"))
+DEFAULT_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-b.tflite"
+PREVIOUS_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-a.tflite"
+
+
+def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: float, max_transfers: int, pumps: int,
+                      ingest_batches: int, ingest_events: int, timeout_s: float = 900.0) -> dict[str, Any]:
+    model = model or DEFAULT_MODEL
+    manifest_file = REPO / "models" / model.with_suffix(".yaml").name
+    for path in (model, manifest_file, PREVIOUS_MODEL):
+        if not path.is_file():
+            raise UsageError(f"needs {path}")
+    work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    broker = _Mosquitto(work)
+    manager = sim = None
+    try:
+        broker.start()
+        init_keys(work / "keys")
+        manager = _Manager(work, broker.port, max_transfers)
+        with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60) as client:
+            pushed = {}
+            for path in (PREVIOUS_MODEL, model):
+                manifest = load_manifest(REPO / "models" / path.with_suffix(".yaml").name,
+                                         model_dir=path.parent).model_dump(mode="json")
+                pushed[path] = push_file(client, path, kind="model", name=manifest["name"],
+                                         version=manifest["version"], manifest=manifest)
+            target = pushed[model]
+            prev = pushed[PREVIOUS_MODEL]
+            sim = Simulator(SimSettings(host="127.0.0.1", port=broker.port, count=devices,
+                                        public_key=load_public_key(work / "keys" / "fleet.pub"), slot="detector",
+                                        runs=load_running(f"{prev['name']}@{prev['version']}", PREVIOUS_MODEL),
+                                        health_window_s=min(1.0, health_window_s), pumps=pumps))
+            t0 = time.monotonic()
+            sim.start()
+            _wait(lambda: manager.online() >= devices, timeout_s, "every device in the registry")
+            statuses_s = time.monotonic() - t0
+
+            sys_before = broker.bytes()
+            cpu_before = manager.cpu_s()
+            t0 = time.monotonic()
+            status = client.call("rollouts.start", {
+                "kind": "model", "name": target["name"], "version": target["version"], "slot": "detector",
+                "target": {"ids": sorted(sim.devices)}, "canary": max(1, devices // 100), "waves": [10, 50, 100],
+                "health_window_s": health_window_s, "abort_failure_pct": 20, "min_executed": 3})
+            rid = status["id"]
+            final = _wait(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                          timeout_s, "the rollout to finish")
+            rollout_s = time.monotonic() - t0
+            cpu_rollout = manager.cpu_s() - cpu_before
+            time.sleep(1.5)  # one more $SYS period
+            sys_after = broker.bytes()
+            converged = sum(1 for d in sim.devices if sim.running(d) == target["sha256"])
+
+            acks_before = sum(d.acks for d in sim.devices.values())
+            t0 = time.monotonic()
+            sim.send_batches(ingest_batches, ingest_events)
+            expected = acks_before + devices * ingest_batches
+            _wait(lambda: sum(d.acks for d in sim.devices.values()) >= expected, timeout_s, "every batch acked")
+            ingest_s = time.monotonic() - t0
+            stats = client.call("stats")
+        events = devices * ingest_batches * ingest_events
+        return {
+            "devices": devices,
+            "artifact": f"{target['name']}@{target['version']} ({target['size']} bytes)",
+            "stages": [s["devices"] for s in final["stages"]],
+            "health_window_s": health_window_s,
+            "state": final["state"],
+            "reason": final["reason"],
+            "rollout_s": round(rollout_s, 1),
+            "converged": converged,
+            "broker_bytes_received": sys_after[0] - sys_before[0],
+            "broker_bytes_sent": sys_after[1] - sys_before[1],
+            "artifact_bytes_served": stats["chunk_bytes"],
+            "manager_cpu_s_rollout": round(cpu_rollout, 1),
+            "manager_peak_rss_mb": round(manager.peak_rss_mb(), 1),
+            "status_ingest_per_s": round(devices / statuses_s, 1),
+            "outbox_batches": devices * ingest_batches,
+            "outbox_events_per_s": round(events / ingest_s),
+            "outbox_batches_per_s": round(devices * ingest_batches / ingest_s),
+            "max_transfers": max_transfers,
+            "busy_answers": stats["busy"],
+            "cpus": os.cpu_count(),
+        }
+    finally:
+        if sim is not None:
+            sim.stop()
+        if manager is not None:
+            manager.stop()
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise EdgeError(f"benchmark timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Mosquitto:
+    """A broker of the benchmark's own, with $SYS counters every second."""
+
+    def __init__(self, work: Path) -> None:
+        self.binary = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+        if not self.binary:
+            raise UsageError("the benchmark needs the mosquitto broker (apt-get install mosquitto)")
+        self.port = _free_port()
+        self.conf = work / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nsys_interval 1\n"
+                             "max_queued_messages 100000\nset_tcp_nodelay true\n"
+                             f"log_dest file {work / 'mosquitto.log'}\n")
+        self.proc: subprocess.Popen | None = None
+        self._sys: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        _wait(self._listening, 10, "mosquitto to listen")
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._client.on_message = lambda c, u, m: self._sys.__setitem__(m.topic, int(m.payload))
+        self._client.connect("127.0.0.1", self.port)
+        self._client.subscribe([("$SYS/broker/bytes/received", 0), ("$SYS/broker/bytes/sent", 0)])
+        self._client.loop_start()
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def bytes(self) -> tuple[int, int]:
+        return self._sys.get("$SYS/broker/bytes/received", 0), self._sys.get("$SYS/broker/bytes/sent", 0)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self._client.loop_stop()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class _Manager:
+    """``fleet serve`` as its own process, its log in a file."""
+
+    def __init__(self, work: Path, port: int, max_transfers: int) -> None:
+        self.db = work / "fleet.db"
+        self.log = work / "fleet.log"
+        self._log = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet", "serve", "--db", str(self.db), "--broker", f"127.0.0.1:{port}",
+             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5"],
+            stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
+        _wait(self._subscribed, 30, "fleet serve to subscribe")
+        self._store: Store | None = None
+
+    def _subscribed(self) -> bool:
+        if self.proc.poll() is not None:
+            raise EdgeError(f"fleet serve exited: {self.log.read_text()[-500:]}")
+        text = self.log.read_text()
+        return '"control subscribed"' in text and '"ingest subscribed"' in text
+
+    def online(self) -> int:
+        if self._store is None:
+            self._store = Store.open_readonly(self.db)
+        return sum(1 for d in self._store.device_states().values() if d["state"] == "online")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
