@@ -49,6 +49,7 @@ class AlertPublisher:
         self._clock = clock
         self._lock = threading.Lock()  # connected flag, queue and the order of publishes
         self._connected = False
+        self._stopping = False
         self._pending: deque[tuple[Alert, str, int]] = deque(maxlen=max_pending)
         self._states: dict[str, bytes] = {}  # latest retained state per topic, while offline
         self.counters: dict[str, int] = {"published": 0, "delayed": 0, "dropped_queue_full": 0,
@@ -80,8 +81,7 @@ class AlertPublisher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._connected and self._client.want_write():
             time.sleep(0.01)
-        with self._lock:
-            self._connected = False  # a goodbye, not a lost link
+        self._stopping = True  # a goodbye, not a lost link
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -153,7 +153,7 @@ class AlertPublisher:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._lock:
-            if self._connected:
+            if self._connected and not self._stopping:
                 self.counters["disconnects"] += 1
                 log.warning("alert link lost", extra=fields(reason=str(reason)))
             self._connected = False

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,3 +243,34 @@ def test_tracker_ids_on_the_real_clip_stay_with_the_people_walking(shared):
     assert most_at_once <= len(steady) <= 3 * most_at_once, (most_at_once, lasting)
     # people in view from start to end keep one id throughout
     assert sum(span >= 5.0 for span in lasting.values()) >= 8, lasting
+
+
+def test_a_blind_camera_raises_an_alert_and_clears_it_when_frames_return(tmp_path, broker):
+    served = tmp_path / "www"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    controller = Controller(broker, f"{ALERTS}/#")
+    # the stream's URL answers 404 for now: the camera cannot open and keeps retrying
+    url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
+    config = write_config(tmp_path, broker, {"kind": "url", "url": url, "open_timeout_s": 2},
+                          "version: h1\ncamera_health: {after_s: 1.0}\n")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["cameras"][0]["reopen"] = {"initial_s": 0.2, "max_s": 0.5}
+    config.write_text(yaml.safe_dump(cfg))
+    proc = edge_run(config)
+    try:
+        wait_until(lambda: any(m.topic == ALERTS for m in controller.received()), 60, "the blind-camera alert")
+        (served / "clip.avi").symlink_to(shared_path("media/pedestrians-360p10.avi"))  # the feed comes back
+        wait_until(lambda: sum(m.topic == ALERTS for m in controller.received()) >= 2, 30, "the restored alert")
+    finally:
+        stop(proc)
+        controller.close()
+        server.shutdown()
+    alerts = [decode_alert(m.payload) for m in controller.received() if m.topic == ALERTS]
+    assert [(a.rule, a.event, a.state) for a in alerts[:2]] == [
+        ("camera_health", "camera_blind", True), ("camera_health", "camera_restored", False)]
+    assert alerts[0].detail in ("reopening", "failed") and alerts[0].camera == "door"
+    states = [json.loads(m.payload)["on"] for m in controller.received() if m.topic.endswith("/state/camera_health")]
+    assert states[:2] == [True, False]

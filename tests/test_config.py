@@ -12,6 +12,7 @@ from conftest import REPO
 from edge.cli import main
 from edge.config import load_config, parse_config
 from edge.errors import ConfigError
+from edge.policy import load_policy
 
 BASE = {
     "device": {"id": "cam-1"},
@@ -112,6 +113,10 @@ def test_config_check_catches_missing_files(tmp_path, capsys):
 def test_the_shipped_example_configs_are_valid():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+    policies = sorted((REPO / "configs" / "policies").glob("*.yaml"))
+    assert policies
+    for path in policies:
+        assert load_policy(path).rules
 
 
 def test_schema_is_json_schema_of_the_config(capsys):
