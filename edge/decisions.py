@@ -105,6 +105,14 @@ class _Camera:
 
 
 @dataclass(frozen=True)
+class _Current:
+    """A policy and the per-camera state built for it, swapped as one."""
+
+    policy: Policy
+    cameras: dict[str, _Camera]
+
+
+@dataclass(frozen=True)
 class FrameInfo:
     """What the engine needs of a result's frame."""
 
@@ -139,8 +147,7 @@ class DecisionEngine:
         self._snapshots = snapshots
         self._model_version = model_version
         self._clock = clock
-        self._policy = policy
-        self._cameras: dict[str, _Camera] = {}
+        self._current: _Current | None = _Current(policy, {}) if policy is not None else None
         self._swap = threading.Lock()  # policy swaps against health polling; frames never wait on it
         self._count_lock = threading.Lock()
         self.counters: dict[str, Any] = {"alerts": {}, "cooldown_suppressed": 0, "policy_swaps": 0,
@@ -150,14 +157,15 @@ class DecisionEngine:
 
     @property
     def policy(self) -> Policy | None:
-        return self._policy
+        current = self._current
+        return current.policy if current is not None else None
 
     def set_policy(self, policy: Policy) -> None:
         """Use ``policy`` from the next frame on. Rules whose definition did not change
         keep their state (an object inside a zone does not "enter" it again)."""
         with self._swap:
             cameras: dict[str, _Camera] = {}
-            for camera_id, old in self._cameras.items():
+            for camera_id, old in (self._current.cameras if self._current else {}).items():
                 cam = self._new_camera(policy, camera_id)
                 if old.tracker.settings == cam.tracker.settings:
                     cam.tracker = old.tracker
@@ -166,7 +174,7 @@ class DecisionEngine:
                              for s in cam.rules]
                 cam.blind_since, cam.blind_alerted, cam.outcomes = old.blind_since, old.blind_alerted, old.outcomes
                 cameras[camera_id] = cam
-            self._policy, self._cameras = policy, cameras  # one assignment each, read once per frame
+            self._current = _Current(policy, cameras)  # one assignment, read once per frame
             self._count("policy_swaps")
 
     def _new_camera(self, policy: Policy, camera: str) -> _Camera:
@@ -176,33 +184,32 @@ class DecisionEngine:
                  if not r.cameras or camera in r.cameras]
         return _Camera(tracker, rules)
 
-    def _camera(self, policy: Policy, camera: str) -> _Camera:
-        cam = self._cameras.get(camera)
+    def _camera(self, current: _Current, camera: str) -> _Camera:
+        cam = current.cameras.get(camera)
         if cam is None:
             with self._swap:
-                cam = self._cameras.setdefault(camera, self._new_camera(policy, camera))
+                cam = current.cameras.setdefault(camera, self._new_camera(current.policy, camera))
         return cam
-
-    def outcome(self, label: str, score: float) -> str:
-        """The current policy's outcome for a score (``unsure`` band); accept without a policy."""
-        policy = self._policy
-        return policy.outcome(label, score) if policy is not None else "accept"
 
     # --- frames --------------------------------------------------------------------------
 
     def __call__(self, result: Any) -> None:
         """Scheduler sink: one task's result on one frame. Crops are left to their parent."""
-        policy = self._policy
-        if policy is None or result.crop is not None:
+        if self._current is None or result.crop is not None:
             return
         h, w = result.frame.image.shape[:2]
         frame = FrameInfo(result.frame.camera, result.frame.captured_at, w, h, result.model,
-                      self._model_version(result.frame.camera, result.task), result.frame.image)
-        self.observe(policy, frame, result.prediction)
+                          self._model_version(result.frame.camera, result.task), result.frame.image)
+        self.observe(frame, result.prediction)
 
-    def observe(self, policy: Policy, frame: FrameInfo, prediction: Prediction) -> list[Alert]:
-        """Evaluate one frame; returns the alerts it raised (already handed to the sink)."""
-        cam = self._camera(policy, frame.camera)
+    def observe(self, frame: FrameInfo, prediction: Prediction) -> list[Alert]:
+        """Evaluate one frame under the policy in force; returns the alerts it raised
+        (already handed to the alert sink). Does nothing without a policy."""
+        current = self._current
+        if current is None:
+            return []
+        policy = current.policy
+        cam = self._camera(current, frame.camera)
         observations = self._observations(policy, frame, prediction)
         for obs in observations:
             cam.outcomes[obs.outcome] += 1
@@ -240,7 +247,7 @@ class DecisionEngine:
                   tracks: list[Track], lost: list[Track]) -> Iterable[Alert]:
         when = state.rule.when
         if when.event in ("present", "every"):
-            return self._level(policy, state, frame, self._matching(policy, state.rule, observations, tracks, frame))
+            return self._level(policy, state, frame, self._matching(policy, state.rule, observations, tracks))
         return self._objects(policy, state, frame, [t for t in tracks if t.seen_now and self._wanted(state.rule, t)],
                              lost)
 
@@ -248,8 +255,8 @@ class DecisionEngine:
         when = rule.when
         return (not when.classes or obj.label in when.classes) and obj.outcome in when.outcomes
 
-    def _matching(self, policy: Policy, rule: Rule, observations: list[Observation], tracks: list[Track],
-                  frame: FrameInfo) -> list[Observation | Track]:
+    def _matching(self, policy: Policy, rule: Rule, observations: list[Observation],
+                  tracks: list[Track]) -> list[Observation | Track]:
         when = rule.when
         pool: list[Any] = ([t for t in tracks if t.seen_now and t.age_s >= when.min_present_s]
                            if when.tracked else observations)
@@ -425,14 +432,15 @@ class DecisionEngine:
     def poll_health(self, states: Mapping[str, str], now: float | None = None) -> list[Alert]:
         """Feed each camera's capture state; alerts when one has been blind long enough,
         and again when it sees again."""
-        policy = self._policy
-        if policy is None or not policy.camera_health.enabled:
+        current = self._current
+        if current is None or not current.policy.camera_health.enabled:
             return []
+        policy = current.policy
         spec = policy.camera_health
         now = self._clock() if now is None else now
         alerts = []
         for camera, state in states.items():
-            cam = self._camera(policy, camera)
+            cam = self._camera(current, camera)
             blind = state in spec.states
             if blind and cam.blind_since is None:
                 cam.blind_since = now
@@ -455,10 +463,17 @@ class DecisionEngine:
                                               since=since, alert=alert.id, policy_version=policy.version), None)
         return alert
 
+    def tracks(self, camera: str) -> list[Track]:
+        """The camera's confirmed objects, as of its last frame."""
+        current = self._current
+        cam = current.cameras.get(camera) if current is not None else None
+        return [t for t in cam.tracker.tracks.values() if t.confirmed] if cam is not None else []
+
     def stats(self) -> dict[str, Any]:
         """Counters for the stats line."""
-        policy = self._policy
-        return {"policy": policy.version if policy else None,
-                "outcomes": {c: dict(cam.outcomes) for c, cam in self._cameras.items()},
-                "tracks": {c: len(cam.tracker.tracks) for c, cam in self._cameras.items()},
+        current = self._current
+        cameras = current.cameras if current is not None else {}
+        return {"policy": current.policy.version if current is not None else None,
+                "outcomes": {c: dict(cam.outcomes) for c, cam in cameras.items()},
+                "tracks": {c: len(cam.tracker.tracks) for c, cam in cameras.items()},
                 **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}

@@ -230,9 +230,9 @@ def test_tracker_ids_on_the_real_clip_stay_with_the_people_walking(shared):
             t = n / 50
             most_at_once = max(most_at_once, sum(d.label == "person" and d.score >= 0.5
                                                  for d in prediction.detections))
-            engine.observe(policy, FrameInfo("cam", t, image.shape[1], image.shape[0], "yolov8n", None), prediction)
-            for track in engine._cameras["cam"].tracker.tracks.values():
-                if track.confirmed and track.seen_now and track.label == "person":
+            engine.observe(FrameInfo("cam", t, image.shape[1], image.shape[0], "yolov8n", None), prediction)
+            for track in engine.tracks("cam"):
+                if track.seen_now and track.label == "person":
                     first.setdefault(track.id, t)
                     last[track.id] = t
         n += 1

@@ -74,7 +74,7 @@ def feed(eng: DecisionEngine, frames: list[list[Detection]], t0: float = 1000.0,
          camera: str = "cam-1") -> None:
     for i, dets in enumerate(frames):
         frame = FrameInfo(camera, t0 + i * dt, W, H, "yolov8n", "8.1.42-b")
-        eng.observe(eng.policy, frame, Prediction("detect", detections=tuple(dets)))
+        eng.observe(frame, Prediction("detect", detections=tuple(dets)))
 
 
 def walk(x0: float, x1: float, steps: int, y: float = 0.5, score: float = 0.8) -> list[list[Detection]]:
@@ -207,7 +207,7 @@ rules:
 """)
     for i, score in enumerate((0.1, 0.5, 0.9)):
         frame = FrameInfo("cam-1", 1000.0 + i, W, H, "mobilenet", "1")
-        eng.observe(eng.policy, frame, Prediction("classify", classes=(Classification(1, "defect", score),)))
+        eng.observe(frame, Prediction("classify", classes=(Classification(1, "defect", score),)))
     assert [(a.event, a.confidence) for a in sink.alerts] == [("every", 0.9)]
     unsure = [e.payload for e in audit if e.kind.value == "decision"]
     assert [(u["outcome"], u["score"]) for u in unsure] == [("unsure", 0.5)]

@@ -62,7 +62,7 @@ def test_an_alert_names_its_snapshot_and_the_audit_row_carries_the_hash(tmp_path
     engine = DecisionEngine("dev-1", lambda cam: "t", None, policy=policy, audit=audit.append, snapshots=store)
     image = np.full((100, 200, 3), 90, np.uint8)
     try:
-        alerts = engine.observe(policy, FrameInfo("cam", 1.0, 200, 100, "m", "1", image),
+        alerts = engine.observe(FrameInfo("cam", 1.0, 200, 100, "m", "1", image),
                                 Prediction("detect", detections=(Detection(0, "person", 0.9, (10, 10, 50, 90)),)))
         wait_until(lambda: audit, 10, "the audit row")
     finally:
