@@ -155,7 +155,9 @@ class Agent:
         self._link.stop(max(0.1, deadline - time.monotonic()))
 
     def stats(self) -> dict[str, Any]:
-        return {**self._link.counters.as_dict(), **self.counters, "download": dict(self.downloader.counters)}
+        c = self.counters  # other threads add keys to the inner dicts: copy them
+        return {**self._link.counters.as_dict(), **c, "rejected": dict(c["rejected"]), "jobs": dict(c["jobs"]),
+                "download": dict(self.downloader.counters)}
 
     # --- link handler (the link's thread) --------------------------------------------------
 
@@ -403,13 +405,14 @@ class Agent:
             s.active, s.previous = entry, old
             st.last_change = Change(slot=slot, at=entry.activated_at, reason=f"activated {art.name} {art.version}",
                                     job=job).model_dump()
+        # only this thread ever asks for a swap, so these stay the models being replaced
+        replaced = {ex.index: ex.models[slot] for ex in self.scheduler.executors}
         t0 = time.monotonic()
         try:
-            replaced = self.scheduler.swap(slot, models, self.cfg.swap_timeout_s)
+            self.scheduler.swap(slot, models, self.cfg.swap_timeout_s)
         except TimeoutError as exc:
             # it still happens when the executor gets free: watch it like any other
             log.error("swap slow", extra=fields(slot=slot, error=str(exc)))
-            replaced = {ex.index: m for ex, m in zip(self.scheduler.executors, models)}
         swap_ms = (time.monotonic() - t0) * 1e3
         self._serving[slot] = entry.sha256
         self._previous_models[slot] = replaced

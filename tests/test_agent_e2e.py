@@ -316,11 +316,23 @@ def test_kill_9_during_download_resumes_and_during_the_swap_leaves_old_or_new(tm
         at_kill = objects_consistent(store)
         assert at_kill in (None, a_sha, art_b.sha256)
 
+        actives = states(peer, "resume").count("active")
         third = EdgeRun(config, tmp_path, "third")
         runs.append(third)
         # it starts on exactly what the state file names, then finishes the job
         wait_until(lambda: third.models_seen(), 60, "the first result")
         assert third.models_seen()[0] == ("yolov8n@8.1.42-b" if at_kill == art_b.sha256 else "yolov8n@8.1.42-a")
+        if at_kill != art_b.sha256:
+            # the kill came before the state named -b, so the job runs again: kill it right
+            # after this swap, and the restart must be on -b, still on trial
+            wait_until(lambda: states(peer, "resume").count("active") > actives, 60, "the swap")
+            third.kill()
+            assert objects_consistent(store) == art_b.sha256
+            assert not ModelStore(store).load().slots["det"].active.committed
+            third = EdgeRun(config, tmp_path, "fourth")
+            runs.append(third)
+            wait_until(lambda: third.models_seen(), 60, "the first result")
+            assert third.models_seen()[0] == "yolov8n@8.1.42-b"
         done = final(peer, "resume")
         assert done.state == "committed", done
         serving(third, "yolov8n@8.1.42-b", n=3)
