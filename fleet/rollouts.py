@@ -126,6 +126,7 @@ class Execution:
     reason: str | None = None
     previous: Assignment | None = None
     assigned_at: float | None = None
+    assigned_version: int | None = None  # the desired version that carried the assignment
     active_at: float | None = None
     finished_at: float | None = None
     revert: str | None = None
@@ -263,8 +264,10 @@ class Engine:
                     and (rep.desired_version or 0) >= (e.revert_version or 0)):
                 e.revert = "done"
                 self._save(e, now)
-            elif (e.state in ("assigned", "in_progress") and running == r.spec.sha256 and rep.last_change
-                  and rep.last_change.job == rid):  # the job's own statuses were lost
+            elif (e.state in ("assigned", "in_progress") and e.revert is None and running == r.spec.sha256
+                  and (rep.desired_version or 0) >= (e.assigned_version or 0)):
+                # it runs the artifact and has acted on the assignment: it already ran it (a
+                # device sends no job for that), or the job's own statuses were lost
                 e.state, e.active_at, e.job_state = "active", now, "active"
                 self._save(e, now)
 
@@ -321,8 +324,8 @@ class Engine:
             if e.stage != r.stage or e.state != "pending":
                 continue
             e.previous = self._previous(e.device, r.spec.slot, r.spec.kind)
-            self._assign(e.device, r.spec.slot, Assignment(artifact=artifact, job=r.id), now)
-            e.state, e.assigned_at = "assigned", now
+            doc = self._assign(e.device, r.spec.slot, Assignment(artifact=artifact, job=r.id), now)
+            e.state, e.assigned_at, e.assigned_version = "assigned", now, doc.version
             self._save(e, now)
         log.info("stage assigned", extra=fields(rollout=r.id, stage=r.stage,
                                                 devices=r.spec.bounds[r.stage] - _lower(r, r.stage)))

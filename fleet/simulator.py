@@ -218,11 +218,8 @@ class SimDevice:
 
     def _needs(self, slot: str, a: Assignment) -> bool:
         current = self.policy if slot == POLICY_SLOT else self.running.get(slot)
-        if current is not None and current.sha256 == a.artifact.sha256:
-            if a.job and a.job not in self.jobs:  # already there: the job is done at once
-                self._job(a.job, slot, a.artifact.sha256, "committed", reason="already running")
-            return False
-        return True
+        # already there: like the device agent, no job, only the reported state that says so
+        return current is None or current.sha256 != a.artifact.sha256
 
     def _next(self) -> None:
         if self.job is not None or not self.queue:

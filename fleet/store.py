@@ -69,7 +69,7 @@ def _schema_2(db: sqlite_utils.Database) -> None:
     )
     db["executions"].create(
         {"rollout": str, "device": str, "stage": int, "state": str, "job_state": str, "reason": str,
-         "previous": str, "assigned_at": float, "active_at": float, "finished_at": float,
+         "previous": str, "assigned_at": float, "assigned_version": int, "active_at": float, "finished_at": float,
          "revert": str, "revert_reason": str, "revert_version": int, "updated_at": float},
         pk=("rollout", "device"), not_null={"stage", "state", "updated_at"},
     )

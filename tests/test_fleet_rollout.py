@@ -456,3 +456,18 @@ def test_a_policy_rolls_out_on_its_own_beside_a_model_rollout(tmp_path, broker, 
         assert view["desired"]["models"][SLOT]["artifact"]["version"] == "8.1.42-b", "the model slot kept"
     finally:
         sim.stop()
+
+
+def test_devices_already_running_the_version_succeed_without_a_download(tmp_path, broker, keys, client, models):
+    sim = simulate(broker, keys, 3)
+    try:
+        registered(tmp_path / "fleet.db", 3)
+        before = client.call("stats")["chunks"]
+        rid = client.call("rollouts.start", rollout_args(version="8.1.42-a", target={"ids": sorted(sim.devices)},
+                                                         canary=1, waves=[100], health_window_s=0.5))["id"]
+        done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] == "completed" and s,
+                          30, "the rollout of what they already run")
+        assert done["counts"] == {"succeeded": 3}
+        assert client.call("stats")["chunks"] == before, "nothing was downloaded"
+    finally:
+        sim.stop()
