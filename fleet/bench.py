@@ -11,6 +11,7 @@ and outbox batches.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -73,6 +74,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
 
             sys_before = broker.bytes()
             cpu_before = manager.cpu_s()
+            broker_cpu_before = _cpu_s(broker.proc.pid)
+            sim_cpu_before = _self_cpu_s()
             t0 = time.monotonic()
             status = client.call("rollouts.start", {
                 "kind": "model", "name": target["name"], "version": target["version"], "slot": "detector",
@@ -83,6 +86,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
                           timeout_s, "the rollout to finish")
             rollout_s = time.monotonic() - t0
             cpu_rollout = manager.cpu_s() - cpu_before
+            broker_cpu = _cpu_s(broker.proc.pid) - broker_cpu_before
+            sim_cpu = _self_cpu_s() - sim_cpu_before
             time.sleep(1.5)  # one more $SYS period
             sys_after = broker.bytes()
             converged = sum(1 for d in sim.devices if sim.running(d) == target["sha256"])
@@ -109,6 +114,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             "artifact_bytes_served": stats["chunk_bytes"],
             "manager_cpu_s_rollout": round(cpu_rollout, 1),
             "manager_peak_rss_mb": round(manager.peak_rss_mb(), 1),
+            "broker_cpu_s_rollout": round(broker_cpu, 1),
+            "simulator_cpu_s_rollout": round(sim_cpu, 1),
             "status_ingest_per_s": round(devices / statuses_s, 1),
             "outbox_batches": devices * ingest_batches,
             "outbox_events_per_s": round(events / ingest_s),
@@ -135,6 +142,17 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise EdgeError(f"benchmark timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.2)
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _free_port() -> int:
@@ -216,8 +234,7 @@ class _Manager:
         return sum(1 for d in self._store.device_states().values() if d["state"] == "online")
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_s(self.proc.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -194,13 +194,14 @@ class Control:
     def stats(self) -> dict[str, Any]:
         e, t = self.engine.counters, self.transfers.counters
         rejected = dict(self.counters.rejected)
-        for k, v in e.rejected.items():
+        for k, v in dict(e.rejected).items():
             rejected[k] = rejected.get(k, 0) + v
         return {"rpc": self.counters.rpc, "rpc_errors": self.counters.rpc_errors,
                 "desired_published": self.counters.desired_published, "jobs": e.jobs, "reported": e.reported,
                 "stale_jobs": e.stale_jobs, "chunk_requests": t.requests, "chunks": t.chunks,
                 "chunk_bytes": t.bytes, "transfers_active": self.transfers.active,
-                "transfers_completed": t.completed, "busy": t.busy, "chunk_errors": dict(t.errors),
+                "transfers_completed": t.completed, "transfers_max_active": t.max_active,
+                "transfers_max_waiting": t.max_waiting, "busy": t.busy, "chunk_errors": dict(t.errors),
                 "rollouts_active": sum(1 for r in list(self.engine.rollouts.values()) if r.state in ("running", "paused")),
                 "control_rejected": rejected}
 

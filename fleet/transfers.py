@@ -36,6 +36,7 @@ class TransferCounters:
     busy: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     completed: int = 0
+    max_active: int = 0
     max_waiting: int = 0
 
 
@@ -76,7 +77,9 @@ class Transfers:
             self.counters.max_waiting = max(self.counters.max_waiting, len(self._waiting))
         else:
             self.counters.busy += 1
-            return ChunkHeader(v=1, sha256=req.sha256, offset=req.offset, total=0, request=req.request, error="busy")
+            return ChunkHeader(v=1, sha256=req.sha256, offset=req.offset, total=self._total(req), request=req.request,
+                               error="busy")
+        self.counters.max_active = max(self.counters.max_active, len(self._active))
         return None
 
     def pump(self, client: mqtt.Client, now: float) -> bool:
@@ -97,18 +100,32 @@ class Transfers:
     def _answer(self, req: ArtifactRequest) -> tuple[ChunkHeader, bytes]:
         blob = self._bytes(req.sha256)
         if blob is None:
-            return self._error(req, "unknown_artifact", 0), b""
+            return self._error(req, "unknown_artifact"), b""
         if req.offset >= len(blob):
-            return self._error(req, "out_of_range", len(blob)), b""
+            return self._error(req, "out_of_range"), b""
         data = blob[req.offset:req.offset + req.length]
         self.counters.chunks += 1
         self.counters.bytes += len(data)
         return ChunkHeader(v=1, sha256=req.sha256, offset=req.offset, total=len(blob), request=req.request), data
 
-    def _error(self, req: ArtifactRequest, error: str, total: int) -> ChunkHeader:
+    def _error(self, req: ArtifactRequest, error: str) -> ChunkHeader:
         self.counters.errors[error] = self.counters.errors.get(error, 0) + 1
         log.warning("chunk refused", extra=fields(device=req.device, sha256=req.sha256[:12], error=error))
-        return ChunkHeader(v=1, sha256=req.sha256, offset=req.offset, total=total, request=req.request, error=error)
+        return ChunkHeader(v=1, sha256=req.sha256, offset=req.offset, total=self._total(req), request=req.request,
+                           error=error)
+
+    def _total(self, req: ArtifactRequest) -> int:
+        """The artifact's size for a header without data: never below the offset, so
+        the header stays valid for the device's decoder even when the size is unknown."""
+        blob = self._cache.get(req.sha256)
+        if blob is None:
+            try:
+                size = (self.directory / req.sha256).stat().st_size
+            except OSError:
+                size = 0
+        else:
+            size = len(blob)
+        return max(size, req.offset)
 
     def _bytes(self, sha256: str) -> bytes | None:
         if sha256 in self._cache:
@@ -143,3 +160,4 @@ class Transfers:
             key, req = self._waiting.popitem(last=False)
             self._active[key] = now
             self._ready.append(req)
+        self.counters.max_active = max(self.counters.max_active, len(self._active))

@@ -26,6 +26,7 @@ from fleet.store import Store
 A = "models/yolov8n_full_integer_quant-a.tflite"
 B = "models/yolov8n_full_integer_quant-b.tflite"
 SLOT = "detector"
+MAX_TRANSFERS = 8  # fewer than a wave's devices, so the bound is exercised
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def fleet(tmp_path, broker, keys):
 
 def start_fleet(tmp_path: Path, broker, keys: Path) -> FleetProcess:
     proc = FleetProcess(tmp_path / "fleet.db", broker, "--keys", str(keys), "--operator", "operator",
-                        "--operator", "alice")
+                        "--operator", "alice", "--max-transfers", str(MAX_TRANSFERS))
     proc.wait_for("control subscribed")
     proc.wait_for("ingest subscribed")
     return proc
@@ -336,6 +337,10 @@ def test_a_staged_rollout_to_50_devices_completes_and_desired_meets_reported(tmp
             assert view["desired"]["models"][SLOT]["artifact"]["sha256"] == models["b"]["sha256"]
             assert view["reported"]["models"][SLOT]["sha256"] == models["b"]["sha256"]
             assert sim.running(device) == models["b"]["sha256"]
+        stats = client.call("stats")
+        assert stats["transfers_max_active"] <= MAX_TRANSFERS < 25, "never more downloads at once than allowed"
+        assert stats["transfers_max_waiting"] > 0, "the rest of the wave waited its turn"
+        assert stats["chunk_errors"] == {} and stats["busy"] == 0
         late_jobs = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ?", late, rid)]
         assert late_jobs[-2:] == ["active", "committed"]
         assert sim.devices[dropper].offline_used and sim.devices[dropper].online
@@ -471,3 +476,26 @@ def test_devices_already_running_the_version_succeed_without_a_download(tmp_path
         assert client.call("stats")["chunks"] == before, "nothing was downloaded"
     finally:
         sim.stop()
+
+
+def test_transfers_past_the_limit_wait_and_past_the_queue_are_told_busy(tmp_path):
+    from fleet.transfers import Transfers
+
+    sha = "ab" * 32
+    (tmp_path / sha).write_bytes(b"x" * 300_000)
+    topics = contract.Topics()
+    transfers = Transfers(tmp_path, topics, max_transfers=1, max_waiting=1)
+
+    def ask(device: str, offset: int) -> contract.ChunkHeader | None:
+        return transfers.request(contract.ArtifactRequest(
+            v=1, device=device, sha256=sha, offset=offset, length=1000, request="q1",
+            response_topic=topics.artifact(device, sha)), 0.0)
+
+    assert ask("cam-1", 0) is None and transfers.active == 1
+    assert ask("cam-2", 131072) is None, "waits for a place"
+    assert ask("cam-2", 131072) is None, "asking again keeps its place"
+    busy = ask("cam-3", 262144)
+    assert busy is not None and busy.error == "busy"
+    header, data = contract.decode_chunk(contract.encode_chunk(busy))  # a device can read it
+    assert (header.error, header.total, data) == ("busy", 300_000, b"")
+    assert transfers.active == 1 and transfers.counters.busy == 1
