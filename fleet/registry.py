@@ -70,7 +70,7 @@ def validate_policy(path: Path) -> str:
         except yaml.YAMLError as exc:
             raise ArtifactError("invalid_artifact", f"policy is not YAML: {exc}") from None
         if not isinstance(doc, dict) or "version" not in doc:
-            raise ArtifactError("invalid_artifact", "policy must be a YAML mapping with a version")
+            raise ArtifactError("invalid_artifact", "policy must be a YAML mapping with a version") from None
         return str(doc["version"])
     try:
         return str(parse_policy(text, source=path.name).version)

@@ -66,10 +66,7 @@ class Transfers:
         """Take a request; returns a ``busy`` header to send at once when it cannot wait."""
         self.counters.requests += 1
         key = (req.device, req.sha256)
-        if key in self._active:
-            self._active[key] = now
-            self._ready.append(req)
-        elif len(self._active) < self.max_transfers and not self._waiting:
+        if key in self._active or (len(self._active) < self.max_transfers and not self._waiting):
             self._active[key] = now
             self._ready.append(req)
         elif key in self._waiting or len(self._waiting) < self.max_waiting:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -331,7 +332,7 @@ def test_a_staged_rollout_to_50_devices_completes_and_desired_meets_reported(tmp
 
         # desired and reported converge on every device
         for device in sim.devices:
-            view = wait_until(lambda: (v := client.call("devices.show", {"id": device}))["reported"]
+            view = wait_until(lambda device=device: (v := client.call("devices.show", {"id": device}))["reported"]
                               and v["reported"]["desired_version"] == v["desired"]["version"] and v,
                               10, f"{device}'s reported state")
             assert view["desired"]["models"][SLOT]["artifact"]["sha256"] == models["b"]["sha256"]
@@ -374,7 +375,7 @@ def test_failures_abort_after_the_minimum_and_every_updated_device_goes_back(tmp
                                               " ('pending', 'skipped')", rid)]
         assert updated and set(final["reverts"]) == {"done"} and final["reverts"]["done"] == len(updated)
         for device in ids:  # every device runs the previous model again, or never left it
-            wait_until(lambda: sim.running(device) == models["a"]["sha256"], 30, f"{device} back on -a")
+            wait_until(lambda device=device: sim.running(device) == models["a"]["sha256"], 30, f"{device} back on -a")
         for device in updated:
             view = client.call("devices.show", {"id": device})
             assert view["desired"]["models"][SLOT]["artifact"]["sha256"] == models["a"]["sha256"]
@@ -499,3 +500,28 @@ def test_transfers_past_the_limit_wait_and_past_the_queue_are_told_busy(tmp_path
     header, data = contract.decode_chunk(contract.encode_chunk(busy))  # a device can read it
     assert (header.error, header.total, data) == ("busy", 300_000, b"")
     assert transfers.active == 1 and transfers.counters.busy == 1
+
+
+def test_a_paused_rollout_assigns_no_new_stage_until_resumed(tmp_path, broker, keys, client, models):
+    sim = simulate(broker, keys, 4)
+    try:
+        registered(tmp_path / "fleet.db", 4)
+        rid = client.call("rollouts.start", rollout_args(target={"ids": sorted(sim.devices)}, canary=1, waves=[100],
+                                                         health_window_s=0.5))["id"]
+        assert client.call("rollouts.pause", {"id": rid})["state"] == "paused"
+        with pytest.raises(OpError) as twice:
+            client.call("rollouts.pause", {"id": rid})
+        assert twice.value.code == "bad_state"
+        wait_until(lambda: client.call("rollouts.status", {"id": rid})["counts"].get("succeeded") == 1, 30,
+                   "the canary to succeed while paused")
+        fleet_ticks = 5 * 0.2  # the manager judges stages every 0.2 s: give it several chances to misbehave
+        time.sleep(fleet_ticks)  # a non-event has no condition to wait on
+        paused = client.call("rollouts.status", {"id": rid})
+        assert (paused["state"], paused["stage"], paused["counts"]) == ("paused", 0, {"succeeded": 1, "pending": 3})
+        resumed = fleet_cli("rollout", "resume", rid, "--json", "--broker", f"{broker.host}:{broker.port}")
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["state"] == "running"
+        done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] == "completed" and s,
+                          30, "the rollout to finish once resumed")
+        assert done["counts"] == {"succeeded": 4}
+    finally:
+        sim.stop()
