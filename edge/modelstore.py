@@ -79,7 +79,6 @@ class State(BaseModel):
     slots: dict[str, SlotState] = {}
     policy: SlotState = SlotState()
     last_change: dict | None = None  # a contract Change, as sent in ``reported``
-    notices: list[dict] = []  # job statuses decided at boot (crash loop), sent once connected
 
 
 class CrashLoop(BaseModel):

@@ -64,8 +64,11 @@ def write_config(tmp_path: Path, broker, public_key: Path, *, cameras: list[dict
         "cameras": cameras or [{"id": "door", "source": {"kind": "video", "path": video, "loop": True}, "model": "det"}],
         "mqtt": {"host": broker.host, "port": broker.port, "reconnect": {"initial_s": 0.2, "max_s": 1}},
         "outbox": {"path": str(tmp_path / "outbox.db")},
+        # latency limits with room for a shared, busy test machine; the latency checks
+        # themselves are tested on their own (test_agent_parts)
         "agent": {"public_key": str(public_key), "state_dir": str(tmp_path / "store"),
-                  "health": {"window_s": 3, "min_results": 10},
+                  "smoke": {"latency_factor": 4},
+                  "health": {"window_s": 3, "min_results": 10, "latency_factor": 4},
                   "download": {"chunk_timeout_s": 2, "backoff": {"initial_s": 0.2, "max_s": 1}}, **agent},
     }
     path = tmp_path / "cam.yaml"
@@ -204,7 +207,8 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
         # a camera with a 2 ms budget: its tiny classifier fits, a detector is far too slow
         {"id": "gate", "source": {"kind": "video", "path": video, "loop": True}, "model": "cls", "budget_ms": 2},
     ]
-    config = write_config(tmp_path, broker, public, cameras=cameras, models={"det": YOLO_A, "cls": TINY})
+    config = write_config(tmp_path, broker, public, cameras=cameras, models={"det": YOLO_A, "cls": TINY},
+                          smoke={"latency_factor": 1})
     peer = FleetPeer(broker.host, broker.port, DEVICE)
     a_sha = artifact(YOLO_A)[0].sha256
     try:
@@ -346,7 +350,7 @@ def test_kill_9_during_download_resumes_and_during_the_swap_leaves_old_or_new(tm
 def test_a_crash_loop_after_activation_boots_the_previous_model_and_says_so(tmp_path, broker, keys, runs):
     key, public = keys
     config = write_config(tmp_path, broker, public, crash_loop={"restarts": 2, "minutes": 10},
-                          health={"window_s": 120, "min_results": 10})
+                          health={"window_s": 120, "min_results": 10, "latency_factor": 4})
     peer = FleetPeer(broker.host, broker.port, DEVICE)
     art_b, data_b = artifact(YOLO_B, key)
     peer.blobs[art_b.sha256] = data_b
