@@ -233,12 +233,12 @@ class Daemon:
     def _make_agent(self) -> Agent | None:
         if self.store is None or self.health is None:
             return None
-        factory = {}
+        factory = {}  # the config's model per slot: what runs while the state names none
         for slot, model in self.executors[0].models.items():
             path = self.cfg.models[slot].path
             factory[slot] = Entry(sha256=sha256_file(path), name=model.manifest.name, version=model.manifest.version)
         return Agent(self.cfg, self.store, self.scheduler, self.health, factory, self._runtime_options(),
-                     apply_policy=getattr(self, "apply_policy", None), outbox=self.outbox,
+                     apply_policy=self.apply_policy, outbox=self.outbox,
                      on_models=self.sync.set_models if self.sync is not None else None,
                      crash_loops=self.crash_loops)
 
