@@ -460,6 +460,14 @@ def test_a_policy_rolls_out_on_its_own_beside_a_model_rollout(tmp_path, broker, 
         view = client.call("devices.show", {"id": "sim-0001"})
         assert view["desired"]["policy"]["artifact"]["version"] == "7"
         assert view["desired"]["models"][SLOT]["artifact"]["version"] == "8.1.42-b", "the model slot kept"
+        where = ("--broker", f"{broker.host}:{broker.port}")
+        shown = fleet_cli("devices", "show", "sim-0001", *where)
+        assert shown.returncode == 0 and "policy=7" in shown.stdout and f"rollout {pol['id']}: succeeded" in shown.stdout
+        table = fleet_cli("rollout", "status", *where).stdout.splitlines()
+        assert table[0].split()[:3] == ["ID", "STATE", "ARTIFACT"]
+        assert {line.split()[0]: line.split()[1] for line in table[1:]} == {model["id"]: "running", pol["id"]: "completed"}
+        one = fleet_cli("rollout", "status", pol["id"], *where).stdout
+        assert "COMPLETED" in one and "4 devices" in one
     finally:
         sim.stop()
 
