@@ -57,6 +57,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     start.add_argument("--health-window", default="5m", help="how long a device must stay healthy (5m, 30s)")
     start.add_argument("--abort-failure-pct", type=float, default=20.0, help="abort at this failure share")
     start.add_argument("--min-executed", type=int, default=3, help="finished executions before it may abort")
+    start.add_argument("--job-timeout", help="a device not active this long after its assignment has failed "
+                                             "(e.g. 1h; default: no limit, an offline device holds its stage)")
     start.set_defaults(func=cmd_rollout_start)
     for action, helptext in (("pause", "stop assigning new stages"), ("resume", "carry on a paused rollout"),
                              ("abort", "stop and send every updated device back"),
@@ -286,7 +288,8 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
         raise UsageError("a model rollout needs --slot")
     body = {"kind": args.kind, "name": name, "version": version, "slot": args.slot, "target": target(args.target),
             "canary": args.canary, "waves": waves(args.waves), "health_window_s": duration(args.health_window),
-            "abort_failure_pct": args.abort_failure_pct, "min_executed": args.min_executed}
+            "abort_failure_pct": args.abort_failure_pct, "min_executed": args.min_executed,
+            "job_timeout_s": duration(args.job_timeout) if args.job_timeout else None}
     with _client(args) as client:
         status = client.call("rollouts.start", body)
     _out(args, status, f"rollout {status['id']} started: {name}@{version} to {status['devices']} devices in "

@@ -11,8 +11,11 @@ abort config and hawkBit's rollout groups:
   (the clock restarts when the device comes back online);
 - **failure**: ``failed`` or ``rolled_back`` from the device, at any time, even after
   it had counted as a success;
+- **timed out** (only with ``job_timeout_s``): not active within that long of its
+  assignment; it counts as a failure;
 - a stage **advances** when every device in it has succeeded or failed (an offline
-  device holds its stage until it returns; it finds its desired state retained);
+  device holds its stage until it returns, or until it times out; it finds its desired
+  state retained either way);
 - the rollout **aborts** when, after ``min_executed`` executions have finished,
   ``failed / finished >= abort_failure_pct``; devices not yet assigned are skipped and
   every assigned device is sent back to the version it ran before (job ``<id>-rb``).
@@ -72,6 +75,7 @@ class StartRequest(BaseModel):
     health_window_s: float = Field(default=300.0, ge=0, le=7 * 86400)
     abort_failure_pct: float = Field(default=20.0, gt=0, le=100)
     min_executed: int = Field(default=3, ge=1)
+    job_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class Spec(BaseModel):
@@ -91,6 +95,7 @@ class Spec(BaseModel):
     health_window_s: float
     abort_failure_pct: float
     min_executed: int
+    job_timeout_s: float | None = None  # None: a device may take as long as it needs
 
 
 @dataclass
@@ -285,9 +290,16 @@ class Engine:
         devices = self.store.device_states()
         for r in live:
             execs = self.executions[r.id]
+            timeout = r.spec.job_timeout_s
             for e in execs.values():
                 if e.state == "active" and e.revert is None and self._healthy(e, r, devices.get(e.device), now):
                     e.state, e.finished_at = "succeeded", now
+                    self._save(e, now)
+                elif (timeout and e.state in ("assigned", "in_progress") and e.revert is None
+                      and now - (e.assigned_at or now) > timeout):
+                    e.state, e.finished_at = "failed", now
+                    e.reason = f"timed_out: not active within {timeout:g}s of its assignment"
+                    log.warning("execution timed out", extra=fields(rollout=r.id, device=e.device))
                     self._save(e, now)
             done = [e for e in execs.values() if e.state in FINISHED]
             failed = sum(1 for e in done if e.state == "failed")
@@ -388,7 +400,8 @@ class Engine:
         spec = Spec(kind=req.kind, name=req.name, version=req.version, sha256=artifact.sha256, slot=slot,
                     target=req.target, devices=devices, bounds=bounds, canary=min(req.canary, len(devices)),
                     waves=req.waves, health_window_s=req.health_window_s,
-                    abort_failure_pct=req.abort_failure_pct, min_executed=req.min_executed)
+                    abort_failure_pct=req.abort_failure_pct, min_executed=req.min_executed,
+                    job_timeout_s=req.job_timeout_s)
         r = Rollout(id=f"r{seq:04d}", seq=seq, spec=spec, state="running", stage=0, created_by=by,
                     created_at=now, updated_at=now)
         self.rollouts[r.id] = r
@@ -488,7 +501,7 @@ class Engine:
             "name": r.spec.name, "version": r.spec.version, "sha256": r.spec.sha256, "slot": r.spec.slot,
             "target": r.spec.target.model_dump(exclude_none=True), "devices": len(execs),
             "health_window_s": r.spec.health_window_s, "abort_failure_pct": r.spec.abort_failure_pct,
-            "min_executed": r.spec.min_executed, "created_by": r.created_by, "created_at": r.created_at,
+            "min_executed": r.spec.min_executed, "job_timeout_s": r.spec.job_timeout_s, "created_by": r.created_by, "created_at": r.created_at,
             "updated_at": r.updated_at, "stages": stages, "counts": _count(e.state for e in execs),
             "finished": len(done), "failed": len(failures), "failures": failures[:20],
             "reverts": _count(e.revert for e in execs if e.revert is not None),

@@ -533,3 +533,26 @@ def test_a_paused_rollout_assigns_no_new_stage_until_resumed(tmp_path, broker, k
         assert done["counts"] == {"succeeded": 4}
     finally:
         sim.stop()
+
+
+def test_with_a_job_timeout_a_device_that_stays_away_fails_instead_of_holding_its_stage(tmp_path, broker, keys,
+                                                                                        client, models):
+    db = tmp_path / "fleet.db"
+    sim = simulate(broker, keys, 3)
+    try:
+        registered(db, 3)
+        away = "sim-0002"
+        sim.set_online(away, False)
+        wait_until(lambda: db_rows(db, "SELECT state FROM devices WHERE id = ?", away) == [("offline",)], 10, "away")
+        out = fleet_cli("rollout", "start", "yolov8n@8.1.42-b", "--slot", SLOT, "--target", ",".join(sorted(sim.devices)),
+                        "--canary", "0", "--waves", "100%", "--health-window", "0.5s", "--job-timeout", "3s",
+                        "--abort-failure-pct", "50", "--min-executed", "3", "--json",
+                        "--broker", f"{broker.host}:{broker.port}")
+        assert out.returncode == 0, out.stderr
+        rid = json.loads(out.stdout)["id"]
+        done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] == "completed" and s,
+                          30, "the rollout to finish without the absent device")
+        assert done["counts"] == {"succeeded": 2, "failed": 1}
+        assert done["failures"] == [{"device": away, "reason": "timed_out: not active within 3s of its assignment"}]
+    finally:
+        sim.stop()
