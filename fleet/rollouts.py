@@ -378,7 +378,7 @@ class Engine:
     # --- operations ------------------------------------------------------------------------------
 
     def start(self, args: dict[str, Any], *, by: str, now: float) -> Rollout:
-        req = _parse(StartRequest, args)
+        req = parse_args(StartRequest, args)
         slot = POLICY_SLOT if req.kind == "policy" else req.slot
         if slot is None:
             raise OpError("bad_request", "a model rollout needs --slot")
@@ -521,7 +521,7 @@ class Engine:
                 "executions": executions, "jobs": self.store.jobs(device=device, limit=50)}
 
 
-def _parse(model: type[BaseModel], args: dict[str, Any]) -> Any:
+def parse_args(model: type[BaseModel], args: dict[str, Any]) -> Any:
     try:
         return model.model_validate(args)
     except ValidationError as exc:

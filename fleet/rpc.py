@@ -21,7 +21,7 @@ from edge.contract import ID_PATTERN, MAX_CHUNK_BYTES, RpcError, RpcRequest, Rpc
 from . import __version__
 from .errors import OpError
 from .registry import Registry
-from .rollouts import Engine, _parse
+from .rollouts import Engine, parse_args
 
 log = logging.getLogger("fleet.rpc")
 
@@ -129,7 +129,7 @@ class Operations:
             op = self.ops.get(req.op)
             if op is None:
                 raise OpError("bad_request", f"unknown operation {req.op!r}")
-            args = _parse(op.args, req.args) if op.args else req.args
+            args = parse_args(op.args, req.args) if op.args else req.args
             result = op.run(args, identity, now)
         except OpError as exc:
             log.info("request refused", extra={"fields": {"op": req.op, "identity": identity, "code": exc.code,

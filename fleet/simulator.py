@@ -499,11 +499,9 @@ def load_running(name_version: str, path: Path) -> Running:
     return Running(name=name, version=version, sha256=h)
 
 
-def pick(ids: list[str], pct: float, *, skip: int = 0, seed: int = 0) -> frozenset[str]:
-    """A reproducible ``pct`` percent of ``ids`` (after the first ``skip``), spread out."""
+def pick(ids: list[str], pct: float, *, seed: int = 0) -> frozenset[str]:
+    """A reproducible ``pct`` percent of ``ids``, spread out."""
     import random
 
-    pool = ids[skip:]
-    n = round(len(pool) * pct / 100)
-    return frozenset(random.Random(seed).sample(pool, n))
+    return frozenset(random.Random(seed).sample(ids, round(len(ids) * pct / 100)))
 
