@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,12 @@ def shared_path(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the shared models and media are not beside the checkout)")
     return path
+
+
+def edge_run(config: Path, *args: str) -> subprocess.Popen:
+    """``edge run --config`` as its own process; stderr (its log) is piped."""
+    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def manifest_for(model_file: str) -> Path:

@@ -8,7 +8,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import cv2
 import yaml
 
 from broker import wait_until
-from conftest import REPO, manifest_for, shared_path
+from conftest import edge_run, manifest_for, shared_path
 from controller import Controller
 from edge.contract import decode_alert
 from edge.decisions import DecisionEngine, FrameInfo
@@ -76,11 +75,6 @@ def write_config(tmp_path: Path, broker, source: dict, policy: str) -> Path:
     path = tmp_path / "cam.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def edge_run(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def stop(proc: subprocess.Popen) -> str:

@@ -15,7 +15,7 @@ import cv2
 import yaml
 
 from broker import FleetProcess, wait_until
-from conftest import REPO, manifest_for, shared_path
+from conftest import REPO, edge_run, manifest_for, shared_path
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 
@@ -33,11 +33,6 @@ def write_config(tmp_path: Path, broker, source: dict, device: str = "cam-e2e") 
     path = tmp_path / "cam.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def edge_run(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def store_ids(db: Path, kind: str | None = None) -> list[str]:
