@@ -121,8 +121,8 @@ class Daemon:
         self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
         self.reload_requested = threading.Event()  # SIGHUP: read the policy file again
         self._decisions_setup()
-        # decisions first: an alert must not wait for the results file or the outbox
         self.health = self._health_watch()
+        # decisions first: an alert must not wait for the results file or the outbox
         self.scheduler = Scheduler(self.cameras, self.executors,
                                    fan_out([self.decisions, sink, self.recorder, self.health]))
         if self.health is not None:
