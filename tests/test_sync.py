@@ -230,8 +230,12 @@ class Producer:
             self._thread.join(5)
 
     def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(self.interval):
+        last = start = time.monotonic()
+        n = 0
+        # to a schedule, not a sleep per event: a busy machine's oversleeping must not
+        # pass for the outbox slowing the producer down
+        while not self._stop.wait(max(0.0, start + n * self.interval - time.monotonic())):
+            n += 1
             event = mixed(1, self.made)[0]
             if self.outbox.append(event):
                 self.made += 1
