@@ -135,7 +135,9 @@ def test_two_cameras_share_one_executor_fairly_with_bounded_age():
 
 def test_high_priority_task_is_never_skipped_while_a_low_one_absorbs_the_overload():
     video = str(shared_path("media/pedestrians-720p50.avi"))
-    cams = [{"id": "line", "source": {"kind": "video", "path": video, "loop": True}, "budget_ms": 100,
+    # pose and detect take about 40 ms together: 200 ms leaves them room through a VM stall,
+    # and the 250 ms classifier still never fits
+    cams = [{"id": "line", "source": {"kind": "video", "path": video, "loop": True}, "budget_ms": 200,
              "tasks": [{"name": "pose", "model": "movenet", "priority": 10},
                        {"name": "detect", "model": "yolo", "priority": 5},
                        {"name": "classify", "model": "mobilenet", "priority": 1, "starve_after": 5}]}]
@@ -157,7 +159,9 @@ def test_high_priority_task_is_never_skipped_while_a_low_one_absorbs_the_overloa
 
 def test_cascade_classifies_at_most_k_person_crops_a_frame():
     video = str(shared_path("media/pedestrians-360p10.avi"))
-    cams = [{"id": "cam", "source": {"kind": "video", "path": video, "pace": "fast"}, "budget_ms": 1000,
+    # a file read on demand waits for the executor: a budget this long is never the limit,
+    # even through a hypervisor stall of a second or two, so every frame gets its crops
+    cams = [{"id": "cam", "source": {"kind": "video", "path": video, "pace": "fast"}, "budget_ms": 10_000,
              "tasks": [{"name": "detect", "model": "yolo", "priority": 10},
                        {"name": "classify", "model": "mobilenet", "priority": 5,
                         "trigger": {"task": "detect", "classes": ["person"], "min_score": 0.4, "max_crops": 3}}]}]
@@ -237,7 +241,8 @@ def test_plan_adapts_to_a_task_that_slows_down_mid_run():
     assert 1 <= new_misses <= 6, new_misses  # a few frames to learn the new cost
     # then the count stops growing, but for the starvation guard's own forced runs
     forced = detect(after)["forced"] - detect(adapted)["forced"]
-    assert after["deadline_misses"] - adapted["deadline_misses"] <= forced
+    # (plus one or two for a stall of the shared machine; unadapted, it would be ~30)
+    assert after["deadline_misses"] - adapted["deadline_misses"] <= forced + 2
     assert after["tasks"]["pose"]["runs"] > adapted["tasks"]["pose"]["runs"]
 
 
