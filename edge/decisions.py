@@ -33,6 +33,7 @@ from .contract import Alert, AlertState
 from .events import Event, alert_audit, decision, new_id
 from .logs import fields
 from .policy import Policy, Rule
+from .scheduler import Result
 from .tracker import Observation, Track, Tracker, TrackerSettings
 from .zones import anchor, area, inside, side, within_segment
 
@@ -193,7 +194,7 @@ class DecisionEngine:
 
     # --- frames --------------------------------------------------------------------------
 
-    def __call__(self, result: Any) -> None:
+    def __call__(self, result: Result) -> None:
         """Scheduler sink: one task's result on one frame. Crops are left to their parent."""
         if self._current is None or result.crop is not None:
             return
