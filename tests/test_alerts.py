@@ -80,7 +80,11 @@ def write_config(tmp_path: Path, broker, source: dict, policy: str) -> Path:
 def stop(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 0, stderr[-3000:]
     return stderr
 
@@ -104,8 +108,10 @@ def test_a_line_controller_gets_person_entered_zone_alerts_on_the_real_clip(tmp_
         video = str(shared_path("media/pedestrians-720p50.avi"))
         config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "native"}, CROSSWALK)
         proc = edge_run(config)
-        proc.wait(timeout=120)  # the clip ends, the daemon stops by itself
-        stop(proc)
+        try:
+            proc.wait(timeout=120)  # the clip ends, the daemon stops by itself
+        finally:
+            stop(proc)
         wait_until(lambda: any(m.retained is False and "/state/" in m.topic for m in controller.received()),
                    5, "a state update")
     finally:

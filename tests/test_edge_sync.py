@@ -100,10 +100,12 @@ def test_kill_9_edge_run_twenty_times_loses_and_duplicates_nothing(tmp_path, bro
     config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "fast", "loop": True})
     committed: set[str] = set()
     rng = random.Random(7)
+    procs: list[subprocess.Popen] = []
     try:
         fleet.wait_for("serving")
         for _ in range(20):
             proc = edge_run(config)
+            procs.append(proc)
             # wait for work to be under way, then kill at a random moment of it
             wait_until(lambda: len(outbox_ids(outbox) - committed) > 0 or proc.poll() is not None, 60,
                        "the outbox to fill")
@@ -114,10 +116,15 @@ def test_kill_9_edge_run_twenty_times_loses_and_duplicates_nothing(tmp_path, bro
             committed |= outbox_ids(outbox)
         assert committed  # some kills caught events committed but not yet acked
         final = edge_run(config)
+        procs.append(final)
         wait_until(lambda: committed <= set(store_ids(fleet.db)), 120, "every committed event in the store")
         final.send_signal(signal.SIGTERM)
         final.communicate(timeout=30)
     finally:
+        for proc in procs:  # a failed wait must not leave a daemon behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         fleet.stop()
     stored = store_ids(fleet.db)
     # twenty lives' worth of detections went through (about 25 a life on a quiet machine;
