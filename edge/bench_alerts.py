@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from . import __version__
 from .bench import StealMeter
-from .bench_outbox import LocalMosquitto
+from .benchkit import LocalMosquitto
 from .config import DeviceConfig
 from .contract import ContractError, Topics, decode_alert
 from .daemon import Daemon

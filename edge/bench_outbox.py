@@ -18,9 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from . import __version__
 from .bench import StealMeter
+from .benchkit import LocalMosquitto, cpu_s, rss_mb, terminate
 from .config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
 from .errors import EdgeError, UsageError
 from .events import Kind, new_event
@@ -87,13 +85,13 @@ def run_outbox_bench(
         stack.callback(sync.stop)
         sampler = _RssSampler(fleet.pid)
         sampler.start()
-        cpu0 = {name: _cpu_s(pid) for name, pid in (("device", None), ("fleet", fleet.pid), ("broker", broker.pid))}
+        cpu0 = {name: cpu_s(pid) for name, pid in (("device", None), ("fleet", fleet.pid), ("broker", broker.pid))}
         started = time.perf_counter()
         sync.start()
         _wait_empty(outbox, deadline)
         drain_s = time.perf_counter() - started
         sampler.stop()
-        cpu = {name: round((_cpu_s(pid) - cpu0[name]) / drain_s, 2)
+        cpu = {name: round((cpu_s(pid) - cpu0[name]) / drain_s, 2)
                for name, pid in (("device", None), ("fleet", fleet.pid), ("broker", broker.pid))}
 
         live: dict[str, Any] = {"events": live_events}
@@ -212,9 +210,9 @@ class _RssSampler:
 
     def __init__(self, other_pid: int | None = None) -> None:
         self.other_pid = other_pid
-        self.start_mb = _rss_mb(None)
+        self.start_mb = rss_mb(None)
         self.peak_mb = self.start_mb
-        self.other_peak_mb = _rss_mb(other_pid) if other_pid else None
+        self.other_peak_mb = rss_mb(other_pid) if other_pid else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -227,71 +225,12 @@ class _RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(RSS_SAMPLE_S):
-            self.peak_mb = max(self.peak_mb, _rss_mb(None))
+            self.peak_mb = max(self.peak_mb, rss_mb(None))
             if self.other_pid:
-                self.other_peak_mb = max(self.other_peak_mb or 0.0, _rss_mb(self.other_pid))
-
-
-def _rss_mb(pid: int | None) -> float:
-    try:
-        with open(f"/proc/{pid or 'self'}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
-
-
-def _cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of a process (this one by default)."""
-    try:
-        with open(f"/proc/{pid or 'self'}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+                self.other_peak_mb = max(self.other_peak_mb or 0.0, rss_mb(self.other_pid))
 
 
 # --- the real processes -----------------------------------------------------------------------
-
-
-class LocalMosquitto:
-    """Mosquitto on a free 127.0.0.1 port, without persistence, in ``workdir``."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
-        if binary is None:
-            raise EdgeError("benchmarks need the mosquitto broker (apt-get install mosquitto)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
-                        f"log_dest file {workdir / 'mosquitto.log'}\nmax_queued_messages 100000\n")
-        self._cmd = [binary, "-c", str(conf)]
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def __enter__(self) -> "LocalMosquitto":
-        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if self._proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.__exit__()
-        raise EdgeError(f"mosquitto did not start on 127.0.0.1:{self.port}")
-
-    def __exit__(self, *exc: Any) -> None:
-        _terminate(self._proc)
 
 
 class _FleetServe:
@@ -333,21 +272,4 @@ class _FleetServe:
             return conn.execute("SELECT count(*) FROM events").fetchone()[0]
 
     def __exit__(self, *exc: Any) -> None:
-        _terminate(self._proc)
-
-
-def _terminate(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        terminate(self._proc)

@@ -11,10 +11,8 @@ and outbox batches.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.benchkit import LocalMosquitto, cpu_s, rss_mb
 from edge.errors import EdgeError, UsageError
 from edge.manifest import load_manifest
 from edge.signing import init_keys, load_public_key
@@ -48,10 +47,11 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
         if not path.is_file():
             raise UsageError(f"needs {path}")
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-    broker = _Mosquitto(work)
-    manager = sim = None
+    broker = LocalMosquitto(work, extra_conf="sys_interval 1\n")  # $SYS counters every second
+    manager = sim = counters = None
     try:
         broker.start()
+        counters = _BrokerBytes(broker.port)
         init_keys(work / "keys")
         manager = _Manager(work, broker.port, max_transfers)
         with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60) as client:
@@ -72,10 +72,10 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             _wait(lambda: manager.online() >= devices, timeout_s, "every device in the registry")
             statuses_s = time.monotonic() - t0
 
-            sys_before = broker.bytes()
+            sys_before = counters.bytes()
             cpu_before = manager.cpu_s()
-            broker_cpu_before = _cpu_s(broker.proc.pid)
-            sim_cpu_before = _self_cpu_s()
+            broker_cpu_before = cpu_s(broker.pid)
+            sim_cpu_before = cpu_s(None)
             t0 = time.monotonic()
             status = client.call("rollouts.start", {
                 "kind": "model", "name": target["name"], "version": target["version"], "slot": "detector",
@@ -86,10 +86,10 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
                           timeout_s, "the rollout to finish")
             rollout_s = time.monotonic() - t0
             cpu_rollout = manager.cpu_s() - cpu_before
-            broker_cpu = _cpu_s(broker.proc.pid) - broker_cpu_before
-            sim_cpu = _self_cpu_s() - sim_cpu_before
+            broker_cpu = cpu_s(broker.pid) - broker_cpu_before
+            sim_cpu = cpu_s(None) - sim_cpu_before
             time.sleep(1.5)  # one more $SYS period
-            sys_after = broker.bytes()
+            sys_after = counters.bytes()
             converged = sum(1 for d in sim.devices if sim.running(d) == target["sha256"])
 
             acks_before = sum(d.acks for d in sim.devices.values())
@@ -129,6 +129,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             sim.stop()
         if manager is not None:
             manager.stop()
+        if counters is not None:
+            counters.stop()
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -144,68 +146,22 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-def _cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class _BrokerBytes:
+    """The broker's ``$SYS`` byte counters, as a subscriber sees them."""
 
-
-def _self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Mosquitto:
-    """A broker of the benchmark's own, with $SYS counters every second."""
-
-    def __init__(self, work: Path) -> None:
-        self.binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
-        if not self.binary:
-            raise UsageError("the benchmark needs the mosquitto broker (apt-get install mosquitto)")
-        self.port = _free_port()
-        self.conf = work / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nsys_interval 1\n"
-                             "max_queued_messages 100000\nset_tcp_nodelay true\n"
-                             f"log_dest file {work / 'mosquitto.log'}\n")
-        self.proc: subprocess.Popen | None = None
+    def __init__(self, port: int) -> None:
         self._sys: dict[str, int] = {}
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        _wait(self._listening, 10, "mosquitto to listen")
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self._client.on_message = lambda c, u, m: self._sys.__setitem__(m.topic, int(m.payload))
-        self._client.connect("127.0.0.1", self.port)
+        self._client.connect("127.0.0.1", port)
         self._client.subscribe([("$SYS/broker/bytes/received", 0), ("$SYS/broker/bytes/sent", 0)])
         self._client.loop_start()
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
 
     def bytes(self) -> tuple[int, int]:
         return self._sys.get("$SYS/broker/bytes/received", 0), self._sys.get("$SYS/broker/bytes/sent", 0)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
         self._client.loop_stop()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 class _Manager:
@@ -234,13 +190,10 @@ class _Manager:
         return sum(1 for d in self._store.device_states().values() if d["state"] == "online")
 
     def cpu_s(self) -> float:
-        return _cpu_s(self.proc.pid)
+        return cpu_s(self.proc.pid)
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return rss_mb(self.proc.pid, peak=True)
 
     def stop(self) -> None:
         if self._store is not None:
