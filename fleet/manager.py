@@ -116,7 +116,7 @@ class Control:
             if topic == t.reported(device):
                 if message.payload:  # an empty retained message clears the topic
                     self.engine.on_reported(decode_reported(message.payload, device=device), now)
-            elif topic.startswith(t.job(device, "x")[:-1]):
+            elif topic.startswith(f"{t.prefix}/dev/{device}/job/"):
                 job = topic.rsplit("/", 1)[1]
                 self.engine.on_job(decode_job(message.payload, device=device, job=job), now)
         except ContractError as exc:
@@ -217,7 +217,7 @@ class Manager:
         self.store = Store.open(s.db)
         directory = s.artifacts or s.db.with_name(s.db.name + ".artifacts")
         self.registry = Registry(self.store, directory, key)
-        self.engine = Engine(self.store, self.registry, clock=time.time)
+        self.engine = Engine(self.store, self.registry)
         self.transfers = Transfers(directory, self.topics, max_transfers=s.max_transfers)
         self.ingest = Ingest(self.store, host=s.host, port=s.port, prefix=s.prefix, client_id=s.client_id,
                              username=s.username, password=s.password)

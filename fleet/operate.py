@@ -227,13 +227,12 @@ def push_file(client: FleetClient, path: Path, *, kind: str, name: str, version:
               manifest: dict[str, Any] | None, progress: bool = False, timeout: float = 60.0) -> dict[str, Any]:
     """Upload ``path`` unless the manager has its bytes, then register it (validated, signed there)."""
     import base64
-
-    from edge.signing import sha256_file
+    import hashlib
 
     from .rpc import UPLOAD_CHUNK_BYTES
 
-    sha = sha256_file(path)
     data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
     if not client.call("artifacts.has", {"sha256": sha})["stored"]:
         bar = Progress(len(data), f"upload {path.name}", progress)
         for offset in range(0, len(data), UPLOAD_CHUNK_BYTES):

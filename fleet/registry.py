@@ -8,9 +8,9 @@ bytes changes nothing, with different bytes it is refused.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge.contract import SHA256_PATTERN, Artifact
-from edge.signing import SignatureError, sign, verify, verify_file
+from edge.policy import PolicyError, parse_policy
+from edge.signing import SignatureError, sha256_file, sign, verify, verify_file
 
 from .errors import OpError
 from .store import Conflict, Store
@@ -54,24 +55,11 @@ def validate_model(path: Path, manifest: dict[str, Any] | str | Path | None) -> 
 
 
 def validate_policy(path: Path) -> str:
-    """Check a policy document; returns its version. Uses the edge's own parser when
-    this install has it, else checks only that it is a YAML mapping with a version."""
+    """Check a policy document with the edge's own parser; returns its version."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ArtifactError("invalid_artifact", f"cannot read policy {path.name}: {exc}") from None
-    try:
-        from edge.policy import PolicyError, parse_policy
-    except ImportError:
-        import yaml
-
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ArtifactError("invalid_artifact", f"policy is not YAML: {exc}") from None
-        if not isinstance(doc, dict) or "version" not in doc:
-            raise ArtifactError("invalid_artifact", "policy must be a YAML mapping with a version") from None
-        return str(doc["version"])
     try:
         return str(parse_policy(text, source=path.name).version)
     except PolicyError as exc:
@@ -128,7 +116,7 @@ class Registry:
         return held
 
     def _finish_upload(self, part: Path, sha256: str) -> None:
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != sha256:
             part.unlink()
             raise ArtifactError("invalid_artifact", f"uploaded bytes hash to {digest[:12]}…, not {sha256[:12]}…"
@@ -154,10 +142,10 @@ class Registry:
         path = self.path(sha256)
         if not path.is_file():
             raise ArtifactError("not_found", f"no uploaded bytes for sha256 {sha256[:12]}…; upload first")
-        if _sha256(path) != sha256:
+        if sha256_file(path) != sha256:
             raise ArtifactError("invalid_artifact", f"stored bytes of {sha256[:12]}… do not hash to it")
         if kind == "model":
-            doc = validate_model(path, manifest if manifest is not None else None)
+            doc = validate_model(path, manifest)
             if (doc["name"], doc["version"]) != (name, version):
                 raise ArtifactError("invalid_artifact", f"manifest names {doc['name']} {doc['version']}, "
                                                         f"the push {name} {version}")
@@ -192,15 +180,5 @@ class Registry:
 
 
 def _check_sha(sha256: str) -> None:
-    import re
-
     if not isinstance(sha256, str) or not re.fullmatch(SHA256_PATTERN, sha256):
         raise ArtifactError("bad_request", "sha256 must be 64 lowercase hex digits")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -32,9 +32,9 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge.contract import ID_PATTERN, POLICY_SLOT, Assignment, Desired, JobStatus, Reported
 from edge.logs import fields
@@ -167,10 +167,9 @@ class Counters:
 class Engine:
     """Rollouts, their executions and the devices' desired state; one thread only."""
 
-    def __init__(self, store: Store, registry: Registry, *, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
-        self.clock = clock
         self.book = DesiredBook(store.load("desired"), store.load("reported"))
         self.rollouts: dict[str, Rollout] = {}
         for r in store.load("rollouts"):
@@ -287,14 +286,17 @@ class Engine:
         live = [r for r in self.rollouts.values() if r.state in ACTIVE]
         if not live:
             return
-        devices = self.store.device_states()
+        devices: dict[str, dict[str, Any]] | None = None  # read only when a health window needs it
         for r in live:
             execs = self.executions[r.id]
             timeout = r.spec.job_timeout_s
             for e in execs.values():
-                if e.state == "active" and e.revert is None and self._healthy(e, r, devices.get(e.device), now):
-                    e.state, e.finished_at = "succeeded", now
-                    self._save(e, now)
+                if e.state == "active" and e.revert is None:
+                    if devices is None:
+                        devices = self.store.device_states()
+                    if self._healthy(e, r, devices.get(e.device), now):
+                        e.state, e.finished_at = "succeeded", now
+                        self._save(e, now)
                 elif (timeout and e.state in ("assigned", "in_progress") and e.revert is None
                       and now - (e.assigned_at or now) > timeout):
                     e.state, e.finished_at = "failed", now
@@ -377,8 +379,7 @@ class Engine:
 
     # --- operations ------------------------------------------------------------------------------
 
-    def start(self, args: dict[str, Any], *, by: str, now: float) -> Rollout:
-        req = parse_args(StartRequest, args)
+    def start(self, req: StartRequest, *, by: str, now: float) -> Rollout:
         slot = POLICY_SLOT if req.kind == "policy" else req.slot
         if slot is None:
             raise OpError("bad_request", "a model rollout needs --slot")
@@ -520,14 +521,6 @@ class Engine:
                 "reported": reported.model_dump(mode="json") if reported else None,
                 "executions": executions, "jobs": self.store.jobs(device=device, limit=50)}
 
-
-def parse_args(model: type[BaseModel], args: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(args)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "args"
-        raise OpError("bad_request", f"{where}: {first['msg']}") from None
 
 
 def _bounds(total: int, canary: int, waves: list[float]) -> list[int]:

@@ -14,14 +14,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.contract import ID_PATTERN, MAX_CHUNK_BYTES, RpcError, RpcRequest, RpcResponse
 
 from . import __version__
 from .errors import OpError
 from .registry import Registry
-from .rollouts import Engine, parse_args
+from .rollouts import Engine, StartRequest
 
 log = logging.getLogger("fleet.rpc")
 
@@ -86,7 +86,7 @@ class DeviceArgs(_Args):
 
 @dataclass(frozen=True)
 class Op:
-    args: type[BaseModel] | None  # None: the handler validates its own
+    args: type[BaseModel]
     run: Callable[[Any, str, float], Any]
 
 
@@ -108,7 +108,7 @@ class Operations:
             "artifacts.list": Op(ListArgs, lambda a, by, now: [_summary(d) for d in
                                                               engine.store.artifacts(a.kind, a.name)]),
             "artifacts.show": Op(ShowArgs, self._show),
-            "rollouts.start": Op(None, lambda a, by, now: engine.status(engine.start(a, by=by, now=now))),
+            "rollouts.start": Op(StartRequest, lambda a, by, now: engine.status(engine.start(a, by=by, now=now))),
             "rollouts.pause": Op(RolloutArgs, lambda a, by, now: engine.status(engine.pause(a.id, now))),
             "rollouts.resume": Op(RolloutArgs, lambda a, by, now: engine.status(engine.resume(a.id, now))),
             "rollouts.abort": Op(AbortArgs, lambda a, by, now: engine.status(
@@ -129,7 +129,7 @@ class Operations:
             op = self.ops.get(req.op)
             if op is None:
                 raise OpError("bad_request", f"unknown operation {req.op!r}")
-            args = parse_args(op.args, req.args) if op.args else req.args
+            args = parse_args(op.args, req.args)
             result = op.run(args, identity, now)
         except OpError as exc:
             log.info("request refused", extra={"fields": {"op": req.op, "identity": identity, "code": exc.code,
@@ -161,3 +161,12 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
     manifest = doc.get("manifest") or {}
     return {k: v for k, v in doc.items() if k not in ("manifest", "signature")} | {
         "task": manifest.get("task"), "labels": len(manifest.get("labels", [])), "signed": bool(doc.get("signature"))}
+
+
+def parse_args(model: type[BaseModel], args: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "args"
+        raise OpError("bad_request", f"{where}: {first['msg']}") from None

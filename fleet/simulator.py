@@ -36,7 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from edge.contract import (CHUNK_BUSY_RETRY_S, DEFAULT_PREFIX, MAX_CHUNK_BYTES, POLICY_SLOT, ArtifactRequest,
                            Assignment, Change, ContractError, Desired, JobStatus, Reported, Running, Status,
                            Topics, batch_body, decode_ack, decode_chunk, decode_desired, encode, event_json)
-from edge.signing import SignatureError, verify
+from edge.signing import SignatureError, sha256_file, verify
 
 log = logging.getLogger("fleet.simulator")
 
@@ -84,7 +84,6 @@ class Job:
     offset: int = 0
     hasher: Any = field(default_factory=hashlib.sha256)
     request: int = 0
-    asked_at: float = 0.0
     reported_half: bool = False
 
 
@@ -149,11 +148,11 @@ class SimDevice:
             return
         self.online = True
         t = self.topics
-        client.subscribe([(t.desired(self.id), 1), (t.ack(self.id), 1), (f"{t.prefix}/dev/{self.id}/artifact/+", 1)])
+        client.subscribe([(t.desired(self.id), 1), (t.ack(self.id), 1), (t.artifacts(self.id), 1)])
         client.publish(t.status(self.id), encode(self._status("online")), qos=1, retain=True)
         self._publish_reported()
         if self.job is not None:  # back from a drop mid-download: carry on where it was
-            self._ask(time.monotonic())
+            self._ask()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.online = False
@@ -228,15 +227,14 @@ class SimDevice:
         slot, a = self.queue.pop(0)
         self.job = Job(slot=slot, assignment=a)
         self._job(a.job, slot, a.artifact.sha256, "downloading", progress=0.0)
-        self._ask(time.monotonic())
+        self._ask()
 
-    def _ask(self, now: float) -> None:
+    def _ask(self) -> None:
         j = self.job
         if j is None or self.client is None or not self.online:
             return
         art = j.assignment.artifact
         j.request += 1
-        j.asked_at = now
         req = ArtifactRequest(v=1, device=self.id, sha256=art.sha256, offset=j.offset,
                               length=min(MAX_CHUNK_BYTES, art.size - j.offset), request=f"q{j.request}",
                               response_topic=self.topics.artifact(self.id, art.sha256))
@@ -245,7 +243,7 @@ class SimDevice:
 
     def _chunk_timeout(self, j: Job, request: int) -> None:
         if self.job is j and j.request == request:
-            self._ask(time.monotonic())
+            self._ask()
 
     def _chunk(self, payload: bytes) -> None:
         j = self.job
@@ -255,7 +253,7 @@ class SimDevice:
         art = j.assignment.artifact
         if header.error == "busy":
             j.request += 1  # make the timeout of the old request moot
-            self.pump.later(CHUNK_BUSY_RETRY_S, self, lambda: self.job is j and self._ask(time.monotonic()))
+            self.pump.later(CHUNK_BUSY_RETRY_S, self, lambda: self.job is j and self._ask())
             return
         if header.error is not None or header.offset != j.offset or not data:
             return self._fail(f"download: {header.error or 'unexpected chunk'}")
@@ -272,7 +270,7 @@ class SimDevice:
                 self.offline_used = True
                 self.go_offline(self.s.faults.offline_for_s)
                 return
-        self._ask(time.monotonic())
+        self._ask()
 
     def _verify(self) -> None:
         j = self.job
@@ -495,8 +493,7 @@ class Simulator:
 def load_running(name_version: str, path: Path) -> Running:
     """``NAME@VERSION`` and the file it is, as what a device runs."""
     name, _, version = name_version.partition("@")
-    h = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Running(name=name, version=version, sha256=h)
+    return Running(name=name, version=version, sha256=sha256_file(path))
 
 
 def pick(ids: list[str], pct: float, *, seed: int = 0) -> frozenset[str]:

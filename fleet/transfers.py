@@ -137,10 +137,6 @@ class Transfers:
             self._cache.popitem(last=False)
         return blob
 
-    def forget(self, sha256: str) -> None:
-        """Drop a cached artifact (its file changed)."""
-        self._cache.pop(sha256, None)
-
     def _done(self, key: tuple[str, str], now: float) -> None:
         if self._active.pop(key, None) is not None:
             self.counters.completed += 1
