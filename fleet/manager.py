@@ -177,7 +177,7 @@ class Control:
                     self._flush(client)  # durable before the operator hears it is done
             except Exception as exc:  # a bug must not kill the manager nor leave the caller waiting
                 log.exception("operation failed", extra=fields(op=req.op))
-                self.engine.flush()
+                self._flush(client)  # what the operation changed before it failed still reaches devices
                 response = RpcResponse(v=1, id=req.id, ok=False,
                                        error=RpcError(code="internal", message=f"{type(exc).__name__}: {exc}"))
             if not response.ok:
