@@ -76,7 +76,6 @@ class Refused(Exception):
 class _Slot:
     """What the agent knows about one model slot of this device."""
 
-    name: str
     cameras: list[CameraRunner]
     factory: Entry  # the config's model for the slot
 
@@ -86,11 +85,7 @@ class _Slot:
 
 
 def health_limits(cfg: AgentConfig) -> HealthLimits:
-    h = cfg.health
-    return HealthLimits(window_s=h.window_s, min_results=h.min_results, max_error_rate=h.max_error_rate,
-                        latency_factor=h.latency_factor, max_unsure_rate=h.max_unsure_rate,
-                        max_unsure_increase=h.max_unsure_increase, max_confidence_drop=h.max_confidence_drop,
-                        detections_ratio=h.detections_ratio)
+    return HealthLimits(**cfg.health.model_dump(exclude={"unsure_band"}))
 
 
 class Agent:
@@ -118,7 +113,7 @@ class Agent:
         except KeyFileError as exc:  # the operator's config names it: exit 2, naming the key
             raise ConfigError(f"agent.public_key: {exc}") from None
         self.slots = {
-            slot: _Slot(slot, [c for c in scheduler.cameras if any(t.model == slot for t in c.tasks.values())], entry)
+            slot: _Slot([c for c in scheduler.cameras if any(t.model == slot for t in c.tasks.values())], entry)
             for slot, entry in factory.items()
         }
         self.counters: dict[str, Any] = {"desired": 0, "stale": 0, "rejected": {}, "jobs": {}}
@@ -262,8 +257,7 @@ class Agent:
                 continue
             self._serving[slot] = entry.sha256  # tried once, whatever happens: no retry every second
             try:
-                manifest = self.store.manifest(entry.sha256)
-                models = [load_model(self.store.path(entry.sha256), manifest, self.rt) for _ in self.scheduler.executors]
+                models = self._load_all(self.store.path(entry.sha256), self.store.manifest(entry.sha256))
                 self.scheduler.swap(slot, models, self.cfg.swap_timeout_s)
             except Exception as exc:  # the old model keeps serving
                 log.exception("model named by the state file not loaded", extra=fields(slot=slot, error=str(exc)))
@@ -341,16 +335,18 @@ class Agent:
             self._job(job, slot, art.sha256, "testing")
             smoke = self._smoke(slot, path, manifest)
             try:
-                models = [load_model(path, manifest, self.rt) for _ in self.scheduler.executors]
+                models = self._load_all(path, manifest)
             except Exception as exc:
                 raise Refused("load_error", str(exc)) from None
         except (Refused, SignatureError, DownloadError, SmokeError) as exc:
-            if self._stop.is_set() and getattr(exc, "reason", "") == "stopped":
-                return
             self._fail(job, slot, art, exc)
             return
         self._activate(slot, job, art, version, models, {"smoke_latency_ms": smoke.latency_ms,
                                                           "smoke_limit_ms": smoke.limit_ms})
+
+    def _load_all(self, path: Path, manifest: Manifest) -> list[Model]:
+        """One fresh interpreter of the model per executor."""
+        return [load_model(path, manifest, self.rt) for _ in self.scheduler.executors]
 
     def _fetch(self, job: str, slot: str, art: Artifact) -> tuple[Path, Manifest]:
         """The artifact's verified file in the store, downloading what is missing."""
@@ -459,9 +455,7 @@ class Agent:
         models = self._previous_models.pop(slot, None)
         try:
             if models is None:  # after a restart the old model is not loaded yet
-                path = self.store.path(previous.sha256)
-                manifest = self.store.manifest(previous.sha256)
-                loaded = [load_model(path, manifest, self.rt) for _ in self.scheduler.executors]
+                loaded = self._load_all(self.store.path(previous.sha256), self.store.manifest(previous.sha256))
             else:
                 loaded = [models[ex.index] for ex in self.scheduler.executors]
             self.scheduler.swap(slot, loaded, self.cfg.swap_timeout_s)
@@ -484,6 +478,8 @@ class Agent:
         self._send_reported()
 
     def _fail(self, job: str, slot: str, art: Artifact, exc: Exception) -> None:
+        if self._stop.is_set() and getattr(exc, "reason", "") == "stopped":
+            return  # the daemon is stopping: not a verdict on the model
         reason = str(exc)
         log.warning("model refused", extra=fields(job=job, slot=slot, model=art.name, version=art.version,
                                                   reason=reason))
@@ -512,8 +508,7 @@ class Agent:
             except Exception as exc:  # the hook raises PolicyError; the current policy stays
                 raise Refused("invalid_policy", str(exc)) from None
         except (Refused, SignatureError, DownloadError) as exc:
-            if not (self._stop.is_set() and getattr(exc, "reason", "") == "stopped"):
-                self._fail(job, POLICY_SLOT, art, exc)
+            self._fail(job, POLICY_SLOT, art, exc)
             return
         entry = Entry(sha256=art.sha256, kind="policy", name=art.name, version=str(applied or art.version), job=job,
                       desired_version=version, activated_at=time.time())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from .capture import CaptureThread
 from .contract import Topics
 from .decisions import DecisionEngine
 from .errors import EdgeError
+from .files import replace_file
 from .events import model_event
 from .config import CameraConfig, DeviceConfig, SchedulerConfig
 from .liveness import Liveness
@@ -104,6 +104,9 @@ class Daemon:
 
     def __init__(self, cfg: DeviceConfig, sink: Sink | None = None) -> None:
         self.cfg = cfg
+        rt = cfg.runtime
+        self.rt = RuntimeOptions(rt.num_threads, rt.delegate.library if rt.delegate else None,
+                                 rt.delegate.options if rt.delegate else None)
         sched = cfg.runtime.scheduler
         slots = sorted({t.model for cam in cfg.cameras for t in cam.effective_tasks()})
         self._open_model_store()  # before loading: the store may name other models than the config
@@ -206,15 +209,10 @@ class Daemon:
             return None
         entry = s.active
         # a file that cannot load fails the start; restarts then trip the crash-loop check
-        model = load_stored(self.store.path(entry.sha256), self.store.manifest(entry.sha256), self._runtime_options())
+        model = load_stored(self.store.path(entry.sha256), self.store.manifest(entry.sha256), self.rt)
         log.info("model loaded", extra=fields(slot=slot, model=model.name, sha256=entry.sha256[:12], source="store",
                                               committed=entry.committed))
         return model
-
-    def _runtime_options(self) -> RuntimeOptions:
-        rt = self.cfg.runtime
-        return RuntimeOptions(rt.num_threads, rt.delegate.library if rt.delegate else None,
-                              rt.delegate.options if rt.delegate else None)
 
     def _health_watch(self) -> HealthWatch | None:
         """Per-slot result statistics for the agent's health window. Unsure is the decisions
@@ -237,7 +235,7 @@ class Daemon:
         for slot, model in self.executors[0].models.items():
             path = self.cfg.models[slot].path
             factory[slot] = Entry(sha256=sha256_file(path), name=model.manifest.name, version=model.manifest.version)
-        return Agent(self.cfg, self.store, self.scheduler, self.health, factory, self._runtime_options(),
+        return Agent(self.cfg, self.store, self.scheduler, self.health, factory, self.rt,
                      apply_policy=self.apply_policy, outbox=self.outbox,
                      on_models=self.sync.set_models if self.sync is not None else None,
                      crash_loops=self.crash_loops)
@@ -247,18 +245,12 @@ class Daemon:
         if stored is not None:
             return stored
         spec = self.cfg.models[slot]
-        rt = self.cfg.runtime
-        model = Model.load(
-            spec.path,
-            manifest=spec.manifest,
-            num_threads=rt.num_threads,
-            delegate=rt.delegate.library if rt.delegate else None,
-            delegate_options=rt.delegate.options if rt.delegate else None,
-        )
+        model = Model.load(spec.path, manifest=spec.manifest, num_threads=self.rt.num_threads,
+                           delegate=self.rt.delegate, delegate_options=self.rt.delegate_options)
         log.info(
             "model loaded",
             extra=fields(slot=slot, model=model.name, task=model.manifest.task,
-                         runtime=model.loaded.runtime, threads=rt.num_threads),
+                         runtime=model.loaded.runtime, threads=self.rt.num_threads),
         )
         return model
 
@@ -339,11 +331,5 @@ class Daemon:
         if self.recorder is not None:
             self.recorder.health(snap["cameras"])
         if self.cfg.runtime.stats_file is not None:
-            write_atomically(self.cfg.runtime.stats_file, json.dumps({"at": time.time(), **snap}, indent=1))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            replace_file(self.cfg.runtime.stats_file, json.dumps({"at": time.time(), **snap}, indent=1).encode(),
+                         durable=False)  # rewritten every interval: a power cut may keep the old one

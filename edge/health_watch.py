@@ -76,7 +76,6 @@ class Window:
 
     slot: str
     model: str
-    previous: str | None
     started: float  # monotonic
     budget_ms: float
     baseline: list[Sample]
@@ -141,16 +140,17 @@ class HealthWatch:
         last: dict[str, float] = {}
         for s in old:
             last[s.camera] = s.at
-        return Window(slot, model, previous, now, budget_ms, old, last)
+        return Window(slot, model, now, budget_ms, old, last)
 
     def evaluate(self, window: Window, limits: HealthLimits, *, final: bool = False) -> Verdict | None:
         """A verdict once the window is over (None: keep watching)."""
-        now = time.monotonic()
+        if not final and time.monotonic() - window.started < limits.window_s:
+            return None  # before scanning the history under the lock every result takes
         with self._lock:
             new = [s for s in self._samples.get(window.slot, ()) if s.at >= window.started and s.model == window.model]
             errors = sum(1 for t, m in self._errors.get(window.slot, ()) if t >= window.started and m == window.model)
         runs = len(new) + errors
-        if not final and (now - window.started < limits.window_s or runs < limits.min_results):
+        if not final and runs < limits.min_results:
             return None
         metrics = _metrics(new, window, errors)
         if runs == 0:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .contract import Artifact, Running
 from .errors import EdgeError
+from .files import fsync_dir, replace_file
 from .manifest import Manifest
 from .signing import sha256_file
 
@@ -120,7 +121,7 @@ class ModelStore:
 
     def save(self, state: State) -> None:
         """Replace the state file atomically and durably."""
-        write_durably(self.state_path, state.model_dump_json(indent=1).encode())
+        replace_file(self.state_path, state.model_dump_json(indent=1).encode())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
@@ -145,7 +146,7 @@ class ModelStore:
 
     def admit(self, artifact: Artifact, part: Path) -> Path:
         """Move a verified staging file into the store, with its artifact document."""
-        write_durably(self.objects / f"{artifact.sha256}.json", artifact.model_dump_json().encode())
+        replace_file(self.objects / f"{artifact.sha256}.json", artifact.model_dump_json().encode())
         dest = self.path(artifact.sha256, artifact.kind)
         with open(part, "rb") as f:
             os.fsync(f.fileno())
@@ -218,25 +219,6 @@ class ModelStore:
                 if failed.desired_version is not None:
                     state.desired_version = max(state.desired_version or 0, failed.desired_version)
         return loops
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half, even after a power cut."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def describe(state: State) -> list[dict]:

@@ -214,14 +214,12 @@ class Scheduler:
         """Every executor has exited: stopped, or every camera's source ended."""
         return not any(t.is_alive() for t in self._threads)
 
-    def swap(self, slot: str, models: list[Model], timeout: float) -> dict[int, Model]:
+    def swap(self, slot: str, models: list[Model], timeout: float) -> None:
         """Give executor i ``models[i]`` for ``slot``, each between two of its frames.
 
-        Returns the models replaced, by executor index (the caller keeps them loaded
-        for a rollback). Raises TimeoutError if an executor did not take its model in
-        ``timeout`` (e.g. stuck in an invoke); the swap then still happens when it can.
+        Raises TimeoutError if an executor did not take its model in ``timeout`` (e.g.
+        stuck in an invoke); the swap then still happens when it can.
         """
-        old = {ex.index: ex.models[slot] for ex in self.executors}
         events = [ex.swap(slot, model) for ex, model in zip(self.executors, models, strict=True)]
         if self.done:  # no executor thread left to take it
             for ex in self.executors:
@@ -232,7 +230,6 @@ class Scheduler:
         for event in events:
             if not event.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"an executor did not take the new {slot} model within {timeout:g} s")
-        return old
 
     def _run(self, executor: Executor) -> None:
         while not self._stop.is_set():

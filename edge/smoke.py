@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .manifest import Manifest, check_manifest
+from .manifest import Manifest
 from .model import Model
-from .runtime import load_interpreter
+from .runtime import LoadedModel, load_interpreter
 
 
 class SmokeError(Exception):
@@ -46,22 +46,23 @@ class SmokeResult:
 
 def load_model(path: Path, manifest: Manifest, rt: RuntimeOptions) -> Model:
     """A Model from a stored file and the manifest its artifact carried; ModelError if not."""
-    loaded = load_interpreter(path, num_threads=rt.num_threads, delegate=rt.delegate,
-                              delegate_options=rt.delegate_options)
-    return Model(loaded, manifest)
+    return Model(_interpreter(path, rt), manifest)
+
+
+def _interpreter(path: Path, rt: RuntimeOptions) -> LoadedModel:
+    return load_interpreter(path, num_threads=rt.num_threads, delegate=rt.delegate,
+                            delegate_options=rt.delegate_options)
 
 
 def smoke_test(path: Path, manifest: Manifest, frame: np.ndarray, *, budget_ms: float, factor: float,
                invokes: int, rt: RuntimeOptions) -> SmokeResult:
     """Raise SmokeError unless the model loads, fits its manifest and runs on ``frame`` in time."""
     try:
-        loaded = load_interpreter(path, num_threads=rt.num_threads, delegate=rt.delegate,
-                                  delegate_options=rt.delegate_options)
+        loaded = _interpreter(path, rt)
     except ModelError as exc:
         raise SmokeError("load_error", str(exc)) from None
     try:
-        check_manifest(manifest, loaded)
-        model = Model(loaded, manifest)
+        model = Model(loaded, manifest)  # checks the manifest against the tensors
     except (ModelError, ValueError) as exc:
         raise SmokeError("manifest_mismatch", str(exc)) from None
     times = []

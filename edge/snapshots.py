@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from .files import replace_file
 from .logs import fields
 
 log = logging.getLogger("edge.snapshots")
@@ -91,9 +91,7 @@ class SnapshotStore:
         if not ok:
             raise ValueError("JPEG encoding failed")
         data = jpeg.tobytes()
-        tmp = self.dir / f".{sid}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path(sid))
+        replace_file(self.path(sid), data, durable=False)
         self.counters["written"] += 1
         return hashlib.sha256(data).hexdigest()
 
