@@ -23,7 +23,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
 from pydantic import ValidationError
 
 from .config import AgentConfig, DeviceConfig
@@ -45,7 +44,7 @@ from .download import Downloader, DownloadError, DownloadSettings
 from .errors import ConfigError
 from .events import model_event
 from .health_watch import HealthLimits, HealthWatch, Verdict, Window
-from .link import Link
+from .link import Link, publish
 from .logs import fields
 from .manifest import Manifest
 from .model import Model
@@ -213,11 +212,7 @@ class Agent:
 
     def _publish(self, client: mqtt.Client, topic: str, body: bytes, *, retain: bool = False
                  ) -> mqtt.MQTTMessageInfo | None:
-        info = client.publish(topic, body, qos=1, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            log.warning("publish failed", extra=fields(topic=topic, error=mqtt.error_string(info.rc)))
-            return None
-        return info
+        return publish(client, topic, body, retain=retain)
 
     def _send(self, topic: str, body: bytes, retain: bool = False) -> None:
         """Publish from the worker: the link thread sends it."""

@@ -23,13 +23,12 @@ from collections import deque
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import DeviceInfo, MqttConfig
 from .contract import Alert, AlertState, Topics, encode
-from .link import LinkSettings, connect_properties, new_client
+from .link import LinkSettings, connect_properties, new_client, publish
 from .logs import fields
 from .sync import link_settings
 
@@ -125,11 +124,8 @@ class AlertPublisher:
         return ok
 
     def _raw(self, topic: str, body: bytes, *, retain: bool = False, properties: Properties | None = None) -> bool:
-        info = self._client.publish(topic, body, qos=1, retain=retain, properties=properties)
-        # NO_CONN: the link dropped a moment ago; paho keeps the QoS 1 message for the reconnect
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if publish(self._client, topic, body, retain=retain, properties=properties) is None:
             self.counters["publish_errors"] += 1
-            log.warning("alert publish failed", extra=fields(topic=topic, error=mqtt.error_string(info.rc)))
             return False
         return True
 

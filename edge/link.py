@@ -129,6 +129,20 @@ def connect_properties(s: LinkSettings) -> Properties:
     return props
 
 
+def publish(client: mqtt.Client, topic: str, body: bytes, *, retain: bool = False,
+            properties: Properties | None = None) -> mqtt.MQTTMessageInfo | None:
+    """Publish QoS 1; None (logged) if paho refused it.
+
+    NO_CONN counts as sent: paho keeps a QoS 1 message and sends it on the reconnect.
+    Anything else is lost to paho, and the caller decides what to do about it.
+    """
+    info = client.publish(topic, body, qos=1, retain=retain, properties=properties)
+    if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        log.warning("publish failed", extra=fields(topic=topic, error=mqtt.error_string(info.rc)))
+        return None
+    return info
+
+
 class Link:
     """Runs ``handler`` on an MQTT 5 client until :meth:`stop`."""
 

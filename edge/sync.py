@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
 
 from . import __version__
 from .config import DeviceInfo, MqttConfig
 from .contract import ContractError, Status, Topics, batch_body, decode_ack, encode
 from .events import new_id
-from .link import Link, LinkSettings, Will
+from .link import Link, LinkSettings, Will, publish
 from .logs import fields
 from .outbox import Batch, Outbox
 
@@ -181,11 +180,7 @@ class Sync:
 
     def _publish(self, client: mqtt.Client, topic: str, body: bytes, *, retain: bool = False
                  ) -> mqtt.MQTTMessageInfo | None:
-        info = client.publish(topic, body, qos=1, retain=retain)
-        # NO_CONN: paho keeps the message and sends it on reconnect; anything else is lost
-        # to paho, and the ack timeout sends the batch again
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        info = publish(client, topic, body, retain=retain)
+        if info is None:  # lost to paho: the ack timeout sends the batch again
             self._counters["publish_errors"] += 1
-            log.warning("publish failed", extra=fields(topic=topic, error=mqtt.error_string(info.rc)))
-            return None
         return info
