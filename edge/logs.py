@@ -52,11 +52,14 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def setup_logging(fmt: str = "human", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route all ``edge`` loggers to one handler on stderr with the chosen format."""
+def setup_logging(fmt: str = "human", level: str = "info", stream: TextIO | None = None,
+                  loggers: tuple[str, ...] = ("edge",)) -> None:
+    """Route the named logger trees (``edge`` by default) to one handler on stderr with
+    the chosen format."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
-    root = logging.getLogger("edge")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name in loggers:
+        root = logging.getLogger(name)
+        root.handlers[:] = [handler]
+        root.setLevel(level.upper())
+        root.propagate = False

@@ -111,16 +111,6 @@ def _positive(value: str) -> int:
     return int(value)
 
 
-def _setup_logging(fmt: str, level: str) -> None:
-    from edge.logs import setup_logging
-
-    setup_logging(fmt, level)  # the `edge` loggers (the MQTT link is shared code)
-    edge_root = logging.getLogger("edge")
-    log.handlers[:] = edge_root.handlers
-    log.setLevel(edge_root.level)
-    log.propagate = False
-
-
 # --- serve ----------------------------------------------------------------------------------
 
 
@@ -135,7 +125,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     operators = frozenset(args.operator or ["operator"])
-    _setup_logging(args.log_format, args.log_level)
+    from edge.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level, loggers=("edge", "fleet"))  # the MQTT link is edge code
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
