@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,10 +25,67 @@ def shared_path(relative: str) -> Path:
     return path
 
 
-def edge_run(config: Path, *args: str) -> subprocess.Popen:
-    """``edge run --config`` as its own process; stderr (its log) is piped."""
-    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+class EdgeRun:
+    """`edge run` as a process. Its log goes to a file beside its config (a pipe nobody
+    reads would fill and stall it); tests wait for lines it logs, not for files to appear."""
+
+    def __init__(self, config: Path, *args: str, name: str = "edge") -> None:
+        self.log = config.parent / f"{name}.log"
+        self._log_file = open(self.log, "a")
+        self._start = self.log.stat().st_size  # a restarted daemon appends; read only this life
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config), *args],
+                                     stdout=subprocess.DEVNULL, stderr=self._log_file, cwd=REPO)
+
+    def text(self) -> str:
+        """This life's log so far."""
+        with open(self.log, errors="replace") as f:
+            f.seek(self._start)
+            return f.read()
+
+    def logged(self, msg: str) -> list[dict]:
+        """This life's JSON log lines whose message is ``msg``."""
+        found = []
+        for line in self.text().splitlines():
+            if line.startswith("{") and line.endswith("}"):
+                doc = json.loads(line)
+                if doc.get("msg") == msg:
+                    found.append(doc)
+        return found
+
+    def wait_for(self, msg: str, timeout: float = 60.0) -> dict:
+        """The first line logged with ``msg``; fails if the daemon exits or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.logged(msg)
+            if lines:
+                return lines[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"edge run exited ({self.proc.returncode}) before logging {msg!r}: "
+                                     f"{self.text()[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"edge run never logged {msg!r} in {timeout:g}s: {self.text()[-2000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait; kill if it does not stop in time. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log_file.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._log_file.close()
+
+
+def edge_run(config: Path, *args: str, name: str = "edge") -> EdgeRun:
+    """``edge run --config`` as its own process (see :class:`EdgeRun`)."""
+    return EdgeRun(config, *args, name=name)
 
 
 def manifest_for(model_file: str) -> Path:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from broker import wait_until
+import conftest
 from conftest import REPO, manifest_for, shared_path
 from edge.contract import Artifact, Assignment
 from edge.manifest import load_manifest
@@ -76,15 +77,12 @@ def write_config(tmp_path: Path, broker, public_key: Path, *, cameras: list[dict
     return path
 
 
-class EdgeRun:
-    """`edge run` as a process; its log and results go to files (a pipe could fill and stall it)."""
+class EdgeRun(conftest.EdgeRun):
+    """`edge run` with its results in a file."""
 
     def __init__(self, config: Path, tmp_path: Path, name: str = "edge") -> None:
         self.results = tmp_path / f"{name}.results.jsonl"
-        self.log = tmp_path / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge", "run", "--config", str(config), "--results", str(self.results)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), cwd=REPO)
+        super().__init__(config, "--results", str(self.results), name=name)
 
     def rows(self) -> list[dict]:
         if not self.results.exists():
@@ -93,20 +91,6 @@ class EdgeRun:
 
     def models_seen(self) -> list[str]:
         return [r["model"] for r in self.rows()]
-
-    def logged(self, msg: str) -> list[dict]:
-        lines = [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
-        return [line for line in lines if line.get("msg") == msg]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(15)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import http.server
 import json
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import cv2
 import yaml
 
 from broker import wait_until
-from conftest import edge_run, manifest_for, shared_path
+from conftest import EdgeRun, edge_run, manifest_for, shared_path
 from controller import Controller
 from edge.contract import decode_alert
 from edge.decisions import DecisionEngine, FrameInfo
@@ -77,16 +76,11 @@ def write_config(tmp_path: Path, broker, source: dict, policy: str) -> Path:
     return path
 
 
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, stderr = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-    return stderr
+def stop(run: EdgeRun) -> str:
+    """Stop the daemon; it must exit 0. Returns its log."""
+    code = run.stop()
+    assert code == 0, run.text()[-3000:]
+    return run.text()
 
 
 def audited_alerts(outbox: Path) -> list[dict]:
@@ -107,11 +101,11 @@ def test_a_line_controller_gets_person_entered_zone_alerts_on_the_real_clip(tmp_
     try:
         video = str(shared_path("media/pedestrians-720p50.avi"))
         config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "native"}, CROSSWALK)
-        proc = edge_run(config)
+        run = edge_run(config)
         try:
-            proc.wait(timeout=120)  # the clip ends, the daemon stops by itself
+            run.proc.wait(timeout=120)  # the clip ends, the daemon stops by itself
         finally:
-            stop(proc)
+            stop(run)
         wait_until(lambda: any(m.retained is False and "/state/" in m.topic for m in controller.received()),
                    5, "a state update")
     finally:
@@ -150,7 +144,7 @@ def test_alerts_wait_for_the_broker_and_arrive_marked_delayed_none_lost(tmp_path
     video = str(shared_path("media/pedestrians-360p10.avi"))
     config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "native", "loop": True},
                           EVERY.format(version="e-1", reject_at=0.5, cooldown=0.3))
-    proc = edge_run(config)
+    run = edge_run(config)
     try:
         wait_until(lambda: len(controller.received()) >= 3, 60, "alerts while the broker is up")
         broker.stop()
@@ -164,7 +158,7 @@ def test_alerts_wait_for_the_broker_and_arrive_marked_delayed_none_lost(tmp_path
                    "delayed alerts after the reconnect")
         time.sleep(1.0)
     finally:
-        stop(proc)
+        stop(run)
         time.sleep(0.5)  # the last alerts in flight
         controller.close()
     received = {}
@@ -190,28 +184,28 @@ def test_sighup_reloads_the_policy_mid_run_without_a_frame_lost_and_refuses_a_br
                           EVERY.format(version="v1", reject_at=0.5, cooldown=0))
     policy_file = tmp_path / "policy.yaml"
     results = tmp_path / "results.jsonl"
-    proc = edge_run(config, "--results", str(results))
+    run = edge_run(config, "--results", str(results))
     try:
         wait_until(lambda: len(controller.received()) >= 5, 60, "alerts under policy v1")
         # v2: no person is ever that sure, so the alerts stop
         policy_file.write_text(EVERY.format(version="v2", reject_at=0.99, cooldown=0))
-        proc.send_signal(signal.SIGHUP)
+        run.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: stats(tmp_path).get("decisions", {}).get("policy") == "v2", 30, "policy v2 in force")
         seen_at_v2 = len(controller.received())
         policy_file.write_text("version: v3\nrules: [{name: x, when: {event: entered}}]\n")  # no zone: invalid
-        proc.send_signal(signal.SIGHUP)
+        run.proc.send_signal(signal.SIGHUP)
         frames_before = len(results.read_text().splitlines())
         wait_until(lambda: len(results.read_text().splitlines()) > frames_before + 20, 60, "frames after the refusal")
-        assert proc.poll() is None
+        assert run.proc.poll() is None
         assert stats(tmp_path)["decisions"]["policy"] == "v2"
     finally:
-        stderr = stop(proc)
+        log_text = stop(run)
         controller.close()
     versions = [decode_alert(m.payload).policy_version for m in controller.received()]
     assert set(versions) <= {"v1", "v2"} and versions[0] == "v1"
     # after v2 took over, at most the frames already in flight alerted under v1
     assert len(versions) - seen_at_v2 <= 2 and "v2" not in versions
-    assert "policy refused" in stderr and "rules[0].when.zone" in stderr
+    assert "policy refused" in log_text and "rules[0].when.zone" in log_text
     seqs = [json.loads(line)["seq"] for line in results.read_text().splitlines()]
     assert seqs == list(range(len(seqs)))  # not one frame dropped across both reloads
 
@@ -261,13 +255,13 @@ def test_a_blind_camera_raises_an_alert_and_clears_it_when_frames_return(tmp_pat
     cfg = yaml.safe_load(config.read_text())
     cfg["cameras"][0]["reopen"] = {"initial_s": 0.2, "max_s": 0.5}
     config.write_text(yaml.safe_dump(cfg))
-    proc = edge_run(config)
+    run = edge_run(config)
     try:
         wait_until(lambda: any(m.topic == ALERTS for m in controller.received()), 60, "the blind-camera alert")
         (served / "clip.avi").symlink_to(shared_path("media/pedestrians-360p10.avi"))  # the feed comes back
         wait_until(lambda: sum(m.topic == ALERTS for m in controller.received()) >= 2, 30, "the restored alert")
     finally:
-        stop(proc)
+        stop(run)
         controller.close()
         server.shutdown()
     alerts = [decode_alert(m.payload) for m in controller.received() if m.topic == ALERTS]

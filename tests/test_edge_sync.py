@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import cv2
 import yaml
 
 from broker import FleetProcess, wait_until
-from conftest import REPO, edge_run, manifest_for, shared_path
+from conftest import REPO, EdgeRun, edge_run, manifest_for, shared_path
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 
@@ -42,8 +41,7 @@ def store_ids(db: Path, kind: str | None = None) -> list[str]:
 
 
 def outbox_ids(db: Path) -> set[str]:
-    if not db.exists():
-        return set()
+    """Event ids in an outbox its daemon has reported open (so its schema exists)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return {row[0] for row in conn.execute("select id from events")}
 
@@ -67,12 +65,10 @@ def test_edge_run_detections_reach_the_fleet_and_are_queryable(tmp_path, broker)
         fleet.wait_for("serving")
         config = write_config(tmp_path, broker, {"kind": "images", "path": str(frames), "fps": 5})
         results = tmp_path / "results.jsonl"
-        proc = edge_run(config, "--results", str(results))
+        run = edge_run(config, "--results", str(results))
         # every frame of the clip has people: 30 detection summaries, each once
         wait_until(lambda: len(store_ids(fleet.db, "detection_summary")) >= 30, 60, "30 detection summaries")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-        assert proc.returncode == 0, stderr
+        assert run.stop() == 0, run.text()[-3000:]
 
         summaries = fleet_json("events", "tail", "--db", str(fleet.db), "--device", "cam-e2e",
                                "--kind", "detection_summary", "--limit", "100")
@@ -100,31 +96,29 @@ def test_kill_9_edge_run_twenty_times_loses_and_duplicates_nothing(tmp_path, bro
     config = write_config(tmp_path, broker, {"kind": "video", "path": video, "pace": "fast", "loop": True})
     committed: set[str] = set()
     rng = random.Random(7)
-    procs: list[subprocess.Popen] = []
+    runs: list[EdgeRun] = []
     try:
         fleet.wait_for("serving")
         for _ in range(20):
-            proc = edge_run(config)
-            procs.append(proc)
-            # wait for work to be under way, then kill at a random moment of it
-            wait_until(lambda: len(outbox_ids(outbox) - committed) > 0 or proc.poll() is not None, 60,
+            run = edge_run(config)
+            runs.append(run)
+            # wait for work to be under way (the outbox reports itself open, then holds
+            # events of this life), then kill at a random moment of it
+            run.wait_for("outbox open")
+            wait_until(lambda: len(outbox_ids(outbox) - committed) > 0 or run.proc.poll() is not None, 60,
                        "the outbox to fill")
             time.sleep(rng.uniform(0.0, 1.5))
-            proc.kill()
-            proc.wait()
+            run.kill()
             # what survived the kill is committed; it must reach the fleet exactly once
             committed |= outbox_ids(outbox)
         assert committed  # some kills caught events committed but not yet acked
         final = edge_run(config)
-        procs.append(final)
+        runs.append(final)
         wait_until(lambda: committed <= set(store_ids(fleet.db)), 120, "every committed event in the store")
-        final.send_signal(signal.SIGTERM)
-        final.communicate(timeout=30)
+        final.stop()
     finally:
-        for proc in procs:  # a failed wait must not leave a daemon behind
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        for run in runs:  # a failed wait must not leave a daemon behind
+            run.kill()
         fleet.stop()
     stored = store_ids(fleet.db)
     # twenty lives' worth of detections went through (about 25 a life on a quiet machine;
@@ -144,7 +138,7 @@ def test_broker_down_30s_inference_keeps_going_and_the_backlog_drains(tmp_path, 
     count = lambda: len(results.read_text().splitlines()) if results.exists() else 0  # noqa: E731
     try:
         fleet.wait_for("serving")
-        proc = edge_run(config, "--results", str(results))
+        run = edge_run(config, "--results", str(results))
         wait_until(lambda: len(store_ids(fleet.db, "detection_summary")) >= 10, 60, "sync to start")
         broker.stop()
         down_at, before = time.monotonic(), count()
@@ -157,10 +151,9 @@ def test_broker_down_30s_inference_keeps_going_and_the_backlog_drains(tmp_path, 
         assert len(backlog) >= 100  # and its metadata waited in the outbox
         wait_until(lambda: backlog <= set(store_ids(fleet.db)), 90, "the backlog to drain")
         assert time.monotonic() - down_at < 150
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-        assert proc.returncode == 0, stderr
+        assert run.stop() == 0, run.text()[-3000:]
     finally:
+        run.kill()
         fleet.stop()
     stored = store_ids(fleet.db)
     assert len(stored) == len(set(stored))
