@@ -207,8 +207,12 @@ class SimDevice:
         wanted = [(slot, a) for slot, a in sorted(doc.models.items())]
         if doc.policy is not None:
             wanted.append((POLICY_SLOT, doc.policy))
-        if self.job is not None:  # a newer desired state replaces what was in progress
-            j = self.job
+        j = self.job
+        if j is not None and (j.slot, j.assignment) in wanted:
+            # the new state still asks for the job in progress (it changed another slot):
+            # like the device agent, carry on with it; failing it would fail its rollout
+            wanted.remove((j.slot, j.assignment))
+        elif j is not None:  # a newer desired state replaces what was in progress
             self.job = None
             self._job(j.assignment.job, j.slot, j.assignment.artifact.sha256, "failed",
                       reason="superseded by a newer desired state")
