@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .errors import ConfigError, EdgeError, SourceError, UsageError, run_command
+from edge import __version__
+from edge.core.errors import ConfigError, EdgeError, SourceError, UsageError, run_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,9 +127,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .daemon import Daemon, open_results
-    from .logs import setup_logging
+    from edge.config import load_config
+    from edge.core.logs import setup_logging
+    from edge.daemon import Daemon, open_results
 
     cfg = load_config(args.config)
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
@@ -150,7 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     import time
 
-    from .config import load_config
+    from edge.config import load_config
 
     cfg = load_config(args.config)
     path = cfg.runtime.stats_file
@@ -178,7 +178,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    from .model import Model
+    from edge.inference.model import Model
 
     return Model.load(args.model, manifest=args.manifest, labels=args.labels, num_threads=args.threads)
 
@@ -186,7 +186,7 @@ def _load_model(args: argparse.Namespace):
 def _cmd_infer(args: argparse.Namespace) -> int:
     import cv2
 
-    from .logs import setup_logging
+    from edge.core.logs import setup_logging
 
     setup_logging("human", "warning")
     model = _load_model(args)
@@ -222,7 +222,7 @@ def _describe(path: Path, prediction) -> str:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from .config import load_config, missing_files
+    from edge.config import load_config, missing_files
 
     cfg = load_config(args.file)
     problems = missing_files(cfg)
@@ -233,7 +233,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from .policy import load_policy
+    from edge.decide.policy import load_policy
 
     policy = load_policy(args.file)
     print(f"{args.file}: ok (version {policy.version}, {len(policy.rules)} rule(s), {len(policy.zones)} zone(s), "
@@ -242,8 +242,8 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def _model_store(config: Path):
-    from .config import load_config
-    from .modelstore import ModelStore
+    from edge.config import load_config
+    from edge.updates.modelstore import ModelStore
 
     cfg = load_config(config)
     if cfg.agent is None:
@@ -252,7 +252,7 @@ def _model_store(config: Path):
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
-    from .modelstore import describe
+    from edge.updates.modelstore import describe
 
     rows = describe(_model_store(args.config).load())
     if args.json:
@@ -269,7 +269,7 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_rollback(args: argparse.Namespace) -> int:
-    from .modelstore import rollback_slot
+    from edge.updates.modelstore import rollback_slot
 
     entry = rollback_slot(_model_store(args.config), args.slot)
     print(f"{args.slot}: {entry.name} {entry.version} is active: a running edge run swaps it in within a "
@@ -278,14 +278,14 @@ def _cmd_models_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_schema(args: argparse.Namespace) -> int:
-    from .config import config_schema
+    from edge.config import config_schema
 
     print(json.dumps(config_schema(), indent=2))
     return 0
 
 
 def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
-    from .bench_scheduler import run_scheduler_bench
+    from edge.bench.scheduler import run_scheduler_bench
 
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
@@ -296,7 +296,7 @@ def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from edge.bench.pipeline import run_bench
 
     if args.model is None or args.source is None:
         raise UsageError("edge bench [pipeline] needs --model and --source")
@@ -309,7 +309,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_outbox(args: argparse.Namespace) -> int:
-    from .bench_outbox import run_outbox_bench
+    from edge.bench.outbox import run_outbox_bench
 
     report = run_outbox_bench(args.events, live_events=args.live_events, batch_events=args.batch_events,
                               window=args.window, workdir=args.workdir)
@@ -318,7 +318,7 @@ def _cmd_bench_outbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_alerts(args: argparse.Namespace) -> int:
-    from .bench_alerts import run_alerts_bench
+    from edge.bench.alerts import run_alerts_bench
 
     report = run_alerts_bench(args.model, args.source, manifest=args.manifest, seconds=args.seconds,
                               threads=args.threads)

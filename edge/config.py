@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from .contract import BATCH_OVERHEAD, DEFAULT_PREFIX, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_EVENT_BYTES
-from .errors import ConfigError
+from edge.core.contract import BATCH_OVERHEAD, DEFAULT_PREFIX, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_EVENT_BYTES
+from edge.core.errors import ConfigError
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe as an MQTT topic level and a file name
 

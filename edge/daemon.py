@@ -18,31 +18,31 @@ from typing import IO, Any
 
 import numpy as np
 
-from .alerts import AlertPublisher
-from .capture import CaptureThread
-from .contract import Topics
-from .decisions import DecisionEngine
-from .errors import EdgeError
-from .files import replace_file
-from .events import model_event
-from .config import CameraConfig, DeviceConfig, SchedulerConfig
-from .liveness import Liveness
-from .logs import fields
-from .model import Model
-from .outbox import Outbox
-from .planner import CostModel
-from .policy import load_policy, parse_policy
-from .recorder import Recorder, fan_out
-from .scheduler import CameraRunner, Executor, Result, Scheduler, Sink
-from .snapshots import SnapshotLimits, SnapshotStore
-from .agent import Agent
-from .health_watch import HealthWatch, band_outcome
-from .modelstore import CrashLoop, Entry, ModelStore
-from .signing import sha256_file
-from .smoke import RuntimeOptions
-from .smoke import load_model as load_stored
-from .sources import Source, make_source
-from .sync import Sync
+from edge.capture.sources import Source, make_source
+from edge.capture.thread import CaptureThread
+from edge.config import CameraConfig, DeviceConfig, SchedulerConfig
+from edge.core.contract import Topics
+from edge.core.errors import EdgeError
+from edge.core.files import replace_file
+from edge.core.logs import fields
+from edge.core.signing import sha256_file
+from edge.decide.alerts import AlertPublisher
+from edge.decide.engine import DecisionEngine
+from edge.decide.policy import load_policy, parse_policy
+from edge.decide.snapshots import SnapshotLimits, SnapshotStore
+from edge.inference.model import Model
+from edge.schedule.liveness import Liveness
+from edge.schedule.planner import CostModel
+from edge.schedule.scheduler import CameraRunner, Executor, Result, Scheduler, Sink
+from edge.sync.client import Sync
+from edge.sync.events import model_event
+from edge.sync.outbox import Outbox
+from edge.sync.recorder import Recorder, fan_out
+from edge.updates.agent import Agent
+from edge.updates.health import HealthWatch, band_outcome
+from edge.updates.modelstore import CrashLoop, Entry, ModelStore
+from edge.updates.smoke import RuntimeOptions
+from edge.updates.smoke import load_model as load_stored
 
 log = logging.getLogger("edge.run")
 
@@ -189,7 +189,7 @@ class Daemon:
             log.error("policy refused; the current one stays", extra=fields(
                 error=str(exc), current=self.decisions.policy.version if self.decisions.policy else None))
 
-    # --- model updates (edge/agent.py) -------------------------------------------------------
+    # --- model updates (edge/updates/agent.py) -------------------------------------------------------
 
     def _open_model_store(self) -> None:
         """The agent's model store, and the crash-loop check of this start."""

@@ -23,10 +23,10 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.benchkit import LocalMosquitto, cpu_s, rss_mb
-from edge.errors import EdgeError, UsageError
-from edge.manifest import load_manifest
-from edge.signing import init_keys, load_public_key
+from edge.bench.kit import LocalMosquitto, cpu_s, rss_mb
+from edge.core.errors import EdgeError, UsageError
+from edge.core.signing import init_keys, load_public_key
+from edge.inference.manifest import load_manifest
 
 from .client import FleetClient
 from .operate import push_file

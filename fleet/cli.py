@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
-from edge.errors import UsageError, run_command
+from edge.core.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
+from edge.core.errors import UsageError, run_command
 
 from . import __version__, operate
 
@@ -125,7 +125,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     operators = frozenset(args.operator or ["operator"])
-    from edge.logs import setup_logging
+    from edge.core.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level, loggers=("edge", "fleet"))  # the MQTT link is edge code
     stop = threading.Event()

@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.contract import DEFAULT_PREFIX, ContractError, RpcRequest, Topics, decode_rpc_response, encode
+from edge.core.contract import DEFAULT_PREFIX, ContractError, RpcRequest, Topics, decode_rpc_response, encode
 
 from .errors import OpError
 

@@ -1,6 +1,6 @@
 """Per-device desired state: what the fleet wants running, versioned and retained.
 
-Every change makes a new :class:`~edge.contract.Desired` with a higher version, is
+Every change makes a new :class:`~edge.core.contract.Desired` with a higher version, is
 committed to the store, and only then published retained on the device's desired
 topic, so a device that is offline finds it when it returns. Versions are
 ``max(previous + 1, now in ms)``: they keep growing even if the store were rebuilt,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge.contract import POLICY_SLOT, Assignment, Desired, Reported
+from edge.core.contract import POLICY_SLOT, Assignment, Desired, Reported
 
 
 class DesiredBook:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge.errors import EdgeError
+from edge.core.errors import EdgeError
 
 # Codes that mean the operator's request cannot be done as written (exit 2); anything
 # else is a failure of the manager or the link to it (exit 1).

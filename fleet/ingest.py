@@ -24,9 +24,18 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge.contract import DEFAULT_PREFIX, SHARE_GROUP, Ack, ContractError, Topics, decode_batch, decode_status, encode
-from edge.link import Link, LinkSettings
-from edge.logs import fields
+from edge.core.contract import (
+    DEFAULT_PREFIX,
+    SHARE_GROUP,
+    Ack,
+    ContractError,
+    Topics,
+    decode_batch,
+    decode_status,
+    encode,
+)
+from edge.core.link import Link, LinkSettings
+from edge.core.logs import fields
 
 from .store import Store
 

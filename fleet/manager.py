@@ -24,11 +24,22 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.contract import (DEFAULT_PREFIX, ContractError, RpcError, RpcResponse, Topics, decode_artifact_request,
-                           decode_job, decode_reported, decode_rpc_request, encode, encode_chunk)
-from edge.link import Link, LinkSettings
-from edge.logs import fields
-from edge.signing import load_private_key
+from edge.core.contract import (
+    DEFAULT_PREFIX,
+    ContractError,
+    RpcError,
+    RpcResponse,
+    Topics,
+    decode_artifact_request,
+    decode_job,
+    decode_reported,
+    decode_rpc_request,
+    encode,
+    encode_chunk,
+)
+from edge.core.link import Link, LinkSettings
+from edge.core.logs import fields
+from edge.core.signing import load_private_key
 
 from .ingest import Ingest
 from .registry import Registry

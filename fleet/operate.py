@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge.errors import UsageError
+from edge.core.errors import UsageError
 
 from .client import FleetClient
 
@@ -180,7 +180,7 @@ class Progress:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from edge.signing import KeyFileError, init_keys
+    from edge.core.signing import KeyFileError, init_keys
 
     try:
         private, public = init_keys(args.dir)
@@ -407,7 +407,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from edge.signing import KeyFileError, load_public_key
+    from edge.core.signing import KeyFileError, load_public_key
 
     from .simulator import Faults, SimSettings, Simulator, load_running, pick
 

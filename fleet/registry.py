@@ -1,7 +1,7 @@
 """The artifact registry: validated, signed models and policies, stored by sha256.
 
 An artifact's bytes live in ``<dir>/<sha256>`` (content-addressed, written once by an
-atomic rename); its signed description (:class:`~edge.contract.Artifact`) lives in the
+atomic rename); its signed description (:class:`~edge.core.contract.Artifact`) lives in the
 store. A version is immutable: pushing the same name and version again with the same
 bytes changes nothing, with different bytes it is refused.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.contract import SHA256_PATTERN, Artifact
-from edge.policy import PolicyError, parse_policy
-from edge.signing import SignatureError, sha256_file, sign, verify, verify_file
+from edge.core.contract import SHA256_PATTERN, Artifact
+from edge.core.signing import SignatureError, sha256_file, sign, verify, verify_file
+from edge.decide.policy import PolicyError, parse_policy
 
 from .errors import OpError
 from .store import Conflict, Store
@@ -37,10 +37,10 @@ def validate_model(path: Path, manifest: dict[str, Any] | str | Path | None) -> 
     """Load ``path`` with LiteRT and check the manifest against its tensors; returns the
     manifest as JSON-ready data with its labels inline. ``manifest`` is a file, a parsed
     manifest, or None (beside the model, else guessed from the tensors)."""
-    from edge.errors import ModelError
-    from edge.manifest import Manifest
-    from edge.model import Model
-    from edge.runtime import load_interpreter
+    from edge.core.errors import ModelError
+    from edge.inference.manifest import Manifest
+    from edge.inference.model import Model
+    from edge.inference.runtime import load_interpreter
 
     try:
         if isinstance(manifest, dict):

@@ -36,8 +36,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.contract import ID_PATTERN, POLICY_SLOT, Assignment, Desired, JobStatus, Reported
-from edge.logs import fields
+from edge.core.contract import ID_PATTERN, POLICY_SLOT, Assignment, Desired, JobStatus, Reported
+from edge.core.logs import fields
 
 from .desired import DesiredBook, desired_row, reported_row
 from .errors import OpError

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.contract import ID_PATTERN, MAX_CHUNK_BYTES, RpcError, RpcRequest, RpcResponse
+from edge.core.contract import ID_PATTERN, MAX_CHUNK_BYTES, RpcError, RpcRequest, RpcResponse
 
 from . import __version__
 from .errors import OpError

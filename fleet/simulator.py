@@ -33,10 +33,29 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 
-from edge.contract import (CHUNK_BUSY_RETRY_S, DEFAULT_PREFIX, MAX_CHUNK_BYTES, POLICY_SLOT, ArtifactRequest,
-                           Assignment, Change, ContractError, Desired, JobStatus, Reported, Running, Status,
-                           Topics, batch_body, decode_ack, decode_chunk, decode_desired, encode, event_json)
-from edge.signing import SignatureError, sha256_file, verify
+from edge.core.contract import (
+    CHUNK_BUSY_RETRY_S,
+    DEFAULT_PREFIX,
+    MAX_CHUNK_BYTES,
+    POLICY_SLOT,
+    ArtifactRequest,
+    Assignment,
+    Change,
+    ContractError,
+    Desired,
+    JobStatus,
+    Reported,
+    Running,
+    Status,
+    Topics,
+    batch_body,
+    decode_ack,
+    decode_chunk,
+    decode_desired,
+    encode,
+    event_json,
+)
+from edge.core.signing import SignatureError, sha256_file, verify
 
 log = logging.getLogger("fleet.simulator")
 
@@ -335,7 +354,7 @@ class SimDevice:
     def send_batches(self, batches: int, events: int) -> None:
         if self.client is None:
             return
-        from edge import events as E
+        from edge.sync import events as E
 
         for _ in range(batches):
             evs = [E.health_snapshot("c0", {"i": i}) for i in range(events)]

@@ -18,9 +18,9 @@ from typing import Any
 import sqlite_utils
 from pydantic_core import to_json
 
-from edge.contract import MAX_PAYLOAD_BYTES, Artifact, ContractError, OutboxBatch, Status
-from edge.db import Migration, SchemaTooNew, connect, migrate, rollback_quietly
-from edge.errors import EdgeError
+from edge.core.contract import MAX_PAYLOAD_BYTES, Artifact, ContractError, OutboxBatch, Status
+from edge.core.db import Migration, SchemaTooNew, connect, migrate, rollback_quietly
+from edge.core.errors import EdgeError
 
 
 class StoreError(EdgeError):

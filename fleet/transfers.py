@@ -19,8 +19,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edge.contract import ArtifactRequest, ChunkHeader, Topics, encode_chunk
-from edge.logs import fields
+from edge.core.contract import ArtifactRequest, ChunkHeader, Topics, encode_chunk
+from edge.core.logs import fields
 
 log = logging.getLogger("fleet.transfers")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.contract import (
+from edge.core.contract import (
     Assignment,
     ChunkHeader,
     ContractError,

@@ -17,11 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from edge import events as E
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
-from edge.logs import setup_logging
-from edge.outbox import Outbox
-from edge.sync import Sync
+from edge.core.logs import setup_logging
+from edge.sync import events as E
+from edge.sync.client import Sync
+from edge.sync.outbox import Outbox
 
 
 def main() -> int:

@@ -11,17 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
-
 from broker import wait_until
-import conftest
 from conftest import REPO, manifest_for, shared_path
-from edge.contract import Artifact, Assignment
-from edge.manifest import load_manifest
-from edge.modelstore import ModelStore
-from edge.signing import init_keys, load_private_key, sign
 from fleet_peer import FleetPeer
+
+from edge.core.contract import Artifact, Assignment
+from edge.core.signing import init_keys, load_private_key, sign
+from edge.inference.manifest import load_manifest
+from edge.updates.modelstore import ModelStore
 
 YOLO_A = "models/yolov8n_full_integer_quant-a.tflite"
 YOLO_B = "models/yolov8n_full_integer_quant-b.tflite"
@@ -262,7 +262,7 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
 
 def objects_consistent(store_dir: Path) -> str | None:
     """The active model's sha256 per the state file (None: the config's), after checking its file."""
-    from edge.signing import sha256_file
+    from edge.core.signing import sha256_file
 
     state = ModelStore(store_dir).load()  # parses: never half a file
     active = state.slots["det"].active if "det" in state.slots else None

@@ -8,17 +8,17 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import manifest_for, shared_path
-from edge.adapters import Detection, Prediction
-from edge.capture import Frame
-from edge.contract import MAX_CHUNK_BYTES, Artifact, ChunkHeader, Topics, decode_artifact_request
-from edge.download import Downloader, DownloadError, DownloadSettings
-from edge.health_watch import HealthLimits, HealthWatch, band_outcome
-from edge.manifest import Manifest, load_manifest
-from edge.model import StageTimes
-from edge.scheduler import Result
-from edge.smoke import RuntimeOptions, SmokeError, smoke_test
+
+from edge.capture.thread import Frame
+from edge.core.contract import MAX_CHUNK_BYTES, Artifact, ChunkHeader, Topics, decode_artifact_request
+from edge.inference.adapters import Detection, Prediction
+from edge.inference.manifest import Manifest, load_manifest
+from edge.inference.model import StageTimes
+from edge.schedule.scheduler import Result
+from edge.updates.download import Downloader, DownloadError, DownloadSettings
+from edge.updates.health import HealthLimits, HealthWatch, band_outcome
+from edge.updates.smoke import RuntimeOptions, SmokeError, smoke_test
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 TINY = "models/mobilenet_v1_0.25_128_quant.tflite"
@@ -161,7 +161,6 @@ def test_a_missing_public_key_is_a_config_error_naming_the_key(tmp_path):
     import sys
 
     import yaml
-
     from conftest import REPO
 
     cfg = {"device": {"id": "cam"}, "models": {"det": {"path": str(shared_path(TINY)),

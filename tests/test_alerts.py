@@ -13,14 +13,14 @@ from pathlib import Path
 
 import cv2
 import yaml
-
 from broker import wait_until
 from conftest import EdgeRun, edge_run, manifest_for, shared_path
 from controller import Controller
-from edge.contract import decode_alert
-from edge.decisions import DecisionEngine, FrameInfo
-from edge.model import Model
-from edge.policy import parse_policy
+
+from edge.core.contract import decode_alert
+from edge.decide.engine import DecisionEngine, FrameInfo
+from edge.decide.policy import parse_policy
+from edge.inference.model import Model
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 ALERTS = "edgecam/v1/alerts/plant-a/3/door"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from conftest import manifest_for, shared_path
-from edge.bench_alerts import run_alerts_bench
+
+from edge.bench.alerts import run_alerts_bench
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 

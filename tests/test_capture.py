@@ -21,7 +21,17 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.capture import CaptureState, CaptureThread, Frame
+from edge.capture.sources import (
+    ImageDirSource,
+    Source,
+    SourceUnsupported,
+    TestPatternSource,
+    UsbCameraSource,
+    VideoFileSource,
+    make_source,
+    redact,
+)
+from edge.capture.thread import CaptureState, CaptureThread, Frame
 from edge.config import (
     Backoff,
     GStreamerSource,
@@ -32,17 +42,7 @@ from edge.config import (
     UsbSource,
     VideoSource,
 )
-from edge.errors import SourceError
-from edge.sources import (
-    ImageDirSource,
-    Source,
-    SourceUnsupported,
-    TestPatternSource,
-    UsbCameraSource,
-    VideoFileSource,
-    make_source,
-    redact,
-)
+from edge.core.errors import SourceError
 
 FAST_BACKOFF = Backoff(initial_s=0.02, max_s=0.1)
 SLOW_BACKOFF = Backoff(initial_s=30.0, max_s=30.0)  # a thread in backoff stays there for the test

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import manifest_for, shared_path
+
 from edge.cli import main
 
 YOLO_B = "models/yolov8n_full_integer_quant-b.tflite"

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from edge.cli import main
 from edge.config import load_config, parse_config
-from edge.errors import ConfigError
-from edge.policy import load_policy
+from edge.core.errors import ConfigError
+from edge.decide.policy import load_policy
 
 BASE = {
     "device": {"id": "cam-1"},

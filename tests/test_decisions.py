@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from edge.adapters import Classification, Detection, Prediction
-from edge.contract import Alert, AlertState
-from edge.decisions import DecisionEngine, Debouncer, FrameInfo
-from edge.policy import PolicyError, parse_policy
-from edge.tracker import Observation, Tracker, TrackerSettings
-from edge.zones import inside, side
+from edge.core.contract import Alert, AlertState
+from edge.decide.engine import Debouncer, DecisionEngine, FrameInfo
+from edge.decide.policy import PolicyError, parse_policy
+from edge.decide.tracker import Observation, Tracker, TrackerSettings
+from edge.decide.zones import inside, side
+from edge.inference.adapters import Classification, Detection, Prediction
 
 W, H = 1000, 500
 

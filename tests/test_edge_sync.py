@@ -12,7 +12,6 @@ from pathlib import Path
 
 import cv2
 import yaml
-
 from broker import FleetProcess, wait_until
 from conftest import REPO, EdgeRun, edge_run, manifest_for, shared_path
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from edge import contract
-from edge import events as E
+from edge.core import contract
+from edge.sync import events as E
 
 
 def test_ids_are_ulids_that_sort_by_time_and_never_repeat():

@@ -11,14 +11,14 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from broker import REPO, Broker, FleetProcess, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker import REPO, Broker, FleetProcess, wait_until
-from edge import contract
-from edge import events as E
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
-from edge.outbox import Outbox
-from edge.sync import Sync
+from edge.core import contract
+from edge.sync import events as E
+from edge.sync.client import Sync
+from edge.sync.outbox import Outbox
 from fleet.cli import main as fleet_main
 from fleet.ingest import Ingest
 from fleet.store import Store

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from broker import REPO, FleetProcess, wait_until
 from conftest import manifest_for, shared_path
-from edge import contract
-from edge.manifest import load_manifest
-from edge.signing import init_keys, load_public_key
+
+from edge.core import contract
+from edge.core.signing import init_keys, load_public_key
+from edge.inference.manifest import load_manifest
 from fleet.client import FleetClient
 from fleet.errors import OpError
 from fleet.operate import push_file
@@ -133,7 +133,7 @@ def test_push_validates_signs_stores_by_sha_and_refuses_other_bytes_for_a_versio
     assert stored.read_bytes() == shared_path(B).read_bytes()
     assert push_model(client, B)["created"] is False, "the same bytes again change nothing"
     (shown,) = client.call("artifacts.show", {"name": "yolov8n", "version": "8.1.42-b"})
-    from edge.signing import verify
+    from edge.core.signing import verify
     verify(load_public_key(keys / "fleet.pub"), contract.Artifact.model_validate(
         {k: shown[k] for k in ("kind", "name", "version", "sha256", "size", "manifest", "signature")}))
     assert len(shown["manifest"]["labels"]) == 80, "labels travel inline"

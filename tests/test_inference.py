@@ -5,13 +5,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-
 from conftest import manifest_for, shared_path
-from edge.errors import ModelError
-from edge.manifest import InputSpec, Manifest, check_manifest
-from edge.model import Model
-from edge.preprocess import Preprocessor, quantize_lut
-from edge.runtime import TensorInfo, load_interpreter
+
+from edge.core.errors import ModelError
+from edge.inference.manifest import InputSpec, Manifest, check_manifest
+from edge.inference.model import Model
+from edge.inference.preprocess import Preprocessor, quantize_lut
+from edge.inference.runtime import TensorInfo, load_interpreter
 
 YOLO_B = "models/yolov8n_full_integer_quant-b.tflite"
 YOLO_A = "models/yolov8n_full_integer_quant-a.tflite"

@@ -6,11 +6,11 @@ import json
 import os
 
 import pytest
-
 from conftest import manifest_for, shared_path
-from edge.contract import Artifact
-from edge.manifest import load_manifest
-from edge.modelstore import Entry, ModelStore, SlotState, State, StoreError, describe, rollback_slot
+
+from edge.core.contract import Artifact
+from edge.inference.manifest import load_manifest
+from edge.updates.modelstore import Entry, ModelStore, SlotState, State, StoreError, describe, rollback_slot
 
 TINY = "models/mobilenet_v1_0.25_128_quant.tflite"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edge import contract
-from edge import events as E
 from edge.config import OutboxConfig
-from edge.outbox import Outbox, OutboxError
+from edge.core import contract
+from edge.sync import events as E
+from edge.sync.outbox import Outbox, OutboxError
 
 
 def open_outbox(tmp_path: Path, **cfg) -> Outbox:
@@ -254,7 +254,7 @@ def test_an_unusable_path_is_one_clear_error(tmp_path):
 
 def test_the_outbox_config_resolves_its_path_like_other_paths_and_checks_its_limits():
     from edge.config import parse_config
-    from edge.errors import ConfigError
+    from edge.core.errors import ConfigError
 
     base = {"device": {"id": "cam"}, "models": {"m": {"path": "m.tflite"}},
             "cameras": [{"id": "c0", "source": {"kind": "pattern"}, "model": "m"}]}
@@ -268,7 +268,7 @@ def test_the_outbox_config_resolves_its_path_like_other_paths_and_checks_its_lim
 
 
 def test_a_failed_commit_keeps_its_events_and_succeeds_later(tmp_path):
-    from edge.db import BUSY_TIMEOUT_S
+    from edge.core.db import BUSY_TIMEOUT_S
 
     outbox = open_outbox(tmp_path)
     blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edge.adapters import Detection, Prediction
 from edge.config import TaskConfig, TriggerConfig
-from edge.planner import CostModel, Planner, WorkItem
+from edge.inference.adapters import Detection, Prediction
+from edge.schedule.planner import CostModel, Planner, WorkItem
 
 
 def task(name: str, priority: int = 0, **kw) -> TaskConfig:

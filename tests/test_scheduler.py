@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-
 from conftest import manifest_for, shared_path
-from edge.adapters import Prediction
+
 from edge.config import parse_config
 from edge.daemon import Daemon
-from edge.scheduler import Result
+from edge.inference.adapters import Prediction
+from edge.schedule.scheduler import Result
 
 MODELS = {
     "yolo": "models/yolov8n_full_integer_quant-b.tflite",

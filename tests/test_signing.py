@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from edge import contract as C
-from edge import signing as S
+from edge.core import contract as C
+from edge.core import signing as S
 
 SHA = "ab" * 32
 

@@ -8,12 +8,12 @@ import time
 
 import cv2
 import numpy as np
-
 from broker import wait_until
-from edge.adapters import Detection, Prediction
-from edge.decisions import DecisionEngine, FrameInfo
-from edge.policy import parse_policy
-from edge.snapshots import SnapshotLimits, SnapshotStore
+
+from edge.decide.engine import DecisionEngine, FrameInfo
+from edge.decide.policy import parse_policy
+from edge.decide.snapshots import SnapshotLimits, SnapshotStore
+from edge.inference.adapters import Detection, Prediction
 
 
 def test_a_snapshot_is_a_real_jpeg_whose_hash_is_reported(tmp_path, shared):

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from broker import REPO, Broker, FleetProcess, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker import REPO, Broker, FleetProcess, wait_until
-from edge import contract
-from edge import events as E
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
-from edge.outbox import Outbox
-from edge.sync import Sync
+from edge.core import contract
+from edge.sync import events as E
+from edge.sync.client import Sync
+from edge.sync.outbox import Outbox
 from fleet.ingest import Ingest
 from fleet.store import Store
 
@@ -333,7 +333,7 @@ def test_a_killed_device_goes_offline_by_its_will_and_online_again(tmp_path, bro
 
 def test_the_mqtt_config_refuses_a_prefix_that_is_not_a_plain_topic():
     from edge.config import parse_config
-    from edge.errors import ConfigError
+    from edge.core.errors import ConfigError
 
     base = {"device": {"id": "cam"}, "models": {"m": {"path": "m.tflite"}},
             "cameras": [{"id": "c0", "source": {"kind": "pattern"}, "model": "m"}]}
@@ -346,7 +346,7 @@ def test_the_mqtt_config_refuses_a_prefix_that_is_not_a_plain_topic():
 
 
 def test_reconnect_delays_grow_exponentially_with_jitter_and_reset():
-    from edge.link import Backoff
+    from edge.core.link import Backoff
 
     low = Backoff(1.0, 8.0, rng=lambda: 0.0)
     high = Backoff(1.0, 8.0, rng=lambda: 0.999)

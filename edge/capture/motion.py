@@ -1,0 +1,37 @@
+"""A cheap motion detector: frame differencing on a small grey copy of each frame."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edge.config import MotionConfig
+
+
+class MotionDetector:
+    """Says whether a frame differs from the previous one by more than noise.
+
+    Costs a resize and a few small-array operations: well under a millisecond at
+    the default 160-pixel width, against tens of milliseconds for a detector it gates.
+    """
+
+    def __init__(self, cfg: MotionConfig) -> None:
+        self.cfg = cfg
+        self._previous: np.ndarray | None = None
+        self.frames = 0
+        self.moving = 0
+
+    def __call__(self, frame: np.ndarray) -> bool:
+        h, w = frame.shape[:2]
+        small = cv2.resize(frame, (self.cfg.width, max(1, round(h * self.cfg.width / w))),
+                           interpolation=cv2.INTER_AREA)
+        grey = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+        previous, self._previous = self._previous, grey
+        self.frames += 1
+        if previous is None or previous.shape != grey.shape:
+            moving = True  # nothing to compare with: assume the scene matters
+        else:
+            changed = np.count_nonzero(cv2.absdiff(grey, previous) > self.cfg.threshold)
+            moving = bool(changed >= self.cfg.min_area * grey.size)
+        self.moving += moving
+        return moving

@@ -1,0 +1,481 @@
+"""Decisions: a model's boxes and scores become outcomes, objects, rule states and alerts.
+
+The engine is a scheduler sink. For each result it turns detections (or a whole-frame
+classification) into observations with an outcome (accept / reject / unsure, from the
+policy's per-class thresholds), drops what is too small or inside an exclude zone,
+feeds the camera's tracker, and evaluates every rule for the camera:
+
+- level rules (``present``, ``every``) debounce "the condition holds on this frame"
+  with k-of-n hysteresis; ``present`` alerts when it turns on (and says so again when
+  it clears), ``every`` alerts on each frame while it is on;
+- object rules (``entered``, ``left``, ``crossed``) debounce each tracked object's
+  membership of a zone (or its side of a line) the same way and alert on each change.
+
+A cooldown spaces a rule's alerts (per camera for level rules, per object for object
+rules). Everything about a camera is touched by one executor at a time (the scheduler
+guarantees it), so per-camera state needs no lock; a policy swap replaces the policy
+and the rule states in one assignment between two frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import numpy as np
+
+from edge.core.contract import Alert, AlertState
+from edge.core.logs import fields
+from edge.inference.adapters import Prediction
+from edge.schedule.scheduler import Result
+from edge.sync.events import Event, alert_audit, decision, new_id
+
+from .policy import Policy, Rule
+from .tracker import Observation, Track, Tracker, TrackerSettings
+from .zones import anchor, area, inside, side, within_segment
+
+log = logging.getLogger("edge.decisions")
+
+UNSURE_EVENT_INTERVAL_S = 1.0  # at most one unsure decision event per camera per second
+
+
+class AlertSink(Protocol):
+    """Where alerts go: MQTT now (:class:`edge.decide.alerts.AlertPublisher`)."""
+
+    def submit(self, alert: Alert, topic: str | None, expiry_s: int) -> bool: ...
+
+    def set_state(self, state: AlertState, topic: str | None) -> None: ...
+
+
+class SnapshotSink(Protocol):
+    """Keeps JPEGs on the device (:class:`edge.decide.snapshots.SnapshotStore`)."""
+
+    def request(self, image: np.ndarray, sid: str, done: Callable[[str], None]) -> bool: ...
+
+
+class Debouncer:
+    """k-of-n hysteresis: the state flips when k of the last n inputs disagree with it."""
+
+    __slots__ = ("k", "window", "state")
+
+    def __init__(self, k: int, n: int, state: bool = False) -> None:
+        self.k = k
+        self.window: deque[bool] = deque(maxlen=n)
+        self.state = state
+
+    def feed(self, value: bool) -> bool:
+        """Add one frame's value; True when the state flipped."""
+        self.window.append(value)
+        if sum(v != self.state for v in self.window) >= self.k:
+            self.state = not self.state
+            return True
+        return False
+
+
+@dataclass
+class _ObjectState:
+    member: Debouncer  # inside the zone, or on side b of the line
+    known: bool = False  # a line side is learnt from the first sighting, not assumed
+    last_alert: float = float("-inf")
+
+
+@dataclass
+class _RuleState:
+    rule: Rule
+    level: Debouncer
+    level_alert: str | None = None  # the id of the alert that turned the level on (None: suppressed)
+    last_alert: float = float("-inf")
+    objects: dict[int, _ObjectState] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+
+
+@dataclass
+class _Camera:
+    """A camera's tracker and rule states under one policy."""
+
+    tracker: Tracker
+    rules: list[_RuleState]
+    blind_since: float | None = None
+    blind_alerted: bool = False
+    last_unsure_event: float = float("-inf")
+    outcomes: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "unsure": 0})
+
+
+@dataclass(frozen=True)
+class _Current:
+    """A policy and the per-camera state built for it, swapped as one."""
+
+    policy: Policy
+    cameras: dict[str, _Camera]
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What the engine needs of a result's frame."""
+
+    camera: str
+    captured_at: float
+    width: int
+    height: int
+    model: str
+    model_version: str | None
+    image: np.ndarray | None = None  # kept only for snapshots
+
+
+class DecisionEngine:
+    """Turns results into outcomes and alerts under a swappable policy."""
+
+    def __init__(
+        self,
+        device: str,
+        topics: Callable[[str], str],
+        alerts: AlertSink | None,
+        *,
+        policy: Policy | None = None,
+        audit: Callable[[Event], None] | None = None,
+        snapshots: SnapshotSink | None = None,
+        model_version: Callable[[str, str], str | None] = lambda camera, task: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.device = device
+        self._alert_topic = topics
+        self._alerts = alerts
+        self._audit = audit
+        self._snapshots = snapshots
+        self._model_version = model_version
+        self._clock = clock
+        self._current: _Current | None = _Current(policy, {}) if policy is not None else None
+        self._swap = threading.Lock()  # policy swaps against health polling; frames never wait on it
+        self._count_lock = threading.Lock()
+        self.counters: dict[str, Any] = {"alerts": {}, "cooldown_suppressed": 0, "policy_swaps": 0,
+                                         "snapshots_requested": 0, "snapshots_skipped": 0}
+
+    # --- policy ------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy | None:
+        current = self._current
+        return current.policy if current is not None else None
+
+    def set_policy(self, policy: Policy) -> None:
+        """Use ``policy`` from the next frame on. Rules whose definition did not change
+        keep their state (an object inside a zone does not "enter" it again)."""
+        with self._swap:
+            cameras: dict[str, _Camera] = {}
+            for camera_id, old in (self._current.cameras if self._current else {}).items():
+                cam = self._new_camera(policy, camera_id)
+                if old.tracker.settings == cam.tracker.settings:
+                    cam.tracker = old.tracker
+                kept = {s.rule.name: s for s in old.rules}
+                cam.rules = [kept[s.rule.name] if s.rule.name in kept and kept[s.rule.name].rule == s.rule else s
+                             for s in cam.rules]
+                cam.blind_since, cam.blind_alerted, cam.outcomes = old.blind_since, old.blind_alerted, old.outcomes
+                cameras[camera_id] = cam
+            self._current = _Current(policy, cameras)  # one assignment, read once per frame
+            self._count("policy_swaps")
+
+    def _new_camera(self, policy: Policy, camera: str) -> _Camera:
+        t = policy.tracker
+        tracker = Tracker(TrackerSettings(t.iou, t.max_distance, t.lost_after_s, t.min_hits))
+        rules = [_RuleState(r, Debouncer(r.debounce.k, r.debounce.n)) for r in policy.rules
+                 if not r.cameras or camera in r.cameras]
+        return _Camera(tracker, rules)
+
+    def _camera(self, current: _Current, camera: str) -> _Camera:
+        cam = current.cameras.get(camera)
+        if cam is None:
+            with self._swap:
+                cam = current.cameras.setdefault(camera, self._new_camera(current.policy, camera))
+        return cam
+
+    # --- frames --------------------------------------------------------------------------
+
+    def __call__(self, result: Result) -> None:
+        """Scheduler sink: one task's result on one frame. Crops are left to their parent."""
+        if self._current is None or result.crop is not None:
+            return
+        h, w = result.frame.image.shape[:2]
+        frame = FrameInfo(result.frame.camera, result.frame.captured_at, w, h, result.model,
+                          self._model_version(result.frame.camera, result.task), result.frame.image)
+        self.observe(frame, result.prediction)
+
+    def observe(self, frame: FrameInfo, prediction: Prediction) -> list[Alert]:
+        """Evaluate one frame under the policy in force; returns the alerts it raised
+        (already handed to the alert sink). Does nothing without a policy."""
+        current = self._current
+        if current is None:
+            return []
+        policy = current.policy
+        cam = self._camera(current, frame.camera)
+        observations = self._observations(policy, frame, prediction)
+        for obs in observations:
+            cam.outcomes[obs.outcome] += 1
+        if any(o.outcome == "unsure" for o in observations):
+            self._unsure(policy, cam, frame, observations)
+        # "accept" is below a class's accept_at: noise, not an object worth an id
+        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.captured_at)
+        raised: list[Alert] = []
+        for state in cam.rules:
+            raised.extend(self._evaluate(policy, state, frame, observations, tracks, lost))
+        return raised
+
+    def _observations(self, policy: Policy, frame: FrameInfo, prediction: Prediction) -> list[Observation]:
+        anchor_at = policy.tracker.anchor
+        excludes = [z.polygon for z in policy.zones.values() if z.mode == "exclude"]
+        out = []
+        if prediction.detections:
+            for det in prediction.detections:
+                x1, y1, x2, y2 = det.box
+                box = (x1 / frame.width, y1 / frame.height, x2 / frame.width, y2 / frame.height)
+                limits = policy.thresholds(det.label)
+                if area(box) < limits.min_area:
+                    continue
+                if excludes and any(inside(anchor(box, anchor_at), z) for z in excludes):
+                    continue
+                out.append(Observation(det.label, det.score, box, limits.outcome(det.score)))
+        elif prediction.classes:  # a classifier speaks for the whole frame: its top class
+            top = prediction.classes[0]
+            out.append(Observation(top.label, top.score, (0.0, 0.0, 1.0, 1.0), policy.outcome(top.label, top.score)))
+        return out
+
+    # --- rules ---------------------------------------------------------------------------
+
+    def _evaluate(self, policy: Policy, state: _RuleState, frame: FrameInfo, observations: list[Observation],
+                  tracks: list[Track], lost: list[Track]) -> Iterable[Alert]:
+        when = state.rule.when
+        if when.event in ("present", "every"):
+            return self._level(policy, state, frame, self._matching(policy, state.rule, observations, tracks))
+        return self._objects(policy, state, frame, [t for t in tracks if t.seen_now and self._wanted(state.rule, t)],
+                             lost)
+
+    def _wanted(self, rule: Rule, obj: Observation | Track) -> bool:
+        when = rule.when
+        return (not when.classes or obj.label in when.classes) and obj.outcome in when.outcomes
+
+    def _matching(self, policy: Policy, rule: Rule, observations: list[Observation],
+                  tracks: list[Track]) -> list[Observation | Track]:
+        when = rule.when
+        pool: list[Any] = ([t for t in tracks if t.seen_now and t.age_s >= when.min_present_s]
+                           if when.tracked else observations)
+        zone = policy.zones[when.zone].polygon if when.zone else None
+        at = policy.tracker.anchor
+        return [o for o in pool if self._wanted(rule, o) and (zone is None or inside(anchor(o.box, at), zone))]
+
+    def _level(self, policy: Policy, state: _RuleState, frame: FrameInfo, matching: list[Any]) -> list[Alert]:
+        rule = state.rule
+        holds = len(matching) >= rule.when.min_count
+        flipped = state.level.feed(holds)
+        best = max(matching, key=lambda o: o.score, default=None)
+        alerts: list[Alert] = []
+        if rule.when.event == "every":
+            if state.level.state and self._cool(state, frame.captured_at):
+                alerts.append(self._raise(policy, state, frame, "every", best, count=len(matching)))
+        elif flipped and state.level.state:
+            if self._cool(state, frame.captured_at):
+                alert = self._raise(policy, state, frame, "present", best, count=len(matching), on=True)
+                state.level_alert = alert.id
+                alerts.append(alert)
+            else:
+                state.level_alert = None
+        elif flipped and state.level_alert is not None:  # a cleared level is news only if its start was
+            alerts.append(self._raise(policy, state, frame, "cleared", None, count=len(matching), on=False))
+            state.level_alert = None
+        if flipped and rule.state:
+            self._publish_state(policy, frame.camera, rule, state.level.state, frame.captured_at,
+                                alerts[-1].id if alerts else None)
+        return alerts
+
+    def _objects(self, policy: Policy, state: _RuleState, frame: FrameInfo, tracks: list[Track],
+                 lost: list[Track]) -> list[Alert]:
+        rule, when = state.rule, state.rule.when
+        at = policy.tracker.anchor
+        alerts: list[Alert] = []
+        for track in tracks:
+            obj = state.objects.get(track.id)
+            if obj is None:
+                obj = state.objects[track.id] = _ObjectState(Debouncer(rule.debounce.k, rule.debounce.n))
+            point = anchor(track.box, at)
+            if when.event == "crossed":
+                line = policy.lines[when.line]  # type: ignore[index]
+                s = side(point, line.start, line.end)
+                if s == 0:
+                    continue
+                on_b = s < 0
+                if not obj.known:  # first sighting: learn the side, nothing crossed yet
+                    obj.member.state, obj.known = on_b, True
+                    obj.member.window.clear()
+                    continue
+                if obj.member.feed(on_b) and within_segment(point, line.start, line.end, margin=0.05):
+                    direction = "a_to_b" if on_b else "b_to_a"
+                    if when.direction in ("any", direction):
+                        alert = self._object_alert(policy, state, obj, frame, "crossed", track, direction=direction)
+                        if alert is not None:
+                            alerts.append(alert)
+            else:
+                zone = policy.zones[when.zone].polygon  # type: ignore[index]
+                if obj.member.feed(inside(point, zone)):
+                    event = "entered" if obj.member.state else "left"
+                    if event == when.event:
+                        alert = self._object_alert(policy, state, obj, frame, event, track)
+                        if alert is not None:
+                            alerts.append(alert)
+        for track in lost:  # an object that vanishes inside a zone has left it
+            obj = state.objects.pop(track.id, None)
+            if obj is not None and when.event == "left" and obj.member.state:
+                alert = self._object_alert(policy, state, obj, frame, "left", track, detail="lost")
+                if alert is not None:
+                    alerts.append(alert)
+        return alerts
+
+    def _object_alert(self, policy: Policy, state: _RuleState, obj: _ObjectState, frame: FrameInfo, event: str,
+                      track: Track, **extra: Any) -> Alert | None:
+        if frame.captured_at - obj.last_alert < state.rule.cooldown_s:
+            self._count("cooldown_suppressed")
+            return None
+        obj.last_alert = frame.captured_at
+        return self._raise(policy, state, frame, event, track, **extra)
+
+    def _cool(self, state: _RuleState, t: float) -> bool:
+        if t - state.last_alert < state.rule.cooldown_s:
+            self._count("cooldown_suppressed")
+            return False
+        state.last_alert = t
+        return True
+
+    # --- alerts --------------------------------------------------------------------------
+
+    def _raise(self, policy: Policy, state: _RuleState, frame: FrameInfo, event: str, obj: Any, *,
+               count: int | None = None, on: bool | None = None, direction: str | None = None,
+               detail: str | None = None) -> Alert:
+        rule = state.rule
+        if obj is not None and event != "cleared":
+            state.counts[obj.label] = state.counts.get(obj.label, 0) + 1
+            state.events += 1
+        snapshot = new_id() if rule.snapshot and self._snapshots is not None and frame.image is not None else None
+        alert = Alert(
+            v=1, id=new_id(), device=self.device, camera=frame.camera, rule=rule.name, event=event, state=on,
+            label=getattr(obj, "label", None), confidence=round(obj.score, 4) if obj is not None else None,
+            box=tuple(round(v, 4) for v in obj.box) if obj is not None else None,
+            zone=rule.when.zone, line=rule.when.line, direction=direction,
+            track=obj.id if isinstance(obj, Track) else None,
+            count=count if count is not None else state.events, counts=dict(state.counts), detail=detail,
+            captured_at=frame.captured_at, published_at=frame.captured_at, model=frame.model,
+            model_version=frame.model_version, policy_version=policy.version, snapshot=snapshot,
+        )
+        sent = self._send(alert, rule.topic, rule.expiry_s)
+        # the audit row waits for the snapshot's hash; the alert itself never does
+        if snapshot is None or not self._snapshot(frame.image, snapshot,
+                                                  lambda sha: self._record(alert, rule.topic, sent, sha)):
+            self._record(alert, rule.topic, sent)
+        return alert
+
+    def _send(self, alert: Alert, topic: str | None, expiry_s: int) -> bool:
+        sent = self._alerts.submit(alert, topic, expiry_s) if self._alerts is not None else False
+        self._count("alerts", alert.rule)
+        log.info("alert", extra=fields(rule=alert.rule, camera=alert.camera, alert_event=alert.event,
+                                       label=alert.label, track=alert.track, sent=sent))
+        return sent
+
+    def _record(self, alert: Alert, topic: str | None, sent: bool, snapshot_sha256: str | None = None) -> None:
+        if self._audit is None:
+            return
+        detail = {k: v for k, v in alert.model_dump(exclude={"v", "device", "camera", "captured_at", "rule"}).items()
+                  if v not in (None, {}, [])}
+        if snapshot_sha256 is not None:
+            detail["snapshot_sha256"] = snapshot_sha256
+        self._audit(alert_audit(alert.camera, alert.captured_at, alert.rule,
+                                topic or self._alert_topic(alert.camera), sent, **detail))
+
+    def _count(self, key: str, sub: str | None = None) -> None:
+        with self._count_lock:  # executors of different cameras count at once
+            if sub is None:
+                self.counters[key] += 1
+            else:
+                self.counters[key][sub] = self.counters[key].get(sub, 0) + 1
+
+    def _publish_state(self, policy: Policy, camera: str, rule: Rule, on: bool, since: float,
+                       alert: str | None) -> None:
+        if self._alerts is not None:
+            self._alerts.set_state(AlertState(v=1, device=self.device, camera=camera, rule=rule.name, on=on,
+                                              since=since, alert=alert, policy_version=policy.version), None)
+
+    def _unsure(self, policy: Policy, cam: _Camera, frame: FrameInfo, observations: list[Observation]) -> None:
+        if self._audit is None or frame.captured_at - cam.last_unsure_event < UNSURE_EVENT_INTERVAL_S:
+            return
+        cam.last_unsure_event = frame.captured_at
+        unsure = max((o for o in observations if o.outcome == "unsure"), key=lambda o: o.score)
+        unsure_count = sum(o.outcome == "unsure" for o in observations)
+        audit = self._audit
+
+        def record(snapshot: str | None = None, sha256: str | None = None) -> None:
+            extra = {"snapshot": snapshot, "snapshot_sha256": sha256} if snapshot else {}
+            audit(decision(frame.camera, frame.captured_at, frame.model, "unsure", unsure.label, unsure.score,
+                           unsure=unsure_count, policy_version=policy.version,
+                           box=[round(v, 4) for v in unsure.box], **extra))
+
+        if policy.snapshot_unsure and self._snapshots is not None and frame.image is not None:
+            sid = new_id()
+            if self._snapshot(frame.image, sid, lambda sha: record(sid, sha)):
+                return
+        record()
+
+    def _snapshot(self, image: np.ndarray, sid: str, done: Callable[[str], None]) -> bool:
+        taken = self._snapshots is not None and self._snapshots.request(image, sid, done)
+        self._count("snapshots_requested" if taken else "snapshots_skipped")
+        return taken
+
+    # --- camera health -----------------------------------------------------------------
+
+    def poll_health(self, states: Mapping[str, str], now: float | None = None) -> list[Alert]:
+        """Feed each camera's capture state; alerts when one has been blind long enough,
+        and again when it sees again."""
+        current = self._current
+        if current is None or not current.policy.camera_health.enabled:
+            return []
+        policy = current.policy
+        spec = policy.camera_health
+        now = self._clock() if now is None else now
+        alerts = []
+        for camera, state in states.items():
+            cam = self._camera(current, camera)
+            blind = state in spec.states
+            if blind and cam.blind_since is None:
+                cam.blind_since = now
+            elif not blind:
+                if cam.blind_alerted:
+                    alerts.append(self._health_alert(policy, camera, "camera_restored", False, state, now))
+                cam.blind_since, cam.blind_alerted = None, False
+            if blind and not cam.blind_alerted and now - cam.blind_since >= spec.after_s:
+                cam.blind_alerted = True
+                alerts.append(self._health_alert(policy, camera, "camera_blind", True, state, cam.blind_since))
+        return alerts
+
+    def _health_alert(self, policy: Policy, camera: str, event: str, on: bool, state: str, since: float) -> Alert:
+        now = self._clock()
+        alert = Alert(v=1, id=new_id(), device=self.device, camera=camera, rule="camera_health", event=event,
+                      state=on, detail=state, captured_at=since, published_at=now, policy_version=policy.version)
+        self._record(alert, None, self._send(alert, None, policy.camera_health.expiry_s))
+        if self._alerts is not None:
+            self._alerts.set_state(AlertState(v=1, device=self.device, camera=camera, rule="camera_health", on=on,
+                                              since=since, alert=alert.id, policy_version=policy.version), None)
+        return alert
+
+    def tracks(self, camera: str) -> list[Track]:
+        """The camera's confirmed objects, as of its last frame."""
+        current = self._current
+        cam = current.cameras.get(camera) if current is not None else None
+        return [t for t in cam.tracker.tracks.values() if t.confirmed] if cam is not None else []
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the stats line."""
+        current = self._current
+        cameras = current.cameras if current is not None else {}
+        return {"policy": current.policy.version if current is not None else None,
+                "outcomes": {c: dict(cam.outcomes) for c, cam in cameras.items()},
+                "tracks": {c: len(cam.tracker.tracks) for c, cam in cameras.items()},
+                **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}

@@ -1,0 +1,224 @@
+"""The decision policy: thresholds, zones, lines, tracker settings and alert rules.
+
+A policy is a versioned YAML document kept apart from the model, so engineers tune a
+line without touching or redeploying a model, and can roll a bad change back on its
+own. It is validated as a whole; a broken one is refused with the key that is wrong
+and the policy in force stays. Coordinates are normalised to the frame (0..1, x right,
+y down), so one policy fits a camera at any resolution.
+
+Outcomes: a score at or above a class's ``reject_at`` is **reject**, below its
+``accept_at`` is **accept**, and the band between is **unsure**. For an inspection
+model "reject" is a rejected part; for a presence model (a person in a robot cell) it
+reads "the class is confidently there".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge.config import format_validation_error
+from edge.core.errors import EdgeError
+
+OUTCOMES = ("accept", "reject", "unsure")
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+Coord = Annotated[float, Field(ge=0, le=1)]
+Point = tuple[Coord, Coord]
+Name = Annotated[str, Field(pattern=_ID)]
+
+
+class PolicyError(EdgeError):
+    """A policy document that cannot be used; the one in force stays."""
+
+    exit_code = 2
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Thresholds(_Strict):
+    accept_at: float = Field(default=0.3, ge=0, le=1, description="scores below are accept")
+    reject_at: float = Field(default=0.5, ge=0, le=1, description="scores at or above are reject")
+    min_area: float = Field(default=0.0, ge=0, le=1, description="boxes smaller (fraction of the frame) are ignored")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Thresholds":
+        if self.accept_at > self.reject_at:
+            raise ValueError(f"accept_at ({self.accept_at}) must not be above reject_at ({self.reject_at})")
+        return self
+
+    def outcome(self, score: float) -> str:
+        return "reject" if score >= self.reject_at else "accept" if score < self.accept_at else "unsure"
+
+
+class Zone(_Strict):
+    polygon: list[Point] = Field(min_length=3)
+    mode: Literal["include", "exclude"] = Field(
+        default="include", description="exclude: detections whose anchor is inside are ignored everywhere")
+
+
+class Line(_Strict):
+    """A counting line; side "a" is left of someone walking from start to end."""
+
+    start: Point
+    end: Point
+
+    @model_validator(mode="after")
+    def _length(self) -> "Line":
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        return self
+
+
+class TrackerSpec(_Strict):
+    iou: float = Field(default=0.3, gt=0, le=1)
+    max_distance: float = Field(default=0.1, ge=0, le=1, description="centre distance for boxes that stop overlapping")
+    lost_after_s: float = Field(default=1.0, gt=0)
+    min_hits: int = Field(default=2, ge=1, description="frames before a box becomes an object")
+    anchor: Literal["bottom", "center"] = Field(
+        default="bottom", description="the point tested against zones and lines")
+
+
+class Debounce(_Strict):
+    """On when the condition held in k of the last n frames; off when it failed in k of n."""
+
+    k: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> "Debounce":
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        return self
+
+
+class Condition(_Strict):
+    """What a rule looks for in each frame.
+
+    ``present``: at least ``min_count`` matching objects (in ``zone``), each there for
+    ``min_present_s``: a level that turns on and off. ``every``: the same, but it
+    fires on every frame it holds (a rejected part per inspected frame). ``entered`` /
+    ``left``: a tracked object's anchor enters or leaves ``zone``. ``crossed``: it
+    crosses ``line`` in ``direction``.
+    """
+
+    event: Literal["present", "every", "entered", "left", "crossed"] = "present"
+    classes: list[str] = Field(default=[], description="empty: any class")
+    outcomes: list[Literal["accept", "reject", "unsure"]] = Field(default=["reject"], min_length=1)
+    zone: Name | None = None
+    line: Name | None = None
+    direction: Literal["a_to_b", "b_to_a", "any"] = "any"
+    min_count: int = Field(default=1, ge=1)
+    min_present_s: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _fits_event(self) -> "Condition":
+        if self.event in ("entered", "left") and self.zone is None:
+            raise ValueError(f"zone: required for event {self.event!r}")
+        if self.event == "crossed" and self.line is None:
+            raise ValueError("line: required for event 'crossed'")
+        if self.event != "crossed" and self.line is not None:
+            raise ValueError("line: only for event 'crossed'")
+        return self
+
+    @property
+    def tracked(self) -> bool:
+        """Whether the rule needs objects with ids, not just this frame's boxes."""
+        return self.event in ("entered", "left", "crossed") or self.min_present_s > 0
+
+
+class Rule(_Strict):
+    name: Name
+    cameras: list[str] = Field(default=[], description="empty: every camera")
+    when: Condition
+    debounce: Debounce = Debounce()
+    cooldown_s: float = Field(default=0.0, ge=0, description="least time between two alerts of this rule")
+    topic: str | None = Field(default=None, description="publish here instead of the camera's alert topic")
+    state: bool = Field(default=False, description="keep a retained on/off state topic (present/every rules)")
+    expiry_s: int = Field(default=60, ge=1, description="MQTT message expiry: a controller never acts on older alerts")
+    snapshot: bool = Field(default=False, description="keep a JPEG of the alerting frame on the device")
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "+" in value or "#" in value or value.startswith("$")):
+            raise ValueError("must be a plain topic: no wildcards, no leading '$'")
+        return value
+
+
+class CameraHealth(_Strict):
+    """Alert when a camera's feed is blind for ``after_s`` (and clear it when it returns)."""
+
+    enabled: bool = True
+    after_s: float = Field(default=5.0, ge=0)
+    states: list[Literal["stale", "frozen", "reopening", "failed"]] = ["stale", "frozen", "reopening", "failed"]
+    expiry_s: int = Field(default=300, ge=1)
+
+
+class Policy(_Strict):
+    version: str = Field(min_length=1, max_length=64)
+    default: Thresholds = Thresholds()
+    classes: dict[str, Thresholds] = {}
+    zones: dict[Name, Zone] = {}
+    lines: dict[Name, Line] = {}
+    tracker: TrackerSpec = TrackerSpec()
+    rules: list[Rule] = []
+    camera_health: CameraHealth = CameraHealth()
+    snapshot_unsure: bool = Field(default=False, description="keep a JPEG of frames with an unsure outcome")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: object) -> object:
+        # `version: 3` is what people write; it means the text "3"
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _references(self) -> "Policy":
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(f"rules[{i}].name: duplicate rule {rule.name!r}")
+            seen.add(rule.name)
+            zone = rule.when.zone
+            if zone is not None and (zone not in self.zones or self.zones[zone].mode != "include"):
+                raise ValueError(f"rules[{i}].when.zone: {zone!r} is not an include zone "
+                                 f"(known: {', '.join(sorted(self.zones)) or 'none'})")
+            if rule.when.line is not None and rule.when.line not in self.lines:
+                raise ValueError(f"rules[{i}].when.line: unknown line {rule.when.line!r} "
+                                 f"(known: {', '.join(sorted(self.lines)) or 'none'})")
+        return self
+
+    def thresholds(self, label: str) -> Thresholds:
+        return self.classes.get(label, self.default)
+
+    def outcome(self, label: str, score: float) -> str:
+        """accept, reject or unsure for one score of one class."""
+        return self.thresholds(label).outcome(score)
+
+
+def parse_policy(text: str, *, source: str = "policy") -> Policy:
+    """A policy from YAML text, or PolicyError naming the offending key."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a policy must be a mapping")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def load_policy(path: Path) -> Policy:
+    """The policy in the file at ``path``, or PolicyError."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy: {exc.strerror or exc}") from None
+    return parse_policy(text, source=str(path))

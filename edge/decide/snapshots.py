@@ -1,0 +1,111 @@
+"""JPEG snapshots of alert and unsure frames, kept on the device under a size and age cap.
+
+Pixels never leave the device: only a snapshot's id and sha256 travel in metadata, and
+a technician (or a future upload on request) reads the file here. Encoding a 720p JPEG
+takes milliseconds, so it happens on the store's own thread; requests wait in a small
+bounded queue and are skipped (and counted) when it is full, never slowing inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from edge.core.files import replace_file
+from edge.core.logs import fields
+
+log = logging.getLogger("edge.snapshots")
+
+QUEUE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class SnapshotLimits:
+    max_bytes: int
+    max_age_s: float
+    jpeg_quality: int = 85
+
+
+class SnapshotStore:
+    """``dir/<id>.jpg`` files; ``start`` / ``stop``."""
+
+    def __init__(self, directory: Path, limits: SnapshotLimits) -> None:
+        self.dir = directory
+        self.limits = limits
+        self._queue: queue.Queue[tuple[np.ndarray, str, Callable[[str], None]]] = queue.Queue(QUEUE_SIZE)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
+        self.counters = {"written": 0, "skipped_busy": 0, "pruned": 0, "errors": 0}
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Finish the snapshot being written; queued ones are dropped."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def request(self, image: np.ndarray, sid: str, done: Callable[[str], None]) -> bool:
+        """Keep ``image`` as ``sid``; ``done(sha256)`` runs once it is on disk. False: skipped."""
+        if not self._thread.is_alive():
+            return False
+        try:
+            # a copy: the capture thread may reuse the buffer once the frame is served
+            self._queue.put_nowait((image.copy(), sid, done))
+            return True
+        except queue.Full:
+            self.counters["skipped_busy"] += 1
+            return False
+
+    def path(self, sid: str) -> Path:
+        return self.dir / f"{sid}.jpg"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                image, sid, done = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                sha = self._write(image, sid)
+            except Exception:  # a full disk must not take the daemon down
+                self.counters["errors"] += 1
+                log.exception("snapshot failed", extra=fields(snapshot=sid))
+                continue
+            done(sha)
+            self._prune()
+
+    def _write(self, image: np.ndarray, sid: str) -> str:
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.limits.jpeg_quality])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        data = jpeg.tobytes()
+        replace_file(self.path(sid), data, durable=False)
+        self.counters["written"] += 1
+        return hashlib.sha256(data).hexdigest()
+
+    def _prune(self) -> None:
+        """Oldest first: everything past the age cap, then until under the size cap."""
+        files = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.jpg"))
+        total = sum(size for _, size, _ in files)
+        horizon = time.time() - self.limits.max_age_s
+        for mtime, size, path in files:
+            if mtime >= horizon and total <= self.limits.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            self.counters["pruned"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.counters)

@@ -1,0 +1,187 @@
+"""The device's side of the MQTT contract: status, outbox batches, the fleet's acks.
+
+Batches go out QoS 1 on ``{p}/dev/{id}/outbox``, at most ``window`` of them awaiting
+an ack at a time. The broker's PUBACK only says the broker has the message; rows are
+deleted when the fleet's ack naming the batch id arrives on ``{p}/dev/{id}/ack``,
+which the fleet sends after its own commit. A batch not acked within
+``ack_timeout_s`` is sent again with the same id and events; the fleet stores events
+by id, so a copy changes nothing. After a restart the in-flight list is gone: the
+rows are still in the outbox and go out again in new batches, with the same effect.
+
+The session is persistent (``clean_start=False`` and a session expiry), so an ack
+published while the device was briefly away is delivered when it returns. The status
+is retained: online on connect, offline by the last will if the device vanishes, or
+by the device itself on a clean stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import paho.mqtt.client as mqtt
+
+from edge import __version__
+from edge.config import DeviceInfo, MqttConfig
+from edge.core.contract import ContractError, Status, Topics, batch_body, decode_ack, encode
+from edge.core.link import Link, LinkSettings, Will, publish
+from edge.core.logs import fields
+
+from .events import new_id
+from .outbox import Batch, Outbox
+
+log = logging.getLogger("edge.sync")
+
+IDLE_POLL_S = 0.05  # how often an idle link looks for new commits
+MAX_WAIT_S = 0.5
+
+
+@dataclass
+class _InFlight:
+    batch: Batch
+    body: bytes
+    deadline: float  # time.monotonic() after which it is sent again
+
+
+def link_settings(cfg: MqttConfig, client_id: str, *, will=None, max_inflight: int = 20) -> LinkSettings:
+    """Connection settings for a device from its ``mqtt`` config."""
+    tls = cfg.tls
+    return LinkSettings(
+        host=cfg.host, port=cfg.port, client_id=client_id, keepalive_s=cfg.keepalive_s,
+        clean_start=False, session_expiry_s=cfg.session_expiry_s,
+        backoff_initial_s=cfg.reconnect.initial_s, backoff_max_s=cfg.reconnect.max_s,
+        username=cfg.username, password=cfg.password, use_tls=tls is not None,
+        tls_ca=str(tls.ca_file) if tls and tls.ca_file else None,
+        tls_cert=str(tls.cert_file) if tls and tls.cert_file else None,
+        tls_key=str(tls.key_file) if tls and tls.key_file else None,
+        will=will, max_inflight=max_inflight,
+    )
+
+
+class Sync:
+    """Syncs ``outbox`` to the fleet through the broker in ``mqtt``. ``start`` / ``stop``."""
+
+    def __init__(self, mqtt_cfg: MqttConfig, device: DeviceInfo, outbox: Outbox, *,
+                 models: Mapping[str, str] | None = None, runtime: str = __version__) -> None:
+        self.device = device
+        self.outbox = outbox
+        self.topics = Topics(mqtt_cfg.prefix)
+        self._cfg = outbox.cfg
+        self._runtime = runtime
+        self._models = dict(models or {})
+        self._status_due = False
+        self._inflight: dict[str, _InFlight] = {}
+        self._counters: dict[str, Any] = dict(
+            batches_sent=0, events_sent=0, resent=0, acked_batches=0, acked_events=0,
+            acks_unknown=0, acks_rejected={}, publish_errors=0)
+        settings = link_settings(mqtt_cfg, f"edge-{device.id}", will=self._will,
+                                 max_inflight=self._cfg.window + 4)
+        self._link = Link(settings, self, name="sync")
+
+    # --- public ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background and keep syncing until :meth:`stop`."""
+        self.outbox.rewind()  # anything handed out before belongs to no one now
+        self._link.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Publish the offline status, disconnect, join. Unacked rows stay in the outbox."""
+        self._link.stop(timeout)
+
+    def set_models(self, models: Mapping[str, str]) -> None:
+        """Active model versions by slot, for the status; republished while connected."""
+        self._models = dict(models)
+        self._status_due = True
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the stats line."""
+        return {**self._link.counters.as_dict(), "inflight": len(self._inflight),
+                **self._counters, "acks_rejected": dict(self._counters["acks_rejected"])}
+
+    # --- link handler (all on the link's thread) ------------------------------------------
+
+    def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
+        # subscribe every time: the broker may have lost the session (restart without persistence)
+        client.subscribe(self.topics.ack(self.device.id), qos=1)
+        self._publish_status(client, "online")
+        # paho re-sends its unacknowledged publishes itself; give the fleet a full timeout
+        deadline = time.monotonic() + self._cfg.ack_timeout_s
+        for flight in self._inflight.values():
+            flight.deadline = deadline
+
+    def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        try:
+            ack = decode_ack(message.payload, device=self.device.id)
+        except ContractError as exc:
+            rejected = self._counters["acks_rejected"]
+            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+            log.warning("ack rejected", extra=fields(reason=exc.reason, detail=exc.detail[:200],
+                                                     topic=message.topic))
+            return
+        for batch_id in ack.batches:
+            flight = self._inflight.pop(batch_id, None)
+            if flight is None:  # a second ack after a re-send, or one for a previous process's batch
+                self._counters["acks_unknown"] += 1
+                log.info("ack for an unknown batch", extra=fields(batch=batch_id))
+                continue
+            self.outbox.delete(flight.batch)
+            self._counters["acked_batches"] += 1
+            self._counters["acked_events"] += flight.batch.count
+
+    def work(self, client: mqtt.Client) -> float:
+        now = time.monotonic()
+        if self._status_due:
+            self._publish_status(client, "online")
+        timeout = self._cfg.ack_timeout_s
+        for batch_id, flight in self._inflight.items():
+            if flight.deadline <= now:
+                self._publish(client, self.topics.outbox(self.device.id), flight.body)
+                flight.deadline = now + timeout
+                self._counters["resent"] += 1
+                log.info("batch re-sent: no ack", extra=fields(batch=batch_id, events=flight.batch.count))
+        while len(self._inflight) < self._cfg.window:
+            batch = self.outbox.next_batch(self._cfg.batch_events, self._cfg.batch_bytes)
+            if batch is None:
+                break
+            batch_id = new_id()
+            body = batch_body(self.device.id, batch_id, time.time(), batch.events)
+            self._publish(client, self.topics.outbox(self.device.id), body)
+            self._inflight[batch_id] = _InFlight(batch, body, now + timeout)
+            self._counters["batches_sent"] += 1
+            self._counters["events_sent"] += batch.count
+        if len(self._inflight) < self._cfg.window:
+            return IDLE_POLL_S
+        next_deadline = min(f.deadline for f in self._inflight.values())
+        return max(0.0, min(MAX_WAIT_S, next_deadline - now))
+
+    def on_stop(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
+        info = self._publish_status(client, "offline")
+        return [info] if info is not None else []
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _status(self, state: str) -> bytes:
+        d = self.device
+        return encode(Status(v=1, device=d.id, state=state, at=time.time(), runtime=self._runtime,
+                             site=d.site, line=d.line, models=self._models))
+
+    def _will(self) -> Will:
+        return Will(self.topics.status(self.device.id), self._status("offline"))
+
+    def _publish_status(self, client: mqtt.Client, state: str) -> mqtt.MQTTMessageInfo | None:
+        self._status_due = False
+        return self._publish(client, self.topics.status(self.device.id), self._status(state), retain=True)
+
+    def _publish(self, client: mqtt.Client, topic: str, body: bytes, *, retain: bool = False
+                 ) -> mqtt.MQTTMessageInfo | None:
+        info = publish(client, topic, body, retain=retain)
+        if info is None:  # lost to paho: the ack timeout sends the batch again
+            self._counters["publish_errors"] += 1
+        return info
