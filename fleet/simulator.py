@@ -55,6 +55,7 @@ from edge.core.contract import (
     encode,
     event_json,
 )
+from edge.core.ids import new_id
 from edge.core.signing import SignatureError, sha256_file, verify
 
 log = logging.getLogger("fleet.simulator")
@@ -354,15 +355,13 @@ class SimDevice:
     def send_batches(self, batches: int, events: int) -> None:
         if self.client is None:
             return
-        from edge.sync import events as E
-
         for _ in range(batches):
-            evs = [E.health_snapshot("c0", {"i": i}) for i in range(events)]
-            body = ",".join(event_json(id=e.id, seq=self.batches_sent * events + i + 1, kind=e.kind.value,
-                                       device=self.id, camera=e.camera, captured_at=e.captured_at,
-                                       recorded_at=e.recorded_at, priority=e.priority, payload_json=e.payload_json)
-                            for i, e in enumerate(evs))
-            self.client.publish(self.topics.outbox(self.id), batch_body(self.id, E.new_id(), time.time(), body), qos=1)
+            now = time.time()
+            body = ",".join(event_json(id=new_id(), seq=self.batches_sent * events + i + 1, kind="health",
+                                       device=self.id, camera="c0", captured_at=now, recorded_at=now, priority=0,
+                                       payload_json=f'{{"i":{i}}}')
+                            for i in range(events))
+            self.client.publish(self.topics.outbox(self.id), batch_body(self.id, new_id(), now, body), qos=1)
             self.batches_sent += 1
 
 

@@ -10,23 +10,24 @@ import numpy as np
 import pytest
 
 from edge.core import contract
+from edge.core import ids as I
 from edge.sync import events as E
 
 
 def test_ids_are_ulids_that_sort_by_time_and_never_repeat():
     before = time.time()
-    ids = [E.new_id() for _ in range(20_000)]
-    assert all(len(i) == 26 and set(i) <= set(E._CROCKFORD) for i in ids)
+    ids = [I.new_id() for _ in range(20_000)]
+    assert all(len(i) == 26 and set(i) <= set(I._CROCKFORD) for i in ids)
     assert ids == sorted(ids), "monotonic within a process, even within one millisecond"
     assert len(set(ids)) == len(ids)
-    assert before - 0.01 <= E.ulid_time(ids[0]) <= time.time() + 0.01
+    assert before - 0.01 <= I.ulid_time(ids[0]) <= time.time() + 0.01
 
 
 def test_ids_stay_unique_and_increasing_across_threads():
     per_thread: list[list[str]] = [[] for _ in range(4)]
 
     def make(out: list[str]) -> None:
-        out.extend(E.new_id() for _ in range(5000))
+        out.extend(I.new_id() for _ in range(5000))
 
     threads = [threading.Thread(target=make, args=(out,)) for out in per_thread]
     for t in threads:
@@ -39,9 +40,9 @@ def test_ids_stay_unique_and_increasing_across_threads():
 
 
 def test_ulid_encoding_round_trips_its_time():
-    assert E.encode_ulid(0, 0) == "0" * 26
-    assert E.encode_ulid((1 << 48) - 1, (1 << 80) - 1) == "7" + "Z" * 25
-    assert E.ulid_time(E.encode_ulid(1_700_000_000_123, 5)) == 1_700_000_000.123
+    assert I.encode_ulid(0, 0) == "0" * 26
+    assert I.encode_ulid((1 << 48) - 1, (1 << 80) - 1) == "7" + "Z" * 25
+    assert I.ulid_time(I.encode_ulid(1_700_000_000_123, 5)) == 1_700_000_000.123
 
 
 @pytest.mark.parametrize("payload, complaint", [
@@ -130,7 +131,7 @@ def test_an_event_in_wire_form_decodes_under_the_contract():
                                captured_at=event.captured_at, recorded_at=event.recorded_at,
                                priority=event.priority, payload_json=event.payload_json)
     assert wire.isascii()
-    batch = contract.decode_batch(contract.batch_body("dev-1", E.new_id(), time.time(), wire), device="dev-1")
+    batch = contract.decode_batch(contract.batch_body("dev-1", I.new_id(), time.time(), wire), device="dev-1")
     decoded = batch.events[0]
     assert (decoded.id, decoded.seq, decoded.camera, decoded.captured_at) == (event.id, 7, "c0", 1_700_000_000.25)
     assert decoded.payload == json.loads(event.payload_json)

@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
 from edge.core import contract
+from edge.core.ids import new_id
 from edge.sync import events as E
 from edge.sync.client import Sync
 from edge.sync.outbox import Outbox
@@ -71,7 +72,7 @@ def wire(device: str, events: list[E.Event], seq0: int = 1) -> str:
 
 
 def batch(device: str, n: int = 3, batch_id: str | None = None) -> tuple[str, bytes]:
-    batch_id = batch_id or E.new_id()
+    batch_id = batch_id or new_id()
     events = [E.health_snapshot("c0", {"i": i}) for i in range(n)]
     return batch_id, contract.batch_body(device, batch_id, time.time(), wire(device, events))
 
@@ -81,7 +82,7 @@ def test_bad_batches_are_rejected_counted_and_never_stored_or_acked(fleet, liste
     _, foreign = batch("cam-2")
     big_payload = json.dumps({"blob": ["x" * 900] * 10})
     huge_event = wire("cam-1", [E.health_snapshot("c0", {})]).replace('"payload":{}', f'"payload":{big_payload}')
-    many = contract.batch_body("cam-1", E.new_id(), time.time(),
+    many = contract.batch_body("cam-1", new_id(), time.time(),
                                wire("cam-1", [E.health_snapshot("c0", {}) for _ in range(contract.MAX_BATCH_EVENTS + 1)]))
     bad = {
         "malformed_json": [b'{"v": 1, "device": "cam-1", "batch":', b"\xff\xfe\x00", b""],
@@ -89,10 +90,10 @@ def test_bad_batches_are_rejected_counted_and_never_stored_or_acked(fleet, liste
         "wrong_device": [foreign,  # another device's batch on cam-1's topic
                          good.replace(b'"device":"cam-1","camera"', b'"device":"cam-2","camera"', 1)],
         "oversized": [b"{" + b" " * contract.MAX_BATCH_BYTES + b"}", many,
-                      contract.batch_body("cam-1", E.new_id(), time.time(), huge_event)],
+                      contract.batch_body("cam-1", new_id(), time.time(), huge_event)],
         "schema": [good.replace(b'"kind":"health"', b'"kind":"selfie"', 1), b"[]",
                    good.replace(good_id.encode(), b"batch-1"), good.replace(b'"seq":1', b'"seq":"1"'),
-                   contract.batch_body("cam-1", E.new_id(), time.time(), "")],
+                   contract.batch_body("cam-1", new_id(), time.time(), "")],
     }
     for bodies in bad.values():
         for body in bodies:

@@ -12,6 +12,7 @@ import pytest
 
 from edge.config import OutboxConfig
 from edge.core import contract
+from edge.core.ids import new_id
 from edge.sync import events as E
 from edge.sync.outbox import Outbox, OutboxError
 
@@ -90,7 +91,7 @@ def test_batches_are_bounded_in_count_and_bytes_and_never_empty(tmp_path):
         small = outbox.next_batch(500, 1200)  # room for a few events only
         assert 1 <= small.count < 30
         assert small.nbytes <= 1200
-        body = contract.batch_body("dev-1", E.new_id(), time.time(), small.events)
+        body = contract.batch_body("dev-1", new_id(), time.time(), small.events)
         assert len(body) <= small.nbytes
         tiny = outbox.next_batch(500, 10)  # smaller than one event: still one
         assert tiny.count == 1

@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
 from edge.core import contract
+from edge.core.ids import new_id
 from edge.sync import events as E
 from edge.sync.client import Sync
 from edge.sync.outbox import Outbox
@@ -127,7 +128,7 @@ def test_bad_acks_are_counted_and_ignored_and_delete_nothing(tmp_path, broker):
             contract.encode(contract.Ack(v=1, device="cam-8", batches=[in_flight[0]])),  # another device's ack
             b'{"v": 1, "device": "cam-7", "batches": ["%s"], "pad": "%s"}' % (in_flight[0].encode(), b"x" * 9000),
             b'{"v": 1, "device": "cam-7", "batches": ["not-a-ulid"]}',
-            contract.encode(contract.Ack(v=1, device="cam-7", batches=[E.new_id()])),  # unknown batch
+            contract.encode(contract.Ack(v=1, device="cam-7", batches=[new_id()])),  # unknown batch
         ]
         for body in bad:
             client.publish(ack_topic, body, qos=1).wait_for_publish(5)

@@ -29,10 +29,11 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import numpy as np
 
 from edge.core.contract import Alert, AlertState
+from edge.core.ids import new_id
 from edge.core.logs import fields
 from edge.inference.adapters import Prediction
 from edge.schedule.scheduler import Result
-from edge.sync.events import Event, alert_audit, decision, new_id
+from edge.sync.events import Event, alert_audit, decision
 
 from .policy import Policy, Rule
 from .tracker import Observation, Track, Tracker, TrackerSettings

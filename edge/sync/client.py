@@ -26,10 +26,10 @@ import paho.mqtt.client as mqtt
 from edge import __version__
 from edge.config import DeviceInfo, MqttConfig
 from edge.core.contract import ContractError, Status, Topics, batch_body, decode_ack, encode
+from edge.core.ids import new_id
 from edge.core.link import Link, LinkSettings, Will, publish
 from edge.core.logs import fields
 
-from .events import new_id
 from .outbox import Batch, Outbox
 
 log = logging.getLogger("edge.sync")

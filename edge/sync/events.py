@@ -4,9 +4,8 @@ An :class:`Event` is immutable and already checked: its payload was serialised t
 compact JSON when it was made, after a guard refused anything that is not plain
 metadata (bytes, arrays, long strings, anything over :data:`MAX_PAYLOAD_BYTES`), so
 a frame cannot reach the outbox by mistake and a caller cannot change an event after
-handing it over. Ids are ULIDs: 48 bits of milliseconds then 80 random bits in
-Crockford base32, so they sort by time, and within one process they only grow.
-The device id is stamped by the outbox that records the event.
+handing it over. Ids are ULIDs (:mod:`edge.core.ids`): they sort by time, and
+within one process they only grow. The device id is stamped by the outbox that records the event.
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from edge.core.contract import EVENT_KINDS, ID_PATTERN, MAX_PAYLOAD_BYTES
 from edge.core.errors import EdgeError
+from edge.core.ids import new_id
 
 MAX_TOKEN_CHARS = 1024  # longer base64-like runs are refused as encoded binary
 MAX_DEPTH = 32
@@ -72,72 +70,6 @@ class Event:
     @property
     def payload(self) -> dict[str, Any]:
         return json.loads(self.payload_json)
-
-
-# --- ids -----------------------------------------------------------------------------
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-class UlidGenerator:
-    """ULIDs that grow strictly within this generator, even within one millisecond
-    or when the wall clock steps back (the last time is kept and the random part
-    incremented)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_ms = -1
-        self._last_rand = 0
-        self._time_chars = ""
-
-    def new(self) -> str:
-        with self._lock:
-            ms = time.time_ns() // 1_000_000
-            if ms > self._last_ms:
-                rand = int.from_bytes(os.urandom(10), "big")
-                self._time_chars = _encode_time(ms)
-            else:
-                ms, rand = self._last_ms, self._last_rand + 1
-                if rand >= 1 << 80:  # 2^80 ids in one millisecond: borrow the next one
-                    ms, rand = ms + 1, 0
-                    self._time_chars = _encode_time(ms)
-            self._last_ms, self._last_rand = ms, rand
-            return self._time_chars + _encode_random(rand)
-
-
-# Crockford base32 two characters (10 bits) at a time: 5 lookups for the time, 8 for the rest
-_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
-
-
-def _encode_time(ms: int) -> str:
-    return "".join([_PAIRS[(ms >> shift) & 1023] for shift in (40, 30, 20, 10, 0)])
-
-
-def _encode_random(rand: int) -> str:
-    return "".join([_PAIRS[(rand >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10, 0)])
-
-
-def encode_ulid(ms: int, rand: int) -> str:
-    """26 Crockford base32 characters: 48-bit milliseconds, then 80 random bits."""
-    return _encode_time(ms) + _encode_random(rand)
-
-
-def ulid_time(ulid: str) -> float:
-    """The wall-clock time (s) in a ULID."""
-    ms = 0
-    for ch in ulid[:10]:
-        ms = ms * 32 + _CROCKFORD.index(ch)
-    return ms / 1000
-
-
-# One generator per process: "monotonic within a process" needs a single owner of the
-# last id, whichever thread or module makes the event.
-_IDS = UlidGenerator()
-
-
-def new_id() -> str:
-    """A fresh ULID, greater than any made before in this process."""
-    return _IDS.new()
 
 
 # --- the payload guard -------------------------------------------------------------------

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from edge.core.contract import MAX_CHUNK_BYTES, Artifact, ArtifactRequest, ChunkHeader, Topics, encode
+from edge.core.ids import new_id
 from edge.core.link import Backoff
 from edge.core.logs import fields
-from edge.sync.events import new_id
 
 log = logging.getLogger("edge.download")
 
