@@ -29,9 +29,9 @@ from edge.core.signing import init_keys, load_public_key
 from edge.inference.manifest import load_manifest
 
 from .client import FleetClient
-from .operate import push_file
 from .simulator import SimSettings, Simulator, load_running
 from .store import Store
+from .upload import push_file
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDGECAM_SHARED", REPO.parent / "shared"))

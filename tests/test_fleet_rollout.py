@@ -20,9 +20,9 @@ from edge.core.signing import init_keys, load_public_key
 from edge.inference.manifest import load_manifest
 from fleet.client import FleetClient
 from fleet.errors import OpError
-from fleet.operate import push_file
 from fleet.simulator import Faults, SimSettings, Simulator, load_running
 from fleet.store import Store
+from fleet.upload import push_file
 
 A = "models/yolov8n_full_integer_quant-a.tflite"
 B = "models/yolov8n_full_integer_quant-b.tflite"
