@@ -1,0 +1,44 @@
+# Shared set-up for scripts/test and scripts/demo: sourced, not run. Idempotent: each
+# step does nothing when its work is already done.
+#   need_apt PKG...   install Debian packages that are missing (as root, or through sudo)
+#   ensure_venv       .venv with the package and its test extras installed
+#   fetch_models      models and sample media, from ../shared when it is there, else by URL
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SHARED="${EDGECAM_SHARED:-$REPO/../shared}"
+
+need_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+    need_apt python3-venv
+    if [ ! -x "$REPO/.venv/bin/python" ]; then
+        python3 -m venv "$REPO/.venv"
+    fi
+    # pip skips what is installed already; the stamp skips pip when pyproject is unchanged
+    local stamp="$REPO/.venv/.edgecam-installed"
+    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+        "$REPO/.venv/bin/python" -m pip install --quiet --upgrade pip
+        "$REPO/.venv/bin/python" -m pip install --quiet -e "$REPO[test]"
+        touch "$stamp"
+    fi
+}
+
+fetch_models() {
+    if [ -d "$SHARED" ]; then
+        "$REPO/.venv/bin/python" "$REPO/scripts/fetch_models.py" --mirror "$SHARED" >/dev/null
+    else
+        echo "no $SHARED: downloading the models that have a public URL" >&2
+        "$REPO/.venv/bin/python" "$REPO/scripts/fetch_models.py" >/dev/null || true
+    fi
+}
