@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     infer.set_defaults(func=_cmd_infer)
 
+    baseline = sub.add_parser("baseline", parents=[common],
+                              help="record a model's results on known-good video: the drift baseline")
+    _model_args(baseline)
+    baseline.add_argument("--source", required=True, type=Path, help="a video the site trusts")
+    baseline.add_argument("--every", type=int, default=1, help="use every Nth frame (default 1)")
+    baseline.add_argument("--max-frames", type=int, help="stop after this many frames")
+    baseline.add_argument("--policy", type=Path, help="decision policy whose unsure band counts (default 0.25-0.5)")
+    baseline.add_argument("--write", action="store_true", help="write it into the manifest instead of printing it")
+    baseline.set_defaults(func=_cmd_baseline)
+
     config = sub.add_parser("config", parents=[common], help="check a config or print its schema")
     config_sub = config.add_subparsers(metavar="ACTION")
     check = config_sub.add_parser("check", parents=[common], help="validate a config file")
@@ -174,7 +184,29 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             k = t["skips"]
             print(f"  {name:<16}{t['runs']:>8}{t['forced']:>8}{k['budget']:>8}{k['period']:>8}{k['trigger']:>8}"
                   f"{k['motion']:>8}{t['estimate_ms']:>9.2f}{t['latency_ms'].get('p95', 0):>9.2f}")
+        for line in _observe_lines(cam):
+            print(line)
     return 0
+
+
+def _observe_lines(cam: dict) -> list[str]:
+    """A camera's picture measures and each task's last drift window, for ``edge stats``."""
+    lines = []
+    q = cam.get("quality")
+    if q:
+        lines.append(f"  picture: brightness {q['brightness']:.0f}, contrast {q['contrast']:.1f}, "
+                     f"sharpness {q['sharpness']:.0f}, flat {q['flat']:.2f}")
+    for task, d in cam.get("drift", {}).items():
+        head = (f"  drift {task} ({d['model']} {d['model_version']}): window {d['window']}, {d['frames']} frames, "
+                f"{d['detections_per_frame']:.2f} results/frame, unsure {d['unsure_share']:.2f}")
+        if d.get("learned"):
+            lines.append(f"{head}; became the baseline")
+        elif "psi" in d:
+            lines.append(f"{head}; against the {d['baseline']} baseline: psi {d['psi']:.3f}, "
+                         f"class shift {d['class_shift']:.3f}, detections x{d.get('detections_ratio', 0):.2f}")
+        else:
+            lines.append(f"{head}; no baseline yet")
+    return lines
 
 
 def _load_model(args: argparse.Namespace):
@@ -205,6 +237,40 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         else:
             print(_describe(path, prediction))
     return status
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from edge.config import HealthConfig
+    from edge.core.logs import setup_logging
+    from edge.inference.manifest import manifest_path_for
+    from edge.observe.baseline import baseline_yaml, read_frames, record_baseline, write_into_manifest
+    from edge.updates.health import band_outcome
+
+    setup_logging("human", "warning")
+    if args.every < 1 or (args.max_frames is not None and args.max_frames < 1):
+        raise UsageError("--every and --max-frames must be at least 1")
+    if args.policy is not None:
+        from edge.decide.policy import load_policy
+
+        outcome = load_policy(args.policy).outcome
+    else:
+        outcome = band_outcome(*HealthConfig().unsure_band)
+    model = _load_model(args)
+    manifest = args.manifest or manifest_path_for(args.model)
+    if args.write and not manifest.is_file():
+        raise UsageError(f"--write: no manifest at {manifest} to write into (give --manifest)")
+    frames = read_frames(args.source, every=args.every, limit=args.max_frames)
+    try:
+        baseline = record_baseline(model, frames, outcome, source=args.source.name)
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None
+    if args.write:
+        write_into_manifest(manifest, baseline)
+        print(f"{manifest}: baseline of {baseline.frames} frames, {baseline.detections} results, "
+              f"{len(baseline.classes)} class(es)")
+    else:
+        print(baseline_yaml(baseline), end="")
+    return 0
 
 
 def _describe(path: Path, prediction) -> str:

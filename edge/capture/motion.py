@@ -8,6 +8,13 @@ import numpy as np
 from edge.config import MotionConfig
 
 
+def small_grey(frame: np.ndarray, width: int) -> np.ndarray:
+    """A grey copy of a BGR frame ``width`` pixels wide, by area averaging."""
+    h, w = frame.shape[:2]
+    small = cv2.resize(frame, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+
+
 class MotionDetector:
     """Says whether a frame differs from the previous one by more than noise.
 
@@ -22,10 +29,7 @@ class MotionDetector:
         self.moving = 0
 
     def __call__(self, frame: np.ndarray) -> bool:
-        h, w = frame.shape[:2]
-        small = cv2.resize(frame, (self.cfg.width, max(1, round(h * self.cfg.width / w))),
-                           interpolation=cv2.INTER_AREA)
-        grey = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+        grey = cv2.GaussianBlur(small_grey(frame, self.cfg.width), (5, 5), 0)
         previous, self._previous = self._previous, grey
         self.frames += 1
         if previous is None or previous.shape != grey.shape:
