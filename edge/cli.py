@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
     alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
+    observe = bench_sub.add_parser("observe", parents=[common],
+                                   help="cost of the quality measures and of a scrape a second, against the budget")
+    observe.add_argument("--model", required=True, type=Path, help=".tflite file")
+    observe.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
+    observe.add_argument("--source", required=True, type=Path, help="a video (720p for the issue's figure)")
+    observe.add_argument("--seconds", type=float, default=10.0, help="seconds of scraping (default 10)")
+    observe.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    observe.set_defaults(func=_cmd_bench_observe)
     return parser
 
 
@@ -388,6 +396,17 @@ def _cmd_bench_alerts(args: argparse.Namespace) -> int:
 
     report = run_alerts_bench(args.model, args.source, manifest=args.manifest, seconds=args.seconds,
                               threads=args.threads)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench_observe(args: argparse.Namespace) -> int:
+    from edge.bench.observe import run_observe_bench
+
+    if not args.source.is_file():
+        raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
+    report = run_observe_bench(args.model, args.source, manifest=args.manifest, threads=args.threads,
+                               seconds=args.seconds)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -75,7 +75,8 @@ def open_results(path: Path | None) -> tuple[ResultWriter | None, IO[str] | None
     return ResultWriter(stream), stream
 
 
-def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: Source | None = None) -> CameraRunner:
+def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: Source | None = None,
+                on_image: Any = None) -> CameraRunner:
     """A camera's capture thread and planner, ready for a scheduler."""
     capture = CaptureThread(
         cfg.id,
@@ -84,6 +85,7 @@ def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: So
         frozen_after_s=cfg.frozen_after_s,
         backoff=cfg.reopen,
         on_frame=wake,
+        on_image=on_image,
     )
     return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile))
 
@@ -135,15 +137,15 @@ class Daemon:
             self.outbox = Outbox.open(cfg.outbox, cfg.device.id)
             self.recorder = Recorder(self.outbox)
             self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models)
-        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
+        self.observer = self._observer()  # its callbacks read the decisions engine, made below, lazily
+        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake(), on_image=self.observer.picture(cam.id))
+                        for cam in cfg.cameras]
         self.reload_requested = threading.Event()  # SIGHUP: read the policy file again
         self._decisions_setup()
         self.health = self._health_watch()
-        self.observer = self._observer()
         # decisions first: an alert must not wait for the results file or the outbox
         self.scheduler = Scheduler(self.cameras, self.executors,
                                    fan_out([self.decisions, sink, self.recorder, self.health, self.observer]))
-        self.scheduler.on_frame = self.observer.frame
         if self.health is not None:
             self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)

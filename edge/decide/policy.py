@@ -177,8 +177,8 @@ class QualityLimits(_Strict):
                 ((low is not None and values[name] < low) or (high is not None and values[name] > high))]
 
 
-TAMPER_LIMITS = QualityLimits(min_brightness=10, max_brightness=250, min_sharpness=15, max_flat=0.9)
-QUALITY_LIMITS = QualityLimits(min_brightness=35, max_brightness=235, min_contrast=12, min_sharpness=150,
+TAMPER_LIMITS = QualityLimits(min_brightness=10, max_brightness=250, min_sharpness=50, max_flat=0.9)
+QUALITY_LIMITS = QualityLimits(min_brightness=35, max_brightness=235, min_contrast=12, min_sharpness=300,
                                max_flat=0.7)
 _CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
 

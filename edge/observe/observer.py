@@ -1,10 +1,12 @@
-"""The observe stage on the frame path: a scheduler sink and a frame hook.
+"""The observe stage on the frame path: a scheduler sink and a capture hook.
 
-:class:`Observer` is called on the executor threads: with each result (age and stage
-histograms, drift windows) and with each frame taken for processing (quality, at most
-every ``quality.interval_s``). Everything about a camera is touched by one executor at
-a time (the scheduler guarantees it), so nothing here takes a lock on the frame path;
-what others read (:meth:`Observer.snapshot`) is made of objects replaced whole.
+:class:`Observer` is called on the executor threads with each result (age and stage
+histograms, drift windows), and on each camera's capture thread with each frame
+(quality, at most every ``quality.interval_s``): the picture is watched even when the
+executors are too busy to take every frame. Everything about a camera is touched by
+one executor at a time (the scheduler guarantees it) and by its one capture thread,
+so nothing here takes a lock on the frame path; what others read
+(:meth:`Observer.snapshot`) is made of objects replaced whole.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from edge.capture.thread import Frame
+import numpy as np
+
 from edge.config import ObserveConfig
 from edge.core.logs import fields
 from edge.schedule.scheduler import Result
@@ -87,13 +90,12 @@ class Observer:
         self.cameras = list(tasks)
         self._reports: dict[tuple[str, str], DriftReport] = {}  # the last closed window of each task
 
-    # --- the frame path (executor threads) -----------------------------------------------------
+    # --- the frame path (capture and executor threads) ------------------------------------------
 
-    def frame(self, frame: Frame) -> None:
-        """A frame an executor took for processing."""
-        meter = self.quality.get(frame.camera)
-        if meter is not None:
-            meter.offer(frame.image, frame.captured_at, frame.captured_mono)
+    def picture(self, camera: str) -> Callable[[np.ndarray, float, float], Any] | None:
+        """The capture hook of ``camera``: ``(image, captured_at, captured_mono)``, or None."""
+        meter = self.quality.get(camera)
+        return meter.offer if meter is not None else None
 
     def __call__(self, result: Result) -> None:
         key = (result.frame.camera, result.task)
