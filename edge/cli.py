@@ -110,20 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--workdir", type=Path, help="keep the outbox, fleet store and broker files here")
     alerts = bench_sub.add_parser("alerts", parents=[common],
                                   help="capture-to-alert latency at a real subscriber against invoke()")
-    alerts.add_argument("--model", required=True, type=Path, help=".tflite file (a person detector)")
-    alerts.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
-    alerts.add_argument("--source", required=True, type=Path, help="a video with people, looped at its own pace")
-    alerts.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
-    alerts.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    _daemon_bench_args(alerts, model=".tflite file (a person detector)",
+                       source="a video with people, looped at its own pace", seconds=20.0)
     alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
     observe = bench_sub.add_parser("observe", parents=[common],
                                    help="cost of the quality measures and of a scrape a second, against the budget")
-    observe.add_argument("--model", required=True, type=Path, help=".tflite file")
-    observe.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
-    observe.add_argument("--source", required=True, type=Path, help="a video (720p for the issue's figure)")
-    observe.add_argument("--seconds", type=float, default=10.0, help="seconds of scraping (default 10)")
-    observe.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    _daemon_bench_args(observe, model=".tflite file", source="a video, looped at its own pace (720p: the budget "
+                       "the README quotes)", seconds=10.0)
     observe.set_defaults(func=_cmd_bench_observe)
     return parser
 
@@ -135,6 +129,14 @@ def _pipeline_bench_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
     p.add_argument("--source", required=required, type=Path, help="a video file")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per loop (default 20)")
+
+
+def _daemon_bench_args(p: argparse.ArgumentParser, *, model: str, source: str, seconds: float) -> None:
+    p.add_argument("--model", required=True, type=Path, help=model)
+    p.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
+    p.add_argument("--source", required=True, type=Path, help=source)
+    p.add_argument("--seconds", type=float, default=seconds, help=f"how long to run (default {seconds:g})")
+    p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -184,14 +184,9 @@ class Daemon:
     def _observer(self) -> Observer:
         self._slot_of = {(cam.id, t.name): t.model for cam in self.cfg.cameras for t in cam.effective_tasks()}
         self._refs: dict[str, tuple[Model, ModelRef]] = {}
-        band = band_outcome(*(self.cfg.agent.health if self.cfg.agent else HealthConfig()).unsure_band)
-
-        def outcome(label: str, score: float) -> str:
-            policy = self.decisions.policy
-            return policy.outcome(label, score) if policy is not None else band(label, score)
-
+        self._band = band_outcome(*(self.cfg.agent.health if self.cfg.agent else HealthConfig()).unsure_band)
         tasks = {cam.id: [t.name for t in cam.effective_tasks()] for cam in self.cfg.cameras}
-        return Observer(self.cfg.observe, tasks, model_of=self._model_ref, outcome=outcome,
+        return Observer(self.cfg.observe, tasks, model_of=self._model_ref, outcome=self._outcome,
                         healthy=self._baseline_ok, record=self.outbox.append if self.outbox is not None else None)
 
     def _model_ref(self, camera: str, task: str) -> ModelRef | None:
@@ -291,19 +286,16 @@ class Daemon:
                                               committed=entry.committed))
         return model
 
+    def _outcome(self, label: str, score: float) -> str:
+        """Unsure is the decisions policy's outcome when one is in force, else the agent's score band."""
+        policy = self.decisions.policy  # the policy in force now, if any
+        return policy.outcome(label, score) if policy is not None else self._band(label, score)
+
     def _health_watch(self) -> HealthWatch | None:
-        """Per-slot result statistics for the agent's health window. Unsure is the decisions
-        policy's outcome when one is in force, else the config's score band."""
+        """Per-slot result statistics for the agent's health window."""
         if self.cfg.agent is None:
             return None
-        slot_of = {(cam.id, t.name): t.model for cam in self.cfg.cameras for t in cam.effective_tasks()}
-        band = band_outcome(*self.cfg.agent.health.unsure_band)
-
-        def outcome(label: str, score: float) -> str:
-            policy = self.decisions.policy  # the policy in force now, if any
-            return policy.outcome(label, score) if policy is not None else band(label, score)
-
-        return HealthWatch(slot_of, outcome)
+        return HealthWatch(self._slot_of, self._outcome)
 
     def _make_agent(self) -> Agent | None:
         if self.store is None or self.health is None:

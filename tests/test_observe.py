@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 from conftest import manifest_for, shared_path
@@ -25,7 +26,7 @@ from edge.observe.baseline import BaselineStore
 from edge.observe.drift import DriftReport, DriftTracker, ModelRef, class_shift, psi
 from edge.observe.histogram import Histogram
 from edge.observe.observer import CameraObservation, ObserveSnapshot
-from edge.observe.quality import QualityReading, measure, small_grey
+from edge.observe.quality import QualityMeter, QualityReading, measure, small_grey
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 MODEL = ModelRef("yolov8n", "8.1.42-b")
@@ -245,3 +246,9 @@ def test_a_malformed_baseline_is_refused_naming_its_key(tmp_path):
     with pytest.raises(BaselineError, match=r"baseline\.classes\.a\.scores: 2 bins, expected bins = 3") as e:
         load_manifest(manifest)
     assert e.value.exit_code == 2
+
+
+def test_a_frame_the_measures_cannot_take_is_counted_and_the_capture_goes_on():
+    meter = QualityMeter(160, 0.0)
+    assert meter.offer(np.zeros((4, 4, 4, 4), np.uint8), 0.0, 0.0) is None and meter.errors == 1
+    assert meter.offer(np.full((90, 160, 3), 100, np.uint8), 1.0, 1.0).brightness == 100

@@ -60,20 +60,21 @@ class Sources:
     alert_states: Callable[[], Mapping[tuple[str, str], bool]] | None = None  # (camera, rule) -> on
 
 
-def _counter(name: str, doc: str, labels: Iterable[str], rows: Iterable[tuple[tuple[str, ...], float]]
-             ) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=list(labels))
+Rows = Iterable[tuple[tuple[str, ...], float]]  # (label values, value) per series
+
+
+def _filled(family: CounterMetricFamily | GaugeMetricFamily, rows: Rows) -> Metric:
     for values, value in rows:
         family.add_metric(list(values), value)
     return family
 
 
-def _gauge(name: str, doc: str, labels: Iterable[str], rows: Iterable[tuple[tuple[str, ...], float]]
-           ) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=list(labels))
-    for values, value in rows:
-        family.add_metric(list(values), value)
-    return family
+def _counter(name: str, doc: str, labels: Iterable[str], rows: Rows) -> Metric:
+    return _filled(CounterMetricFamily(name, doc, labels=list(labels)), rows)
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str], rows: Rows) -> Metric:
+    return _filled(GaugeMetricFamily(name, doc, labels=list(labels)), rows)
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram) -> None:
@@ -83,6 +84,26 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram
         running += count
         buckets.append((bound, running))
     family.add_metric(labels, buckets, total)
+
+
+_CAMERA_SERIES = (  # key in the rows below, family, name, help, labels
+    ("captured", _counter, "edgecam_frames_captured", "Frames the camera delivered", ("camera",)),
+    ("processed", _counter, "edgecam_frames_processed", "Frames the scheduler ran the camera's plan on", ("camera",)),
+    ("dropped", _counter, "edgecam_frames_dropped", "Frames never processed: superseded by a newer one, or too old",
+     ("camera", "reason")),
+    ("misses", _counter, "edgecam_deadline_misses", "Frames whose work ended past their deadline", ("camera",)),
+    ("reopens", _counter, "edgecam_capture_reopens", "Attempts to open the camera again", ("camera",)),
+    ("read_errors", _counter, "edgecam_capture_read_errors", "Failed reads from the camera", ("camera",)),
+    ("state", _gauge, "edgecam_camera_state", "1 for the camera's capture state, 0 for the others",
+     ("camera", "state")),
+    ("budget", _gauge, "edgecam_frame_budget_seconds", "The camera's time budget per frame", ("camera",)),
+    ("runs", _counter, "edgecam_task_runs", "Runs of a camera's task", ("camera", "task")),
+    ("forced", _counter, "edgecam_task_forced_runs", "Runs forced after too many budget skips in a row",
+     ("camera", "task")),
+    ("skips", _counter, "edgecam_task_skips", "Frames a task did not run on, by reason", ("camera", "task", "reason")),
+    ("estimate", _gauge, "edgecam_task_estimate_seconds", "The scheduler's cost estimate of a task's run",
+     ("camera", "task")),
+)
 
 
 class Collector:
@@ -124,9 +145,7 @@ class Collector:
                            [((reason,), n) for reason, n in sorted(a["rejected"].items())])
 
     def _cameras(self) -> Iterator[Metric]:
-        rows: dict[str, list[tuple[tuple[str, ...], float]]] = {k: [] for k in (
-            "captured", "processed", "dropped", "misses", "reopens", "read_errors", "state", "budget",
-            "runs", "forced", "skips", "estimate")}
+        rows: dict[str, list[tuple[tuple[str, ...], float]]] = {series[0]: [] for series in _CAMERA_SERIES}
         for cam in self.s.cameras:
             c = cam.cfg.id
             cap = cam.capture.stats()
@@ -147,27 +166,8 @@ class Collector:
                 for reason, n in list(k.skips.items()):
                     rows["skips"].append(((c, task, reason), n))
                 rows["estimate"].append(((c, task), cam.planner.costs.estimate(task) / 1e3))
-        yield _counter("edgecam_frames_captured", "Frames the camera delivered", ["camera"], rows["captured"])
-        yield _counter("edgecam_frames_processed", "Frames the scheduler ran the camera's plan on", ["camera"],
-                       rows["processed"])
-        yield _counter("edgecam_frames_dropped", "Frames never processed: superseded by a newer one, or too old",
-                       ["camera", "reason"], rows["dropped"])
-        yield _counter("edgecam_deadline_misses", "Frames whose work ended past their deadline", ["camera"],
-                       rows["misses"])
-        yield _counter("edgecam_capture_reopens", "Attempts to open the camera again", ["camera"], rows["reopens"])
-        yield _counter("edgecam_capture_read_errors", "Failed reads from the camera", ["camera"],
-                       rows["read_errors"])
-        yield _gauge("edgecam_camera_state", "1 for the camera's capture state, 0 for the others",
-                     ["camera", "state"], rows["state"])
-        yield _gauge("edgecam_frame_budget_seconds", "The camera's time budget per frame", ["camera"],
-                     rows["budget"])
-        yield _counter("edgecam_task_runs", "Runs of a camera's task", ["camera", "task"], rows["runs"])
-        yield _counter("edgecam_task_forced_runs", "Runs forced after too many budget skips in a row",
-                       ["camera", "task"], rows["forced"])
-        yield _counter("edgecam_task_skips", "Frames a task did not run on, by reason", ["camera", "task", "reason"],
-                       rows["skips"])
-        yield _gauge("edgecam_task_estimate_seconds", "The scheduler's cost estimate of a task's run",
-                     ["camera", "task"], rows["estimate"])
+        for key, make, name, doc, labels in _CAMERA_SERIES:
+            yield make(name, doc, labels, rows[key])
 
     def _histograms(self) -> Iterator[Metric]:
         observer = self.s.observer

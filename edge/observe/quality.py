@@ -10,12 +10,16 @@ policy's bounds (edge/decide/policy.py, ``image_quality``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 
 from edge.capture.motion import small_grey
+from edge.core.logs import fields
+
+log = logging.getLogger("edge.observe")
 
 FLAT_LEVELS = 32  # grey levels the flat share is counted in (8 grey values each)
 
@@ -52,6 +56,7 @@ class QualityMeter:
         self.interval_s = interval_s
         self.latest: QualityReading | None = None  # replaced whole: readers need no lock
         self.measured = 0
+        self.errors = 0
         self._due = float("-inf")  # time.monotonic() of the next measure
 
     def offer(self, image: np.ndarray, captured_at: float, captured_mono: float) -> QualityReading | None:
@@ -59,6 +64,13 @@ class QualityMeter:
         if captured_mono < self._due:
             return None
         self._due = captured_mono + self.interval_s
-        self.latest = measure(small_grey(image, self.width), captured_at)
+        try:
+            reading = measure(small_grey(image, self.width), captured_at)
+        except Exception:  # it runs on the capture thread: a bad frame must never stop the camera
+            self.errors += 1
+            if self.errors == 1:
+                log.exception("quality measure failed", extra=fields(shape=list(getattr(image, "shape", ()))))
+            return None
+        self.latest = reading
         self.measured += 1
-        return self.latest
+        return reading

@@ -182,7 +182,6 @@ class Scheduler:
         self.executors = executors
         self.sink = sink
         self.on_error: Callable[[str, str, str], None] | None = None  # (camera, task, model) of a failed run
-        self.on_frame: Callable[[Frame], None] | None = None  # each frame taken for processing, before its plan
         self.inference_errors = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -277,8 +276,6 @@ class Scheduler:
         if started > deadline and not camera.capture.on_demand:
             camera.dropped["too_old"] += 1
             return
-        if self.on_frame is not None:
-            self.on_frame(frame)
         motion = camera.motion(frame.image) if camera.motion is not None else None
         plan = camera.planner.start(camera.frame_no, started * 1e3, motion)
         overhead = time.monotonic() - started
