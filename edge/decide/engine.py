@@ -466,22 +466,14 @@ class DecisionEngine:
                 cam.blind_since = now
             elif not blind:
                 if cam.blind_alerted:
-                    alerts.append(self._health_alert(policy, camera, "camera_restored", False, state, now))
+                    alerts.append(self._device_alert(policy, camera, "camera_health", False, now, spec.expiry_s,
+                                                      event="camera_restored", detail=state))
                 cam.blind_since, cam.blind_alerted = None, False
             if blind and not cam.blind_alerted and now - cam.blind_since >= spec.after_s:
                 cam.blind_alerted = True
-                alerts.append(self._health_alert(policy, camera, "camera_blind", True, state, cam.blind_since))
+                alerts.append(self._device_alert(policy, camera, "camera_health", True, cam.blind_since, spec.expiry_s,
+                                                  event="camera_blind", detail=state))
         return alerts
-
-    def _health_alert(self, policy: Policy, camera: str, event: str, on: bool, state: str, since: float) -> Alert:
-        now = self._clock()
-        alert = Alert(v=1, id=new_id(), device=self.device, camera=camera, rule="camera_health", event=event,
-                      state=on, detail=state, captured_at=since, published_at=now, policy_version=policy.version)
-        self._record(alert, None, self._send(alert, None, policy.camera_health.expiry_s))
-        if self._alerts is not None:
-            self._alerts.set_state(AlertState(v=1, device=self.device, camera=camera, rule="camera_health", on=on,
-                                              since=since, alert=alert.id, policy_version=policy.version), None)
-        return alert
 
     # --- the picture and the results (edge/observe) ------------------------------------------
 
@@ -558,15 +550,17 @@ class DecisionEngine:
                                    model=report.model, model_version=report.model_version, task=task)]
 
     def _device_alert(self, policy: Policy, camera: str, rule: str, on: bool, since: float, expiry_s: int, *,
-                      profile: str | None = None, **extra: Any) -> Alert:
+                      event: str | None = None, profile: str | None = None, **extra: Any) -> Alert:
+        """An alert the device raises about a camera (by default event ``rule`` when on,
+        ``cleared`` when off), its audit row and the rule's retained state."""
         alert = Alert(v=1, id=new_id(), device=self.device, camera=camera, rule=rule,
-                      event=rule if on else "cleared", state=on, captured_at=since, published_at=self._clock(),
-                      policy_version=policy.version, **extra)
+                      event=event or (rule if on else "cleared"), state=on, captured_at=since,
+                      published_at=self._clock(), policy_version=policy.version, **extra)
         self._record(alert, None, self._send(alert, None, expiry_s))
         if self._alerts is not None:
             self._alerts.set_state(AlertState(v=1, device=self.device, camera=camera, rule=rule, on=on, since=since,
                                               alert=alert.id, policy_version=policy.version), None)
-        if on:
+        if on and rule != "camera_health":  # the capture thread has said why already
             log.warning(rule.replace("_", " "), extra=fields(camera=camera, detail=alert.detail, values=alert.values,
                                                              profile=profile))
         return alert
