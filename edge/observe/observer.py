@@ -69,7 +69,7 @@ class TaskSeries:
 
 
 class Observer:
-    """Sink and frame hook for every camera of the config (``tasks``: camera -> task names)."""
+    """Sink and capture hook for every camera of the config (``tasks``: camera -> task names)."""
 
     def __init__(self, cfg: ObserveConfig, tasks: dict[str, Iterable[str]], *,
                  model_of: Callable[[str, str], ModelRef | None], outcome: Outcome,
