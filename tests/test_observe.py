@@ -26,7 +26,7 @@ from edge.observe.baseline import BaselineStore
 from edge.observe.drift import DriftReport, DriftTracker, ModelRef, class_shift, psi
 from edge.observe.histogram import Histogram
 from edge.observe.observer import CameraObservation, ObserveSnapshot
-from edge.observe.quality import QualityMeter, QualityReading, measure, small_grey
+from edge.observe.quality import QualityMeter, QualityReading, measure_frame
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 MODEL = ModelRef("yolov8n", "8.1.42-b")
@@ -107,8 +107,8 @@ def test_quality_measures_tell_black_covered_and_defocused_frames_from_the_real_
         "defocused": cv2.GaussianBlur(frame, (0, 0), 12),  # sharpness about 40
         "blinded": cv2.convertScaleAbs(frame, alpha=3, beta=200),
     }
-    failing = {name: limits.tamper.failing(measure(small_grey(img, 160), 0.0).values()) for name, img in cases.items()}
-    assert failing["scene"] == [] and limits.quality.failing(measure(small_grey(frame, 160), 0.0).values()) == []
+    failing = {name: limits.tamper.failing(measure_frame(img, 160, 0.0).values()) for name, img in cases.items()}
+    assert failing["scene"] == [] and limits.quality.failing(measure_frame(frame, 160, 0.0).values()) == []
     assert "brightness" in failing["black"] and "flat" in failing["covered"]
     assert failing["defocused"] == ["sharpness"] and "brightness" in failing["blinded"]
 

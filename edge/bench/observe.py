@@ -26,7 +26,7 @@ from prometheus_client import generate_latest
 
 from edge.config import QualityConfig, parse_config
 from edge.inference.model import Model
-from edge.observe.quality import measure, small_grey
+from edge.observe.quality import measure_frame
 
 from .kit import free_port
 
@@ -65,7 +65,7 @@ def run_observe_bench(model_path: Path, source: Path, *, manifest: Path | None =
     for _ in range(5):
         for f in frames:
             t0 = time.perf_counter()
-            measure(small_grey(f, width), 0.0)
+            measure_frame(f, width, 0.0)
             quality.append((time.perf_counter() - t0) * 1e3)
     interval = QualityConfig().interval_s
     q50 = statistics.median(quality)

@@ -8,11 +8,17 @@ import numpy as np
 from edge.config import MotionConfig
 
 
-def small_grey(frame: np.ndarray, width: int) -> np.ndarray:
-    """A grey copy of a BGR frame ``width`` pixels wide, by area averaging."""
+def small_grey(frame: np.ndarray, width: int, *, presample: bool = False) -> np.ndarray:
+    """A grey copy of a BGR frame ``width`` pixels wide, by area averaging.
+
+    ``presample`` first takes every k-th pixel down to twice the width: an eighth of
+    the cost at 720p (area averaging reads every pixel), for measures that tolerate
+    some aliasing."""
     h, w = frame.shape[:2]
-    small = cv2.resize(frame, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    size = (width, max(1, round(h * width / w)))
+    if presample and w > 2 * width:
+        frame = cv2.resize(frame, (2 * size[0], 2 * size[1]), interpolation=cv2.INTER_NEAREST)
+    return cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
 
 
 class MotionDetector:

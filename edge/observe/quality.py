@@ -1,6 +1,7 @@
 """Image quality and tamper measures on a small grey copy of a camera's frames.
 
-Four numbers per measured frame, all cheap at 160 pixels wide: mean brightness and
+Four numbers per measured frame, all cheap at 160 pixels wide (the copy is made by
+sampling down to twice that width, then area averaging): mean brightness and
 contrast (mean and standard deviation of the grey levels), sharpness (variance of the
 Laplacian: a defocused, sprayed or fogged lens loses its edges) and the flat share (the
 share of pixels in the most common of 32 grey levels: a lens covered by a hand, tape or
@@ -48,6 +49,11 @@ def measure(grey: np.ndarray, at: float) -> QualityReading:
                           float(levels.max()) / grey.size)
 
 
+def measure_frame(image: np.ndarray, width: int, at: float) -> QualityReading:
+    """The measures of a BGR frame, on its grey copy ``width`` pixels wide."""
+    return measure(small_grey(image, width, presample=True), at)
+
+
 class QualityMeter:
     """Measures a camera's frames at most every ``interval_s``; owned by one executor at a time."""
 
@@ -65,7 +71,7 @@ class QualityMeter:
             return None
         self._due = captured_mono + self.interval_s
         try:
-            reading = measure(small_grey(image, self.width), captured_at)
+            reading = measure_frame(image, self.width, captured_at)
         except Exception:  # it runs on the capture thread: a bad frame must never stop the camera
             self.errors += 1
             if self.errors == 1:
