@@ -66,7 +66,7 @@ def _clips(dirpath: Path) -> dict[str, Path]:
         "dark": [cv2.convertScaleAbs(f, alpha=0.1) for f in drift],
         "blur": [cv2.GaussianBlur(f, (0, 0), 2) for f in drift],
         "swap": [f[:, :, ::-1].copy() for f in drift],
-        "base": frames[3::6],  # the baseline: other frames of the same scene, twice as many
+        "base": frames[EVERY // 2::EVERY],  # the baseline: the frames in between
     }
     # 2 s of the scene, 3 s tampered with, 3 s of the scene again, at 10 fps
     def tampered(fn):
