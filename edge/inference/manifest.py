@@ -104,7 +104,7 @@ class Manifest(_Strict):
             unknown = sorted(set(self.baseline.classes) - set(self.labels))
             if unknown:
                 raise ValueError(f"baseline.classes: {', '.join(map(repr, unknown[:5]))} "
-                                       f"not among the model's {len(self.labels)} labels")
+                                 f"not among the model's {len(self.labels)} labels")
         return self
 
     def label(self, index: int) -> str:
