@@ -1,11 +1,13 @@
 """``edge bench observe``: what watching the pipeline costs a 720p frame budget.
 
-Two costs, each as a share of the frame budget and against work measured in the same
+Three costs, each as a share of the frame budget and against work measured in the same
 run (decoding the frame, the model's ``invoke()``):
 
 * the quality measures: a 160-pixel grey copy and its four numbers, timed on real
   frames; the device takes them at most every ``observe.quality.interval_s``, so the
   cost per frame is the measure divided by the frames in that interval;
+* the observer sink on each result (histograms, drift window), on the model's own
+  predictions of the clip;
 * a scrape every second: a real daemon on the clip with ``/metrics``, scraped over HTTP
   once a second; the collector's work (``generate_latest``, CPU time of the scraping
   thread) is timed on the daemon's own registry: c ms of it a second is c / 1000 of
@@ -24,9 +26,13 @@ from typing import Any
 import cv2
 from prometheus_client import generate_latest
 
-from edge.config import QualityConfig, parse_config
+from edge.capture.thread import Frame
+from edge.config import ObserveConfig, QualityConfig, parse_config
 from edge.inference.model import Model
+from edge.observe.drift import ModelRef
+from edge.observe.observer import Observer
 from edge.observe.quality import measure_frame
+from edge.schedule.scheduler import Result
 
 from .kit import free_port
 
@@ -60,7 +66,9 @@ def run_observe_bench(model_path: Path, source: Path, *, manifest: Path | None =
     budget_ms = 1000.0 / fps
     width = QualityConfig().width
     model = Model.load(model_path, manifest=manifest, num_threads=threads)
-    invoke = [model.predict(f)[1].invoke_ms for f in frames[:30]]
+    predictions = [model.predict(f) for f in frames[:30]]
+    invoke = [times.invoke_ms for _, times in predictions]
+    sink_us = _sink_us(frames[0], predictions)
     quality = []
     for _ in range(5):
         for f in frames:
@@ -83,9 +91,29 @@ def run_observe_bench(model_path: Path, source: Path, *, manifest: Path | None =
             "measure_over_invoke": round(q50 / statistics.median(invoke), 4),
         },
         # one scrape a second costing c ms of CPU takes c / 1000 of each second, so of each frame budget
+        # histograms and the drift window, on the executor's thread, per result
+        "sink": {"per_result_us_p50": round(sink_us, 2), "share_of_budget": round(sink_us / 1e3 / budget_ms, 6),
+                 "detections_per_result": round(statistics.mean(len(p.detections) for p, _ in predictions), 1)},
         "scrape": {**scrape, "per_frame_share_of_budget": round(collect_ms / 1000.0, 6),
                    "collect_over_invoke": round(collect_ms / statistics.median(invoke), 4)},
     }
+
+
+def _sink_us(image, predictions: list) -> float:
+    """Microseconds the observer sink takes per result (median of 20 rounds over the predictions)."""
+    model_name = "bench"
+    ref = ModelRef(model_name, "1")
+    observer = Observer(ObserveConfig(), {"cam": ["det"]}, model_of=lambda camera, task: ref,
+                        outcome=lambda label, score: "unsure" if 0.25 <= score < 0.5 else "accept")
+    now, rounds, seq = time.monotonic(), [], 0
+    for _ in range(20):
+        t0 = time.perf_counter()
+        for prediction, times in predictions:
+            seq += 1
+            at = now + seq * 0.02
+            observer(Result(Frame("cam", seq, image, time.time(), at), "det", model_name, prediction, times, at + 0.01))
+        rounds.append((time.perf_counter() - t0) / len(predictions) * 1e6)
+    return statistics.median(rounds)
 
 
 def _scrape(model_path: Path, manifest: Path | None, source: Path, threads: int | None,
