@@ -251,4 +251,6 @@ class Manager:
         self.store.close()
 
     def stats(self) -> dict[str, Any]:
-        return {**self.ingest.stats(), **self.control.stats(), "pid": os.getpid()}
+        store = self.store.stats()
+        return {**self.ingest.stats(), **self.control.stats(), "store_skipped": store["skipped"],
+                "store_refused": store["refused"], "pid": os.getpid()}
