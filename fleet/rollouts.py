@@ -36,7 +36,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from edge.core.contract import JOB_STATES, ID_PATTERN, POLICY_SLOT, Assignment, Desired, JobStatus, Reported, loads
+from edge.core.contract import ID_PATTERN, JOB_STATES, POLICY_SLOT, Assignment, Desired, JobStatus, Reported, loads
 from edge.core.logs import fields
 
 from .desired import DesiredBook, desired_row, load_desired, load_reported, reported_row

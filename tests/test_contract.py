@@ -129,3 +129,23 @@ def test_what_a_device_builds_always_decodes_at_the_fleet():
     with pytest.raises(ValueError):  # a body with NaN cannot even be built
         C.JobStatus(v=1, device="cam-1", job="j", slot="s", sha256=SHA, state="active", at=1.0,
                     metrics={"x": float("nan")})
+
+
+def test_every_body_with_a_version_takes_only_the_integer_1():
+    bodies = [cls for cls in vars(C).values()
+              if isinstance(cls, type) and issubclass(cls, C.BaseModel) and "v" in getattr(cls, "model_fields", {})]
+    assert len(bodies) >= 12
+    for cls in bodies:
+        for bad in (True, 1.0, "1", 2):
+            with pytest.raises(C.ValidationError) as err:
+                cls.model_validate({"v": bad})
+            assert any(e["loc"] == ("v",) for e in err.value.errors()), (cls.__name__, bad)
+
+
+def test_edge_bench_decode_reports_the_strict_decoder_against_plain_pydantic(capsys):
+    from edge.cli import main
+
+    assert main(["bench", "decode", "--events", "20", "--rounds", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["events"] == 20 and report["strict_vs_plain"] > 0 and report["strict_walked_vs_plain"] > 0
+    assert main(["bench", "decode", "--events", "5000"]) == 2
