@@ -6,7 +6,7 @@ store runs with ``synchronous=FULL``: an ack tells the device to delete its rows
 what the fleet acked must survive even a power cut of the fleet's machine.
 
 No row may poison its reader. Every read goes through a row model or loader
-(:func:`load_rows`): a row that does not load (written by an older version, edited by
+(:class:`Skips`): a row that does not load (written by an older version, edited by
 hand) is skipped, counted by table in :attr:`Store.skipped` and logged, and the read
 goes on. On the way in, rows are made from contract bodies whose types are the row
 models' own (times, counts, JSON that parses strictly), and :meth:`Store.commit` reads
@@ -117,22 +117,32 @@ ROLLOUT_TABLES = ("desired", "reported", "rollouts", "executions")
 # --- what a row must hold to be read ------------------------------------------------------
 
 
-def load_rows(table: str, rows: Iterable[Mapping[str, Any]], loader: Loader[T], counts: dict[str, int],
-              what: str = "unreadable rows skipped") -> list[T]:
-    """Each row through ``loader``, in order. A row it refuses is left out and counted
-    under ``table`` in ``counts``, and one warning names how many and the first."""
-    loaded: list[T] = []
-    bad, first = 0, ""
-    for row in rows:
-        try:
-            loaded.append(loader(row))
-        except Exception as exc:  # whatever a row holds, the read goes on
-            bad += 1
-            first = first or f"{_row_key(row)}: {_why(exc)}"
-    if bad:
-        counts[table] = counts.get(table, 0) + bad
-        log.warning(what, extra=fields(table=table, rows=bad, first=first[:300]))
-    return loaded
+class Skips:
+    """Rows that do not load, by table: each left out, counted once and logged once (a
+    row read again, as the device registry is on every tick of a rollout, is not news)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.counts: dict[str, int] = {}
+        self._seen: set[int] = set()
+
+    def load(self, table: str, rows: Iterable[Mapping[str, Any]], loader: Loader[T]) -> list[T]:
+        """Each row through ``loader``, in order, without the rows it refuses."""
+        loaded: list[T] = []
+        new, first = 0, ""
+        for row in rows:
+            try:
+                loaded.append(loader(row))
+            except Exception as exc:  # whatever a row holds, the read goes on
+                key = hash((table, repr(row)))
+                if key not in self._seen:
+                    self._seen.add(key)
+                    new += 1
+                    first = first or f"{_row_key(row)}: {_why(exc)}"
+        if new:
+            self.counts[table] = self.counts.get(table, 0) + new
+            log.warning(self.what, extra=fields(table=table, rows=new, first=first[:300]))
+        return loaded
 
 
 def _row_key(row: Mapping[str, Any]) -> str:
@@ -244,8 +254,8 @@ class Store:
         self.path = path
         self._conn = conn
         self._lock = threading.Lock()  # the connection is used by the ingest thread and readers
-        self.skipped: dict[str, int] = {}  # rows left out of a read because they do not load, by table
-        self.refused: dict[str, int] = {}  # rows not written because they would not read back, by table
+        self.skipped = Skips("unreadable rows skipped")  # left out of reads: written elsewhere, or by hand
+        self.refused = Skips("rows refused: they would not read back")  # not written
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -341,7 +351,7 @@ class Store:
             rows = self._rows(f"SELECT rowid, {', '.join(EVENT_COLUMNS)} FROM events{where} ORDER BY id DESC LIMIT ?",
                               (*args, limit))
             rows.reverse()
-            return load_rows("events", rows, _load_event, self.skipped)
+            return self.skipped.load("events", rows, _load_event)
 
     def events_after(self, rowid: int, *, device: str | None = None, kind: str | None = None,
                      limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
@@ -351,7 +361,7 @@ class Store:
         with self._lock:
             rows = self._rows(f"SELECT rowid, {', '.join(EVENT_COLUMNS)} FROM events{where} ORDER BY rowid LIMIT ?",
                               (*args, limit))
-            return load_rows("events", rows, _load_event, self.skipped), (rows[-1]["rowid"] if rows else rowid)
+            return self.skipped.load("events", rows, _load_event), (rows[-1]["rowid"] if rows else rowid)
 
     def last_rowid(self) -> int:
         with self._lock:
@@ -379,7 +389,7 @@ class Store:
     def _devices(self) -> list[DeviceRow]:
         with self._lock:
             rows = self._rows(f"SELECT {', '.join(DEVICE_COLUMNS)}, state_since FROM devices ORDER BY id")
-            return load_rows("devices", rows, DeviceRow.model_validate, self.skipped)
+            return self.skipped.load("devices", rows, DeviceRow.model_validate)
 
     def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         """Rows as column → value (the caller holds the lock)."""
@@ -390,7 +400,7 @@ class Store:
     def stats(self) -> dict[str, dict[str, int]]:
         """Rows skipped on reads and refused on writes, by table."""
         with self._lock:
-            return {"skipped": dict(self.skipped), "refused": dict(self.refused)}
+            return {"skipped": dict(self.skipped.counts), "refused": dict(self.refused.counts)}
 
     # --- rollouts: artifacts, desired and reported state, rollouts, executions, jobs -----------
 
@@ -418,7 +428,7 @@ class Store:
         with self._lock:
             rows = self._rows("SELECT rowid, doc FROM artifacts WHERE kind = ? AND name = ? AND version = ?",
                               (kind, name, version))
-            found = load_rows("artifacts", rows, load_artifact, self.skipped)
+            found = self.skipped.load("artifacts", rows, load_artifact)
         return found[0] if found else None
 
     def artifact_by_sha(self, sha256: str, kind: str | None = None) -> Artifact | None:
@@ -426,8 +436,7 @@ class Store:
         if kind:
             sql, args = sql + " AND kind = ?", [sha256, kind]
         with self._lock:
-            found = load_rows("artifacts", self._rows(sql + " ORDER BY pushed_at", args), load_artifact,
-                              self.skipped)
+            found = self.skipped.load("artifacts", self._rows(sql + " ORDER BY pushed_at", args), load_artifact)
         return found[0] if found else None
 
     def artifacts(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
@@ -444,7 +453,7 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         with self._lock:
             rows = self._rows(sql + " ORDER BY pushed_at, rowid", args)
-            return load_rows("artifacts", rows, _artifact_listing, self.skipped)
+            return self.skipped.load("artifacts", rows, _artifact_listing)
 
     def device_states(self) -> dict[str, dict[str, Any]]:
         """Every device's state, when it entered it, and its tags."""
@@ -457,7 +466,7 @@ class Store:
         if table not in ROLLOUT_TABLES:
             raise ValueError(table)
         with self._lock:
-            return load_rows(table, self._rows(f"SELECT * FROM {table} ORDER BY rowid"), loader, self.skipped)
+            return self.skipped.load(table, self._rows(f"SELECT * FROM {table} ORDER BY rowid"), loader)
 
     def commit(self, writes: dict[str, list[dict[str, Any]]], loaders: Mapping[str, Loader[Any]]) -> None:
         """Upsert rows into the rollout tables (``jobs`` rows are appended) in one
@@ -488,7 +497,7 @@ class Store:
         def check(row: Mapping[str, Any]) -> Mapping[str, Any]:
             loader(row)
             return row
-        return load_rows(table, rows, check, self.refused, "rows refused: they would not read back")
+        return self.refused.load(table, rows, check)
 
     def jobs(self, *, device: str | None = None, job: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """Job statuses as devices sent them, oldest first."""
@@ -505,5 +514,5 @@ class Store:
         with self._lock:
             rows = self._rows(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
             rows.reverse()
-            return load_rows("jobs", rows, load_job, self.skipped)
+            return self.skipped.load("jobs", rows, load_job)
 
