@@ -617,8 +617,9 @@ def _non_finite(raw: bytes) -> bool:
 
 
 # A number passes a float's range (about 1.8e308) only with an exponent of three digits
-# or more, or with at least 210 digits before its point. Digits become "0" and "E" "e",
-# so both shapes are found with a plain search; only then is the parsed document walked.
+# or more, or with at least 210 digits before its point. With digits made "0", "E" made
+# "e" and "+" dropped, both shapes are found with a plain search of the raw bytes; only
+# then is the parsed document walked.
 _NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
 _BEFORE_NUMBER = b"-:,[ \t\r\n"
 _MAX_FLOAT_INT = int(sys.float_info.max)
