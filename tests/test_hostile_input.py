@@ -369,6 +369,36 @@ def test_nothing_is_written_that_would_not_read_back(tmp_path):
         store.close()
 
 
+def test_the_registry_refuses_a_manifest_a_device_would_refuse(tmp_path):
+    from edge.core.signing import load_private_key, sha256_file
+    from edge.inference.manifest import load_manifest
+    from fleet.registry import ArtifactError, Registry
+
+    model = shared_path(TINY)
+    manifest = load_manifest(manifest_for(TINY), model_dir=model.parent).model_dump(mode="json")
+    private, _ = init_keys(tmp_path / "keys")
+    store = Store.open(tmp_path / "fleet.db")
+    try:
+        registry = Registry(store, tmp_path / "artifacts", load_private_key(private))
+        sha = sha256_file(model)
+        assert registry.upload(sha, model.stat().st_size, 0, model.read_bytes()) == model.stat().st_size
+        push = lambda doc: registry.push(kind="model", name=doc["name"], version=doc["version"],  # noqa: E731
+                                         sha256=sha, manifest=doc, by="operator", now=time.time())
+        long_labels = [f"{label} ({'a description that runs on ' * 2})" for label in manifest["labels"]]
+        refusals = {
+            "finite number": {**manifest, "input": {**manifest["input"], "mean": [float("nan")] * 3}},
+            "a number devices refuse": {**manifest, "thresholds": {**manifest["thresholds"], "top_k": 10**400}},
+            "a desired state has room for": {**manifest, "labels": long_labels},
+        }
+        for why, doc in refusals.items():
+            with pytest.raises(ArtifactError) as err:
+                push(doc)
+            assert err.value.code == "invalid_artifact" and why in str(err.value), str(err.value)
+        assert push(manifest).created and store.stats()["refused"] == {}
+    finally:
+        store.close()
+
+
 # --- the device's topics ----------------------------------------------------------------------
 
 
