@@ -344,6 +344,16 @@ def test_a_store_with_unreadable_rows_starts_and_every_read_command_skips_them(w
         assert [r["id"] for r in rollouts] == ["r0001"]
         assert "COMPLETED" in manager.cli(capsys, "rollout", "status", "r0001", broker=True).stdout
         assert json.loads(manager.cli(capsys, "models", "list", "--json", broker=True).stdout)[0]["version"] == "1"
+        with sqlite3.connect(db) as conn:  # versions whose descriptions together outgrow one response
+            for version in range(3, 10):
+                doc = art.model_copy(update={"version": str(version), "manifest": {"labels": ["x" * 40_000]}})
+                conn.execute("INSERT INTO artifacts (kind, name, version, sha256, size, doc, pushed_at, pushed_by)"
+                             " VALUES ('model', 'm', ?, ?, 10, ?, ?, 'operator')",
+                             (str(version), SHA, doc.model_dump_json(), now))
+        capsys.readouterr()
+        assert fleet_main(["models", "show", "m", "--broker", f"{mosquitto.host}:{mosquitto.port}",
+                           "--prefix", manager.prefix]) == 2
+        assert "over the 262144 a response may hold" in capsys.readouterr().err
         expected = {**skipped, "jobs": 2, "artifacts": 1}
         assert manager.stats()["store_skipped"] == expected
         manager.cli(capsys, "devices", "show", "cam-good", broker=True)
