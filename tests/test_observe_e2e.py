@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge.cli import main
 from edge.core.contract import decode_alert
+from edge.observe.baseline import read_frames
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 DRIFT_CAMERAS = ("plain", "dark", "blur", "swap")
@@ -53,13 +54,7 @@ def _write(path: Path, frames, fps: float = 10.0) -> Path:
 
 
 def _clips(dirpath: Path) -> dict[str, Path]:
-    cap = cv2.VideoCapture(str(shared_path("media/pedestrians-360p10.avi")))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(f)
+    frames = list(read_frames(shared_path("media/pedestrians-360p10.avi")))
     drift = frames[::EVERY]
     altered = {
         "plain": drift,
