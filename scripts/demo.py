@@ -8,8 +8,9 @@ rollout of YOLOv8n -a to -b across both cameras, followed with `fleet rollout wa
     scripts/demo --seconds 60     # a bounded run
 
 Every process it starts is its own process group (a Ctrl-C reaches only this script,
-which stops them in order) and gets SIGTERM should this script die. It imports
-`edge.core` and `fleet.operate` but drives every part as its own process, as a site would.
+which stops them in order) and gets SIGTERM should this script die. It drives every
+part as its own process, as a site would; it imports only the contract, the benchmarks'
+Mosquitto helper and the rollout renderer of `fleet rollout watch`.
 """
 
 from __future__ import annotations
@@ -461,7 +462,7 @@ class Demo:
                          f"devices finished, {r.status.get('failed', 0)} failed"
                          + (f" ({r.status['reason']})" if r.status.get("reason") else ""))
         else:
-            lines.append(f"rollout: {r.error or r.note}")
+            lines.append(f"rollout {r.id or ''}: {r.error or r.note}".replace(" :", ":"))
         return lines
 
 
