@@ -111,16 +111,15 @@ def test_every_problem_config_check_reports_stops_edge_run_with_exit_2(tmp_path,
     fixing must not become a restart loop."""
     broken_policy = tmp_path / "policy.yaml"
     broken_policy.write_text("version: '1'\nrules: [{name: x, when: {event: sideways}}]\n")
-    cases = {
-        "models.det.path: file not found": write_config(tmp_path, video_source(), model_path=tmp_path / "gone.tflite").read_text(),
-        "cameras[0].source.path: not found": write_config(tmp_path, {"kind": "video", "path": str(tmp_path / "gone.avi")}).read_text(),
-        "runtime.stats_file: directory not found": write_config(
-            tmp_path, video_source(), runtime={"stats_file": str(tmp_path / "no" / "stats.json")}).read_text(),
-        "rules[0].when.event: input should be": write_config(tmp_path, video_source(), decisions={"policy": str(broken_policy)}).read_text(),
+    cases = {  # what the error names: the config that causes it
+        "models.det.path: file not found": dict(source=video_source(), model_path=tmp_path / "gone.tflite"),
+        "cameras[0].source.path: not found": dict(source={"kind": "video", "path": str(tmp_path / "gone.avi")}),
+        "runtime.stats_file: directory not found": dict(source=video_source(),
+                                                        runtime={"stats_file": str(tmp_path / "no" / "stats.json")}),
+        "rules[0].when.event: input should be": dict(source=video_source(), decisions={"policy": str(broken_policy)}),
     }
-    for expected, text in cases.items():
-        config = tmp_path / "cam.yaml"
-        config.write_text(text)
+    for expected, kwargs in cases.items():
+        config = write_config(tmp_path, **kwargs)
         check, check_err = run_main(capsys, "config", "check", str(config))
         run, run_err = run_main(capsys, "run", "--config", str(config))
         assert (check, run) == (2, 2), (expected, check_err, run_err)
@@ -275,7 +274,7 @@ def test_a_bare_command_group_prints_its_own_help(prog, capsys):
     for words in groups:
         code = run(words)
         err = capsys.readouterr().err
-        if prog == "edge" and words == ["bench"]:  # `edge bench` alone is the pipeline benchmark: it asks for its arguments
+        if prog == "edge" and words == ["bench"]:  # alone, the pipeline benchmark: it asks for its arguments
             assert code == 2 and "needs --model and --source" in err
             continue
         assert code == 2 and err.startswith(f"usage: {prog} {' '.join(words)} "), (words, err)

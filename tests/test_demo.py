@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,8 +43,13 @@ def test_the_demo_alerts_from_both_cameras_rolls_out_b_to_both_and_ctrl_c_stops_
     for name in NEEDS:
         if not (REPO / name).is_file():
             pytest.skip(f"needs {REPO / name} (scripts/fetch_models.py --mirror ../shared puts it there)")
+    # scripts/demo sets up .venv and runs scripts/demo.py with it; from another virtualenv,
+    # run that part alone rather than make a .venv as a side effect of a test
+    own_venv = Path(sys.executable).parent.parent == REPO / ".venv"
+    scripts = REPO / "scripts"
+    command = ["bash", str(scripts / "demo")] if own_venv else [sys.executable, str(scripts / "demo.py")]
     # a session of its own, as a terminal would give it: afterwards nothing may be left in it
-    demo = subprocess.Popen(["bash", str(REPO / "scripts" / "demo"), "--seconds", "60", "--rollout-after", "3"],
+    demo = subprocess.Popen([*command, "--seconds", "60", "--rollout-after", "3"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=REPO, start_new_session=True)
     out: list[str] = []
