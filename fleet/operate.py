@@ -406,18 +406,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(json.dumps({"devices": args.devices, "fail_verify": sorted(faults.fail_verify),
                       "unhealthy": sorted(faults.unhealthy),
                       "offline_mid_download": sorted(faults.offline_mid_download)}), flush=True)
-    unreachable = False
     while not stop.wait(5.0):
         states: dict[str, int] = {}
         for d in sim.devices.values():
             for state in d.jobs.values():
                 states[state] = states.get(state, 0) + 1
-        online = sim.online()
-        print(json.dumps({"online": online, "jobs": states}), flush=True)
-        if (online == 0) != unreachable:  # say it once when the broker goes, once when it is back
-            unreachable = online == 0
-            print(f"fleet: broker at {host}:{port} " + ("unreachable: no device is online, retrying" if unreachable
-                                                     else "reachable again"), file=sys.stderr, flush=True)
+        print(json.dumps({"online": sim.online(), "jobs": states}), flush=True)
     sim.stop()
     return 0
 
