@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from edge.core.errors import UsageError
 
 from .client import FleetClient
+from .errors import OpError
 from .upload import push_file
 
 WATCH_POLL_S = 0.5
@@ -418,10 +420,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _reachable(host: str, port: int) -> None:
     """OpError (exit 1) naming the broker when nothing accepts a connection there."""
-    import socket
-
-    from .errors import OpError
-
     try:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as exc:
