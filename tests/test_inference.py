@@ -77,7 +77,7 @@ def test_without_opencvs_batched_nms_the_same_detections_come_out(yolo_b, monkey
     NMSBoxesBatched; the fallback must give the same boxes, classes apart."""
     frame = image("kite_and_cold.jpg")
     batched, _ = yolo_b.predict(frame)
-    monkeypatch.delattr(cv2.dnn, "NMSBoxesBatched")
+    monkeypatch.delattr(cv2.dnn, "NMSBoxesBatched", raising=False)  # already absent before 4.7
     plain, _ = yolo_b.predict(frame)
     assert len({d.label for d in batched.detections}) >= 2
     assert plain.detections == batched.detections
