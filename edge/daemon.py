@@ -395,6 +395,7 @@ class Daemon:
         observed = self.observer.snapshot().to_dict()
         for camera in snap["cameras"]:
             camera.update(observed.get(camera["camera"], {}))
+        snap["models"] = {slot: model.name for slot, model in self.executors[0].models.items()}
         snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
         if self.outbox is not None and self.sync is not None:  # both or neither
             snap["outbox"], snap["sync"] = self.outbox.stats(), self.sync.stats()
