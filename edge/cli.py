@@ -401,7 +401,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.model is None or args.source is None:
         raise UsageError("edge bench [pipeline] needs --model and --source; the other scenarios are "
-                         "scheduler, outbox and alerts (edge bench --help)")
+                         "scheduler, outbox, alerts, decode and observe (edge bench --help)")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
     report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
