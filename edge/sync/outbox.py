@@ -36,6 +36,7 @@ from edge.config import OutboxConfig
 from edge.core.contract import BATCH_OVERHEAD, MAX_EVENT_BYTES, event_json
 from edge.core.db import Migration, SchemaTooNew, connect, migrate, rollback_quietly
 from edge.core.errors import EdgeError
+from edge.core.ids import ulid_time
 from edge.core.logs import fields
 
 from .events import Event, eviction
@@ -251,6 +252,14 @@ class Outbox:
     def stats(self) -> dict[str, Any]:
         """Counters for the stats line (rows and bytes stored, committed, dropped, evicted, ...)."""
         return {"rows": self._rows, "bytes": self._bytes, "queued": len(self._queue), **self._counters}
+
+    def oldest_recorded_at(self) -> float | None:
+        """When the oldest event still waiting for the fleet's ack was made, or None when
+        there is none (from its ULID: one index lookup per priority)."""
+        with self._read_lock:
+            ids = [self._read.execute("SELECT id FROM events WHERE priority = ? ORDER BY seq LIMIT 1",
+                                      (prio,)).fetchone() for prio in PRIORITIES]
+        return min((ulid_time(row[0]) for row in ids if row is not None), default=None)
 
     @property
     def commits(self) -> int:
