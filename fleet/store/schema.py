@@ -161,6 +161,13 @@ answers = sa.Table(
     sa.Column("at", Time, nullable=False),
 )
 
+blobs = sa.Table(
+    "blobs", metadata,  # artifact bytes, so that any manager that takes the lease can serve them
+    sa.Column("sha256", sa.Text, primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 ROLLOUT_TABLES = {t.name: t for t in (desired, reported, rollouts, executions)}
 
 

@@ -353,6 +353,19 @@ class Store:
         rows.reverse()
         return self.skipped.load("jobs", rows, lambda r: JobRow.model_validate(r).model_dump())
 
+    def put_blob(self, sha256: str, data: bytes) -> None:
+        """Keep an artifact's bytes (once: they are content-addressed)."""
+        with self.engine.begin() as c:
+            c.execute(self._insert(S.blobs).values(sha256=sha256, size=len(data), data=data).on_conflict_do_nothing())
+
+    def blob_shas(self) -> set[str]:
+        with self.engine.connect() as c:
+            return set(c.execute(sa.select(S.blobs.c.sha256)).scalars())
+
+    def blob(self, sha256: str) -> bytes | None:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(S.blobs.c.data).where(S.blobs.c.sha256 == sha256)).scalar()
+
     def answer(self, identity: str, request_id: str) -> str | None:
         """The answer already given to an operator's request that changed something."""
         a = S.answers

@@ -1,6 +1,7 @@
 """Several managers on one store: the lease that chooses the one running rollouts, job
 statuses stored once by whichever managers hear them and judged once, the answers to
-operator requests that changed something, and the indexes a console over 10,000
+operator requests that changed something, artifact bytes any manager can serve, and
+the indexes a console over 10,000
 devices and a million events reads through.
 
 Revision ID: 0003
@@ -34,4 +35,9 @@ def upgrade() -> None:
         "answers",
         sa.Column("identity", sa.Text, primary_key=True), sa.Column("id", sa.Text, primary_key=True),
         sa.Column("response", sa.Text, nullable=False), sa.Column("at", sa.Double, nullable=False),
+    )
+    op.create_table(
+        "blobs",
+        sa.Column("sha256", sa.Text, primary_key=True), sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("data", sa.LargeBinary, nullable=False),
     )
