@@ -342,7 +342,7 @@ def test_a_staged_rollout_to_50_devices_completes_and_desired_meets_reported(tmp
         assert stats["transfers_max_active"] <= MAX_TRANSFERS < 25, "never more downloads at once than allowed"
         assert stats["transfers_max_waiting"] > 0, "the rest of the wave waited its turn"
         assert stats["chunk_errors"] == {} and stats["busy"] == 0
-        late_jobs = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ?", late, rid)]
+        late_jobs = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ? ORDER BY rowid", late, rid)]
         assert late_jobs[-2:] == ["active", "committed"]
         assert sim.devices[dropper].offline_used and sim.devices[dropper].online
         (since,) = db_rows(db, "SELECT state_since FROM devices WHERE id = ?", dropper)[0]
@@ -415,7 +415,7 @@ def test_a_manager_restarted_mid_rollout_carries_on_and_rollback_sends_devices_b
             plant_a = [d for d in sim.devices if sim.devices[d].site == "plant-a"]
             assert all(sim.running(d) == models["b"]["sha256"] for d in plant_a)
             for d in plant_a:  # each device ran the job exactly once, restart or not
-                states = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ?", d, rid)]
+                states = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ? ORDER BY rowid", d, rid)]
                 assert states.count("active") == 1 and states.count("committed") == 1, (d, states)
             assert all(sim.running(d) == models["a"]["sha256"] for d in sim.devices if d not in plant_a)
 
