@@ -222,7 +222,7 @@ def _cmd_db_current(args: argparse.Namespace) -> int:
 
     with _reading(args.db) as store:
         revision = store.revision()
-        lease = Lease(store, "", duration_s=0).state()
+        lease = Lease(store, "", duration_s=0).state() if revision == head() else None
     doc = {"db": store.name, "schema": revision, "code": head(), "up_to_date": revision == head(),
            "leader": lease["holder"] if lease and lease["expires_at"] > lease["now"] else None,
            "lease_epoch": lease["epoch"] if lease else None}

@@ -119,12 +119,14 @@ def postgres():
 
 
 ENGINES = ["sqlite", "postgresql"]
+both_engines = pytest.mark.parametrize("fleet_db", ENGINES, indirect=True)  # a test run on each engine
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture
 def fleet_db(request, tmp_path) -> str:
-    """A fleet store's location on each engine: a SQLite path, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
+    """A fleet store's location: a SQLite path (the default), or with ``@both_engines`` also
+    a fresh database in the session's PostgreSQL cluster."""
+    if getattr(request, "param", "sqlite") == "sqlite":
         return str(tmp_path / "fleet.db")
     return request.getfixturevalue("postgres").new_database()
 
