@@ -284,3 +284,39 @@ def test_an_empty_store_lists_nothing_politely(tmp_path):
     Store.open(tmp_path / "fleet.db").close()
     assert fleet_cli("devices", "list", "--db", str(tmp_path / "fleet.db")).stdout == "no devices yet\n"
     assert fleet_cli("events", "tail", "--db", str(tmp_path / "fleet.db")).stdout == ""
+
+
+def test_postgresql_restarted_mid_ingest_loses_nothing_stores_nothing_twice(tmp_path, broker, postgres):
+    url = postgres.new_database()
+    managers = [FleetProcess(url, broker, "--client-id", f"fleet-{i}", "--artifacts", str(tmp_path / "a"))
+                for i in range(2)]
+    outbox = Outbox.open(OutboxConfig(path=tmp_path / "outbox.db", ack_timeout_s=1, batch_events=20), "cam-1")
+    sync = Sync(MqttConfig(host=broker.host, port=broker.port, reconnect=Backoff(initial_s=0.1, max_s=1)),
+                DeviceInfo(id="cam-1", site="plant-a", line="3"), outbox, models={})
+    try:
+        for m in managers:
+            m.wait_for("ingest subscribed")
+        sync.start()
+        ids = []
+        for i in range(600):
+            event = E.health_snapshot("c0", {"i": i})
+            outbox.append(event)
+            ids.append(event.id)
+            if i == 200:
+                postgres.stop()  # mid-ingest: what reaches the managers now cannot be stored
+            if i == 400:
+                postgres.start()
+            time.sleep(0.005)
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] == 0, 60, "every event acked")
+        stored = [i for (i,) in db_rows(url, "SELECT id FROM events")]
+        assert len(stored) == len(set(stored)) == 600 and set(stored) == set(ids)
+        assert all(m.proc.poll() is None for m in managers), "no manager exited"
+        stats = [m.last_stats() for m in managers]
+        assert sum(s.get("store_errors", 0) for s in stats) > 0, "the restart was felt, and survived"
+    finally:
+        sync.stop()
+        outbox.close()
+        for m in managers:
+            m.stop()
+        if postgres.proc is None:
+            postgres.start()
