@@ -602,7 +602,8 @@ def test_the_lease_holder_killed_mid_rollout_twice_and_another_manager_finishes_
                               " GROUP BY stage ORDER BY stage", rid)
         assert stages == [(0, 1), (1, 1), (2, 2), (3, 4)], "no stage skipped"
         assert db_rows(url, "SELECT count(*) FROM jobs WHERE pending") == [(0,)], "every status judged"
-        assert db_rows(url, "SELECT epoch FROM leases") == [(3,)]
+        (epoch,) = db_rows(url, "SELECT epoch FROM leases")[0]
+        assert epoch >= 3, "two takeovers at least (a leader starved of CPU for its renewal steps down too)"
         print(f"takeover after kill -9: {', '.join(f'{t:.1f}s' for t in took)} (--failover {failover:g})")
         assert all(t < 3 * failover for t in took)
     finally:
