@@ -186,7 +186,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     from .store import Store
-
     from .store.engine import describe, parse_url
 
     name = describe(parse_url(args.db))

@@ -9,9 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from broker import REPO, Broker, FleetProcess, free_port, wait_until
-from conftest import db_rows, shared_path
+from conftest import db_rows
 
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
 from edge.core.signing import init_keys

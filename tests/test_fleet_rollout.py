@@ -570,7 +570,7 @@ def test_the_lease_holder_killed_mid_rollout_twice_and_another_manager_finishes_
             assert len(live) <= 1, "never two leaders"
             return live[0] if live else None
 
-        first = wait_until(leader, 30, "a leader")
+        wait_until(leader, 30, "a leader")
         with FleetClient(broker.host, broker.port, identity="operator", timeout=60) as client:
             b = push_model(client, B)
             push_model(client, A)

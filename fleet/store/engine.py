@@ -19,12 +19,12 @@ import logging
 from pathlib import Path
 
 import sqlalchemy as sa
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from alembic import command
 from edge.core.errors import EdgeError
 from edge.core.logs import fields
 
