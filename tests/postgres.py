@@ -65,13 +65,18 @@ class Postgres:
             stdout=log, stderr=log, user=self.user, cwd=self.dir, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited: {self.log.read_text()[-1500:]}")
-            if subprocess.run([str(self.bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"]).returncode == 0:
-                return self
-            time.sleep(0.1)
-        raise RuntimeError(f"postgres did not accept connections in {timeout:g}s: {self.log.read_text()[-1500:]}")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"postgres exited: {self.log.read_text()[-1500:]}")
+                ready = [str(self.bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-q"]
+                if subprocess.run(ready).returncode == 0:
+                    return self
+                time.sleep(0.1)
+            raise RuntimeError(f"postgres did not accept connections in {timeout:g}s: {self.log.read_text()[-1500:]}")
+        except BaseException:  # never leave a server behind
+            self.remove()
+            raise
 
     def stop(self, mode: str = "fast") -> None:
         """Shut down (``fast``: clients are disconnected, as a restart by an operator does)."""
