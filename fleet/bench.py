@@ -40,20 +40,25 @@ PREVIOUS_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-a.tflite"
 
 
 def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: float, max_transfers: int, pumps: int,
-                      ingest_batches: int, ingest_events: int, timeout_s: float = 900.0) -> dict[str, Any]:
+                      ingest_batches: int, ingest_events: int, timeout_s: float = 900.0, managers: int = 1,
+                      db: str | None = None) -> dict[str, Any]:
     model = model or DEFAULT_MODEL
     manifest_file = REPO / "models" / model.with_suffix(".yaml").name
     for path in (model, manifest_file, PREVIOUS_MODEL):
         if not path.is_file():
             raise UsageError(f"needs {path}")
+    if managers < 1 or (managers > 1 and not (db or "").startswith("postgresql")):
+        raise UsageError("several managers share a PostgreSQL store: --managers N --db postgresql://...")
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     broker = LocalMosquitto(work, extra_conf="sys_interval 1\n")  # $SYS counters every second
     manager = sim = counters = None
+    others: list[_Manager] = []
     try:
         broker.start()
         counters = _BrokerBytes(broker.port)
         init_keys(work / "keys")
-        manager = _Manager(work, broker.port, max_transfers)
+        manager = _Manager(work, broker.port, max_transfers, db or str(work / "fleet.db"), 0)
+        others = [_Manager(work, broker.port, max_transfers, manager.db, i) for i in range(1, managers)]
         with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60) as client:
             pushed = {}
             for path in (PREVIOUS_MODEL, model):
@@ -113,7 +118,9 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             "broker_bytes_sent": sys_after[1] - sys_before[1],
             "artifact_bytes_served": stats["chunk_bytes"],
             "manager_cpu_s_rollout": round(cpu_rollout, 1),
-            "manager_peak_rss_mb": round(manager.peak_rss_mb(), 1),
+            "manager_peak_rss_mb": round(max(m.peak_rss_mb() for m in (manager, *others)), 1),
+            "managers": managers,
+            "store": "postgresql" if manager.db.startswith("postgresql") else "sqlite",
             "broker_cpu_s_rollout": round(broker_cpu, 1),
             "simulator_cpu_s_rollout": round(sim_cpu, 1),
             "status_ingest_per_s": round(devices / statuses_s, 1),
@@ -127,8 +134,9 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
     finally:
         if sim is not None:
             sim.stop()
-        if manager is not None:
-            manager.stop()
+        for m in (*others, manager):
+            if m is not None:
+                m.stop()
         if counters is not None:
             counters.stop()
         broker.stop()
@@ -167,14 +175,16 @@ class _BrokerBytes:
 class _Manager:
     """``fleet serve`` as its own process, its log in a file."""
 
-    def __init__(self, work: Path, port: int, max_transfers: int) -> None:
-        self.db = work / "fleet.db"
-        self.log = work / "fleet.log"
+    def __init__(self, work: Path, port: int, max_transfers: int, db: str, index: int) -> None:
+        self.db = db
+        self.log = work / f"fleet-{index}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet", "serve", "--db", str(self.db), "--broker", f"127.0.0.1:{port}",
-             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5"],
+            [sys.executable, "-m", "fleet", "serve", "--db", db, "--broker", f"127.0.0.1:{port}",
+             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5",
+             "--client-id", f"fleet-bench-{index}", "--artifacts", str(work / f"artifacts-{index}")],
             stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
+        self._leader = index == 0  # started first, it takes the lease
         _wait(self._subscribed, 30, "fleet serve to subscribe")
         self._store: Store | None = None
 
@@ -182,7 +192,7 @@ class _Manager:
         if self.proc.poll() is not None:
             raise EdgeError(f"fleet serve exited: {self.log.read_text()[-500:]}")
         text = self.log.read_text()
-        return '"control subscribed"' in text and '"ingest subscribed"' in text
+        return ('"control subscribed"' in text or not self._leader) and '"ingest subscribed"' in text
 
     def online(self) -> int:
         if self._store is None:

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import socket
-import sqlite3
 import time
 from typing import Any
 
@@ -37,7 +36,7 @@ from edge.core.contract import (
 from edge.core.link import Link, LinkSettings
 from edge.core.logs import fields
 
-from .store import Store
+from .store import DatabaseError, Store
 
 log = logging.getLogger("fleet.ingest")
 
@@ -115,9 +114,9 @@ class Ingest:
             stored = self.store.add_batch(batch, now)
         except ContractError as exc:
             return self._reject(exc.reason, self.topics.outbox(device), exc.detail)
-        except sqlite3.Error as exc:  # not acked: the device sends it again
+        except DatabaseError as exc:  # not acked: the device sends it again
             self._counters["store_errors"] += 1
-            log.error("store failed; batch not acked", extra=fields(device=device, error=str(exc)))
+            log.error("store failed; batch not acked", extra=fields(device=device, error=str(exc).splitlines()[0]))
             return
         k = self._counters
         k["batches"] += 1
@@ -139,9 +138,9 @@ class Ingest:
             self.store.set_status(status, time.time())
         except ContractError as exc:
             return self._reject(exc.reason, self.topics.status(device), exc.detail)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             self._counters["store_errors"] += 1
-            log.error("store failed; status not recorded", extra=fields(device=device, error=str(exc)))
+            log.error("store failed; status not recorded", extra=fields(device=device, error=str(exc).splitlines()[0]))
             return
         self._counters["statuses"] += 1
         log.info("device status", extra=fields(device=device, state=status.state, runtime=status.runtime))
