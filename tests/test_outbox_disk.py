@@ -94,9 +94,14 @@ class Load:
             self.largest = max(self.largest, total)
 
 
-def outbox_rows(outbox: Outbox) -> list[dict]:
+def close(outbox: Outbox) -> tuple[dict, list[dict]]:
+    """The outbox's counters and the events it holds, as it closes."""
+    assert outbox.flush()
+    stats = outbox.stats()
     with outbox._read_lock:
-        return [json.loads(body) for (body,) in outbox._read.execute("SELECT body FROM events ORDER BY key")]
+        kept = [json.loads(body) for (body,) in outbox._read.execute("SELECT body FROM events ORDER BY key")]
+    outbox.close()
+    return stats, kept
 
 
 def test_on_a_5_mb_disk_a_1_mib_outbox_stays_inside_its_cap_wal_included(small_disk):
@@ -108,10 +113,7 @@ def test_on_a_5_mb_disk_a_1_mib_outbox_stays_inside_its_cap_wal_included(small_d
         wait_until(lambda: outbox.stats()["evicted"] > 5 * outbox.stats()["rows"], 60, "the cap to be passed many times")
     finally:
         load.stop()
-        assert outbox.flush()
-    stats = outbox.stats()
-    kept = outbox_rows(outbox)
-    outbox.close()
+        stats, kept = close(outbox)
     assert stats["write_errors"] == 0 and load.refused == 0
     assert load.largest <= cap, f"the outbox's files took {load.largest} bytes against a cap of {cap}"
     assert set(load.alerts) <= {e["id"] for e in kept}, "an alert audit row went while others were left"
@@ -149,10 +151,7 @@ def test_a_disk_filled_by_something_else_costs_the_least_important_rows_and_then
         wait_until(lambda: outbox.stats()["rows"] > rows_then + 2000, 30, "the outbox to grow again")
     finally:
         load.stop()
-        assert outbox.flush()
-    stats = outbox.stats()
-    kept = outbox_rows(outbox)
-    outbox.close()
+        stats, kept = close(outbox)
 
     assert load.refused == 0, "the hand-off never overflowed: the writer kept committing"
     assert stats["disk_full"] == full["disk_full"], "no more failed writes once space returned"
