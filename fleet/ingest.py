@@ -96,8 +96,8 @@ class Ingest:
         log.info("ingest subscribed", extra=fields(outbox=self.topics.shared_outbox(self.group),
                                                    status=self.topics.all_status()))
         # QoS 0: only devices online now need it (one that returns later re-sends on its own)
-        client.publish(self.topics.ingest_online(), encode(IngestOnline(v=1, manager=self.client_id[:256], at=time.time())),
-                       qos=0)
+        online = IngestOnline(v=1, manager=self.client_id[:256], at=time.time())
+        client.publish(self.topics.ingest_online(), encode(online), qos=0)
 
     def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         topic = message.topic

@@ -110,7 +110,8 @@ def test_on_a_5_mb_disk_a_1_mib_outbox_stays_inside_its_cap_wal_included(small_d
     outbox = Outbox.open(OutboxConfig(path=disk / "outbox.db", max_bytes=cap), "cam")
     load = Load(outbox, disk, rate=4000)
     try:
-        wait_until(lambda: outbox.stats()["evicted"] > 5 * outbox.stats()["rows"], 60, "the cap to be passed many times")
+        wait_until(lambda: outbox.stats()["evicted"] > 5 * outbox.stats()["rows"], 60,
+                   "the cap to be passed many times")
     finally:
         load.stop()
         stats, kept = close(outbox)

@@ -147,10 +147,10 @@ def check_model_file(path: Path, *, allocate: bool = True) -> None:
     """Raise ModelError unless ``path`` is a TFLite file that a child process could load.
 
     Checked here: the size, the ``TFL3`` identifier, and that the root table, the
-    subgraphs and the buffers lie inside the file. Then the file is loaded once in a child (and, with ``allocate``, its tensors allocated on
-    the CPU; a delegate's model is only built there: the delegate's device may be in use
-    by this process). A file that passed is not tried again while its size, times and
-    inode stay the same.
+    subgraphs and the buffers lie inside the file. Then the file is loaded once in a
+    child (and, with ``allocate``, its tensors allocated on the CPU; a delegate's model is
+    only built there: the delegate's device may be in use by this process). A file that
+    passed is not tried again while its size, times and inode stay the same.
     """
     try:
         st = path.stat()
@@ -249,10 +249,8 @@ class _ModelLayout:
 
 @functools.lru_cache(maxsize=64)  # by file identity: a replaced or rewritten file is tried again
 def _trial(path: str, identity: tuple[int, ...], allocate: bool) -> None:
-    import edge
-
     env = dict(os.environ)  # the child must import this very package, installed or not
-    root = str(Path(edge.__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "edge.inference.trial", path] + (["--allocate"] if allocate else [])
     try:
@@ -265,7 +263,8 @@ def _trial(path: str, identity: tuple[int, ...], allocate: bool) -> None:
     if done.returncode == 0:
         return
     if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else str(-done.returncode)
+        signum = -done.returncode
+        name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
         raise ModelError(f"{path}: not a valid TFLite model (the runtime crashed loading it: {name}; "
                          "truncated or corrupt?)")
     lines = [line for line in done.stdout.splitlines() if line.strip()]

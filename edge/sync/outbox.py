@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import sqlite_utils
 
 from edge.config import OutboxConfig
-from edge.core.contract import BATCH_OVERHEAD, MAX_EVENT_BYTES, event_json
+from edge.core.contract import BATCH_OVERHEAD, event_json
 from edge.core.db import Migration, SchemaTooNew, connect, is_disk_full, migrate, rollback_quietly
 from edge.core.errors import EdgeError
 from edge.core.logs import fields
@@ -540,7 +540,8 @@ class Outbox:
         body = event_json(id=e.id, seq=seq, kind=e.kind.value, device=self.device_id, camera=e.camera,
                           captured_at=e.captured_at, recorded_at=e.recorded_at, priority=e.priority,
                           payload_json=e.payload_json)
-        return (_key(e.priority, seq), seq, e.id, e.kind.value, e.priority, len(body), body)  # ASCII: characters are bytes
+        # ASCII: characters are bytes
+        return (_key(e.priority, seq), seq, e.id, e.kind.value, e.priority, len(body), body)
 
     # --- caps and disk space ----------------------------------------------------------------
 
