@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
     alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
+    decode = bench_sub.add_parser("decode", parents=[common],
+                                  help="the contract's strict decoder against plain pydantic on an outbox batch")
+    decode.add_argument("--events", type=int, default=500, help="events in the batch (default 500)")
+    decode.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    decode.set_defaults(func=_cmd_bench_decode)
     return parser
 
 
@@ -314,6 +319,15 @@ def _cmd_bench_outbox(args: argparse.Namespace) -> int:
     report = run_outbox_bench(args.events, live_events=args.live_events, batch_events=args.batch_events,
                               window=args.window, workdir=args.workdir)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from edge.bench.decode import run_decode_bench
+
+    if not 0 < args.events <= 2000 or args.rounds < 1:
+        raise UsageError("--events must be 1..2000 (a batch's limit) and --rounds at least 1")
+    print(json.dumps(run_decode_bench(events=args.events, rounds=args.rounds), indent=2))
     return 0
 
 

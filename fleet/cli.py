@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -11,12 +12,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from edge.core.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
 from edge.core.errors import UsageError, run_command
 
 from . import __version__, operate
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger("fleet")
 
@@ -150,25 +154,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # --- reads --------------------------------------------------------------------------------------
 
 
-def _cmd_events_tail(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _reading(db: Path) -> Iterator["Store"]:
+    """The store for a read command; rows it skips are one warning line on stderr a read."""
+    from edge.core.logs import HumanFormatter
+
     from .store import Store
 
-    store = Store.open_readonly(args.db)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setFormatter(HumanFormatter())
+    store_log = logging.getLogger("fleet.store")
+    store_log.addHandler(warnings)
+    try:
+        store = Store.open_readonly(db)
+        try:
+            yield store
+        finally:
+            store.close()
+    finally:
+        store_log.removeHandler(warnings)
+
+
+def _cmd_events_tail(args: argparse.Namespace) -> int:
     stop = threading.Event()
     if args.follow:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    try:
-        last = store.last_rowid() if args.follow else None
+    with _reading(args.db) as store:
+        last = store.last_rowid() if args.follow else 0
         for event in store.events(device=args.device, kind=args.kind, limit=args.limit):
             _print_event(event, args.json)
         while args.follow and not stop.wait(FOLLOW_POLL_S):
-            for event in store.events(device=args.device, kind=args.kind, limit=1000, after_rowid=last):
+            events, last = store.events_after(last, device=args.device, kind=args.kind)
+            for event in events:
                 _print_event(event, args.json)
-                last = event["rowid"]
             sys.stdout.flush()
-    finally:
-        store.close()
     return 0
 
 
@@ -185,13 +205,8 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
 
 
 def _cmd_devices_list(args: argparse.Namespace) -> int:
-    from .store import Store
-
-    store = Store.open_readonly(args.db)
-    try:
+    with _reading(args.db) as store:
         devices = store.devices()
-    finally:
-        store.close()
     if args.json:
         print(json.dumps(devices, indent=2))
         return 0

@@ -9,17 +9,17 @@ and a device ignores any version not above the last it acted on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-from edge.core.contract import POLICY_SLOT, Assignment, Desired, Reported
+from edge.core.contract import POLICY_SLOT, Assignment, Desired, Reported, loads
 
 
 class DesiredBook:
     """Desired and reported state of every device, in memory, backed by the store."""
 
-    def __init__(self, desired_rows: list[dict[str, Any]], reported_rows: list[dict[str, Any]]) -> None:
-        self.desired: dict[str, Desired] = {r["device"]: Desired.model_validate_json(r["doc"]) for r in desired_rows}
-        self.reported: dict[str, Reported] = {r["device"]: Reported.model_validate_json(r["doc"]) for r in reported_rows}
+    def __init__(self, desired: list[Desired], reported: list[Reported]) -> None:
+        self.desired: dict[str, Desired] = {d.device: d for d in desired}
+        self.reported: dict[str, Reported] = {r.device: r for r in reported}
         self._unpublished: dict[str, Desired] = {}
 
     def slot(self, device: str, slot: str) -> Assignment | None:
@@ -65,3 +65,20 @@ def desired_row(doc: Desired) -> dict[str, Any]:
 
 def reported_row(doc: Reported, received_at: float) -> dict[str, Any]:
     return {"device": doc.device, "doc": doc.model_dump_json(), "at": doc.at, "received_at": received_at}
+
+
+def load_desired(row: Mapping[str, Any]) -> Desired:
+    """A ``desired`` row's document, decoded as a device would; ValueError if it does not hold one."""
+    return _doc(Desired, row)
+
+
+def load_reported(row: Mapping[str, Any]) -> Reported:
+    """A ``reported`` row's document; ValueError if it does not hold one."""
+    return _doc(Reported, row)
+
+
+def _doc(model: type[Desired] | type[Reported], row: Mapping[str, Any]) -> Any:
+    doc = model.model_validate(loads(row["doc"]))
+    if doc.device != row["device"]:
+        raise ValueError(f"the document names device {doc.device!r}")
+    return doc

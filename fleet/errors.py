@@ -7,7 +7,7 @@ from edge.core.errors import EdgeError
 # Codes that mean the operator's request cannot be done as written (exit 2); anything
 # else is a failure of the manager or the link to it (exit 1).
 INPUT_CODES = frozenset({"bad_request", "forbidden", "not_found", "conflict", "invalid_artifact",
-                         "empty_target", "bad_state"})
+                         "empty_target", "bad_state", "too_large"})
 
 
 class OpError(EdgeError):

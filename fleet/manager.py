@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from edge.core.contract import (
     DEFAULT_PREFIX,
+    MAX_RPC_BYTES,
     ContractError,
     RpcError,
     RpcResponse,
@@ -193,10 +194,16 @@ class Control:
                                        error=RpcError(code="internal", message=f"{type(exc).__name__}: {exc}"))
             if not response.ok:
                 self.counters.rpc_errors += 1
+        body = encode(response)
+        if len(body) > MAX_RPC_BYTES:  # the client would refuse it: say why instead
+            self.counters.rpc_errors += 1
+            body = encode(RpcResponse(v=1, id=response.id, ok=False, error=RpcError(
+                code="too_large", message=f"the answer is {len(body)} bytes, over the {MAX_RPC_BYTES} a response "
+                                          "may hold; ask for less (a name, a version, one rollout)")))
         out = Properties(PacketTypes.PUBLISH)
         if correlation is not None:
             out.CorrelationData = correlation
-        client.publish(reply_to, encode(response), qos=1, properties=out)
+        client.publish(reply_to, body, qos=1, properties=out)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:
         self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
@@ -251,4 +258,6 @@ class Manager:
         self.store.close()
 
     def stats(self) -> dict[str, Any]:
-        return {**self.ingest.stats(), **self.control.stats(), "pid": os.getpid()}
+        store = self.store.stats()
+        return {**self.ingest.stats(), **self.control.stats(), "store_skipped": store["skipped"],
+                "store_refused": store["refused"], "pid": os.getpid()}

@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.core.contract import SHA256_PATTERN, Artifact
+from edge.core.contract import MAX_ARTIFACT_DOC_BYTES, SHA256_PATTERN, Artifact, canonical, loads
 from edge.core.signing import SignatureError, sha256_file, sign, verify, verify_file
 from edge.decide.policy import PolicyError, parse_policy
 
@@ -156,8 +156,10 @@ class Registry:
             if found != version:
                 raise ArtifactError("invalid_artifact", f"policy document says version {found}, the push {version}")
             doc = {}
-        artifact = sign(self._key, Artifact(kind=kind, name=name, version=version, sha256=sha256,
-                                            size=path.stat().st_size, manifest=doc))
+        artifact = Artifact(kind=kind, name=name, version=version, sha256=sha256, size=path.stat().st_size,
+                            manifest=doc)
+        _check_sendable(artifact)
+        artifact = sign(self._key, artifact)
         try:
             self.store.put_artifact(artifact, by=by, now=now)
         except Conflict as exc:  # raced with another push of the same version
@@ -177,6 +179,18 @@ class Registry:
                 verify(self.public_key, artifact)
         except SignatureError as exc:
             raise ArtifactError("invalid_artifact", f"{artifact.name} {artifact.version} is tampered: {exc}") from None
+
+
+def _check_sendable(artifact: Artifact) -> None:
+    """Refuse an artifact whose description a device would refuse inside a desired state."""
+    try:
+        doc = canonical(artifact.model_dump())  # refuses NaN and Infinity
+        loads(doc)  # and numbers beyond a float's range
+    except ValueError as exc:  # ContractError included
+        raise ArtifactError("invalid_artifact", f"the manifest holds a number devices refuse: {exc}") from None
+    if len(doc) > MAX_ARTIFACT_DOC_BYTES:
+        raise ArtifactError("invalid_artifact", f"the manifest makes a {len(doc)}-byte description, over the "
+                                                f"{MAX_ARTIFACT_DOC_BYTES} bytes a desired state has room for")
 
 
 def _check_sha(sha256: str) -> None:

@@ -32,17 +32,17 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from edge.core.contract import ID_PATTERN, POLICY_SLOT, Assignment, Desired, JobStatus, Reported
+from edge.core.contract import ID_PATTERN, JOB_STATES, POLICY_SLOT, Assignment, Desired, JobStatus, Reported, loads
 from edge.core.logs import fields
 
-from .desired import DesiredBook, desired_row, reported_row
+from .desired import DesiredBook, desired_row, load_desired, load_reported, reported_row
 from .errors import OpError
 from .registry import Registry
-from .store import Store
+from .store import Loader, Store, load_job
 
 log = logging.getLogger("fleet.rollouts")
 
@@ -51,12 +51,17 @@ TERMINAL = ("completed", "aborted", "rolled_back")
 REVERT_SUFFIX = "-rb"
 TAG_KEYS = ("site", "line")
 FINISHED = ("succeeded", "failed")
+RolloutState = Literal["running", "paused", "completed", "aborted", "rolled_back"]
+ExecutionState = Literal["pending", "skipped", "assigned", "in_progress", "active", "succeeded", "failed"]
+RevertState = Literal["pending", "done", "failed", "superseded", "impossible"]
+# a row of the store is read back into these dataclasses with their own field types checked
+_ROW_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Target(BaseModel):
     """Device ids, or tags every chosen device must match (``site=plant-a,line=3``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     ids: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
     tags: dict[str, str] | None = None
 
@@ -64,7 +69,7 @@ class Target(BaseModel):
 class StartRequest(BaseModel):
     """What an operator asks for in ``rollouts.start``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     kind: str = Field(default="model", pattern="^(model|policy)$")
     name: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
@@ -81,7 +86,7 @@ class StartRequest(BaseModel):
 class Spec(BaseModel):
     """A rollout as started: the artifact, the resolved devices in order, the stage bounds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     kind: str
     name: str
     version: str
@@ -89,7 +94,7 @@ class Spec(BaseModel):
     slot: str
     target: Target
     devices: list[str]
-    bounds: list[int]  # stage k holds devices[bounds[k-1]:bounds[k]]
+    bounds: list[int] = Field(min_length=1)  # stage k holds devices[bounds[k-1]:bounds[k]]
     canary: int
     waves: list[float]
     health_window_s: float
@@ -100,10 +105,12 @@ class Spec(BaseModel):
 
 @dataclass
 class Rollout:
+    __pydantic_config__ = _ROW_CONFIG
+
     id: str
     seq: int
     spec: Spec
-    state: str
+    state: RolloutState
     stage: int
     created_by: str
     created_at: float
@@ -116,6 +123,16 @@ class Rollout:
                 "reason": self.reason, "created_by": self.created_by, "created_at": self.created_at,
                 "updated_at": self.updated_at}
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Rollout":
+        """A ``rollouts`` row, or ValueError."""
+        doc = {k: v for k, v in row.items() if k not in ("kind", "slot")}  # the spec's, for queries
+        doc["spec"] = loads(doc["spec"])
+        r = _ROLLOUT_ROW.validate_python(doc)
+        if not 0 <= r.stage < len(r.spec.bounds):
+            raise ValueError(f"stage {r.stage} of a rollout with {len(r.spec.bounds)} stages")
+        return r
+
 
 @dataclass
 class Execution:
@@ -123,18 +140,20 @@ class Execution:
     (never assigned), assigned, in_progress, active (health clock running), succeeded,
     failed. ``revert``: None, pending, done, failed, superseded, impossible."""
 
+    __pydantic_config__ = _ROW_CONFIG
+
     rollout: str
     device: str
     stage: int
-    state: str = "pending"
-    job_state: str | None = None
+    state: ExecutionState = "pending"
+    job_state: Literal[JOB_STATES] | None = None  # type: ignore[valid-type]
     reason: str | None = None
     previous: Assignment | None = None
     assigned_at: float | None = None
     assigned_version: int | None = None  # the desired version that carried the assignment
     active_at: float | None = None
     finished_at: float | None = None
-    revert: str | None = None
+    revert: RevertState | None = None
     revert_reason: str | None = None
     revert_version: int | None = None
     updated_at: float = 0.0
@@ -145,10 +164,11 @@ class Execution:
         return doc
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Execution":
-        row = dict(row)
-        row["previous"] = Assignment.model_validate_json(row["previous"]) if row["previous"] else None
-        return cls(**row)
+    def from_row(cls, row: Mapping[str, Any]) -> "Execution":
+        """An ``executions`` row, or ValueError."""
+        doc = dict(row)
+        doc["previous"] = loads(doc["previous"]) if doc["previous"] else None
+        return _EXECUTION_ROW.validate_python(doc)
 
     @property
     def settled(self) -> bool:
@@ -170,22 +190,24 @@ class Engine:
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
-        self.book = DesiredBook(store.load("desired"), store.load("reported"))
-        self.rollouts: dict[str, Rollout] = {}
-        for r in store.load("rollouts"):
-            self.rollouts[r["id"]] = Rollout(
-                id=r["id"], seq=r["seq"], spec=Spec.model_validate_json(r["spec"]), state=r["state"],
-                stage=r["stage"], created_by=r["created_by"], created_at=r["created_at"],
-                updated_at=r["updated_at"], reason=r["reason"])
+        # a row that does not load is skipped (and counted by the store): never a failed start
+        self.book = DesiredBook(store.load("desired", load_desired), store.load("reported", load_reported))
+        self.rollouts: dict[str, Rollout] = {r.id: r for r in store.load("rollouts", Rollout.from_row)}
         self.executions: dict[str, dict[str, Execution]] = defaultdict(dict)
-        for row in store.load("executions"):
-            e = Execution.from_row(row)
+        for e in store.load("executions", self._load_execution):
             self.executions[e.rollout][e.device] = e
         self.counters = Counters()
         self._rows: dict[tuple[str, str], dict[str, Any]] = {}
         self._jobs: list[dict[str, Any]] = []
 
     # --- persistence ----------------------------------------------------------------------
+
+    def _load_execution(self, row: Mapping[str, Any]) -> Execution:
+        e = Execution.from_row(row)
+        r = self.rollouts.get(e.rollout)
+        if r is None or not 0 <= e.stage < len(r.spec.bounds):
+            raise ValueError(f"no rollout {e.rollout!r} with a stage {e.stage}")
+        return e
 
     def _save_rollout(self, r: Rollout, now: float) -> None:
         r.updated_at = now
@@ -207,7 +229,7 @@ class Engine:
             for (table, _), row in self._rows.items():
                 writes[table].append(row)
             writes["jobs"] = self._jobs
-            self.store.commit(dict(writes))
+            self.store.commit(dict(writes), ROW_LOADERS)
             self._rows, self._jobs = {}, []
         return self.book.take_unpublished()
 
@@ -521,6 +543,13 @@ class Engine:
                 "reported": reported.model_dump(mode="json") if reported else None,
                 "executions": executions, "jobs": self.store.jobs(device=device, limit=50)}
 
+
+
+_ROLLOUT_ROW = TypeAdapter(Rollout)
+_EXECUTION_ROW = TypeAdapter(Execution)
+# how each table the engine writes is read back: checked before every commit, used at start
+ROW_LOADERS: dict[str, Loader[Any]] = {"desired": load_desired, "reported": load_reported, "rollouts": Rollout.from_row,
+                                       "executions": Execution.from_row, "jobs": load_job}
 
 
 def _bounds(total: int, canary: int, waves: list[float]) -> list[int]:

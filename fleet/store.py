@@ -4,23 +4,47 @@ Events are inserted with ``INSERT OR IGNORE`` on their id, so a batch that arriv
 twice (a re-send, a device restarted mid-batch) stores nothing the second time. The
 store runs with ``synchronous=FULL``: an ack tells the device to delete its rows, so
 what the fleet acked must survive even a power cut of the fleet's machine.
+
+No row may poison its reader. Every read goes through a row model or loader
+(:class:`Skips`): a row that does not load (written by an older version, edited by
+hand) is skipped, counted by table in :attr:`Store.skipped` and logged, and the read
+goes on. On the way in, rows are made from contract bodies whose types are the row
+models' own (times, counts, JSON that parses strictly), and :meth:`Store.commit` reads
+every rollout row back through its loader before writing it. Row models and loaders
+take a row as a mapping of column to value, whatever database it came from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, Iterable, Mapping, TypeVar
 
 import sqlite_utils
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import to_json
 
-from edge.core.contract import MAX_PAYLOAD_BYTES, Artifact, ContractError, OutboxBatch, Status
+from edge.core.contract import (
+    MAX_PAYLOAD_BYTES,
+    Artifact,
+    ContractError,
+    Count,
+    OutboxBatch,
+    Status,
+    Time,
+    loads,
+)
 from edge.core.db import Migration, SchemaTooNew, connect, migrate, rollback_quietly
 from edge.core.errors import EdgeError
+from edge.core.logs import fields
+
+log = logging.getLogger("fleet.store")
+T = TypeVar("T")
+Loader = Callable[[Mapping[str, Any]], T]
 
 
 class StoreError(EdgeError):
@@ -87,6 +111,132 @@ EVENT_COLUMNS = ("id", "device", "seq", "kind", "camera", "captured_at", "record
                  "payload", "received_at")
 DEVICE_COLUMNS = ("id", "state", "site", "line", "runtime", "models", "status_at", "first_seen",
                   "last_seen", "events")
+ROLLOUT_TABLES = ("desired", "reported", "rollouts", "executions")
+
+
+# --- what a row must hold to be read ------------------------------------------------------
+
+
+class Skips:
+    """Rows that do not load, by table: each left out, counted once and logged once (a
+    row read again, as the device registry is on every tick of a rollout, is not news)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.counts: dict[str, int] = {}
+        self._seen: set[int] = set()
+
+    def load(self, table: str, rows: Iterable[Mapping[str, Any]], loader: Loader[T]) -> list[T]:
+        """Each row through ``loader``, in order, without the rows it refuses."""
+        loaded: list[T] = []
+        new, first = 0, ""
+        for row in rows:
+            try:
+                loaded.append(loader(row))
+            except Exception as exc:  # whatever a row holds, the read goes on
+                key = hash((table, repr(row)))
+                if key not in self._seen:
+                    self._seen.add(key)
+                    new += 1
+                    first = first or f"{_row_key(row)}: {_why(exc)}"
+        if new:
+            self.counts[table] = self.counts.get(table, 0) + new
+            log.warning(self.what, extra=fields(table=table, rows=new, first=first[:300]))
+        return loaded
+
+
+def _row_key(row: Mapping[str, Any]) -> str:
+    keys = [f"{k}={row[k]!r}" for k in ("rowid", "id", "rollout", "device", "job") if k in row]
+    return " ".join(keys) or "row"
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors(include_url=False)[0]
+        return f"{'.'.join(str(p) for p in err['loc']) or 'row'}: {err['msg']}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _json_column(value: Any) -> Any:
+    return loads(value) if isinstance(value, str) else value
+
+
+class _Row(BaseModel):
+    # strict: a text in a REAL column (SQLite keeps what it is given) is no time
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+JsonColumn = BeforeValidator(_json_column)
+
+
+class EventRow(_Row):
+    """A stored event, as ``fleet events tail`` shows it."""
+
+    rowid: int
+    id: str
+    device: str
+    seq: int
+    kind: str  # not only today's kinds: a newer device may know more
+    camera: str | None
+    captured_at: Time
+    recorded_at: Time
+    priority: int
+    payload: Annotated[dict[str, Any], JsonColumn]
+    received_at: Time
+
+
+class DeviceRow(_Row):
+    """A device in the registry."""
+
+    id: str
+    state: str | None
+    site: str | None
+    line: str | None
+    runtime: str | None
+    models: Annotated[dict[str, str], BeforeValidator(lambda v: {} if v is None else _json_column(v))]
+    status_at: Time | None
+    first_seen: Time
+    last_seen: Time
+    events: Count
+    state_since: Time | None
+
+
+class JobRow(_Row):
+    """A job status as a device sent it."""
+
+    device: str
+    job: str
+    slot: str | None
+    sha256: str | None
+    state: str
+    reason: str | None
+    at: Time | None
+    received_at: Time
+
+
+def load_job(row: Mapping[str, Any]) -> dict[str, Any]:
+    return JobRow.model_validate(row).model_dump()
+
+
+def load_artifact(row: Mapping[str, Any]) -> Artifact:
+    return Artifact.model_validate(loads(row["doc"]))
+
+
+def _load_event(row: Mapping[str, Any]) -> dict[str, Any]:
+    return EventRow.model_validate(row).model_dump()
+
+
+def _artifact_listing(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {**load_artifact(row).model_dump(), "pushed_at": row["pushed_at"], "pushed_by": row["pushed_by"]}
+
+
+def _event_filter(device: str | None, kind: str | None, after: int | None = None) -> tuple[str, list[Any]]:
+    where, args = [], []
+    for sql, value in (("device = ?", device), ("kind = ?", kind), ("rowid > ?", after)):
+        if value not in (None, ""):
+            where.append(sql)
+            args.append(value)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 @dataclass(frozen=True)
@@ -104,6 +254,8 @@ class Store:
         self.path = path
         self._conn = conn
         self._lock = threading.Lock()  # the connection is used by the ingest thread and readers
+        self.skipped = Skips("unreadable rows skipped")  # left out of reads: written elsewhere, or by hand
+        self.refused = Skips("rows refused: they would not read back")  # not written
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -192,29 +344,24 @@ class Store:
 
     # --- reads -----------------------------------------------------------------------------
 
-    def events(self, *, device: str | None = None, kind: str | None = None, limit: int = 20,
-               after_rowid: int | None = None) -> list[dict[str, Any]]:
-        """The newest ``limit`` events (by id), oldest first; or, with ``after_rowid``, the
-        events stored after that row, in the order they arrived."""
-        where, args = [], []
-        if device:
-            where.append("device = ?")
-            args.append(device)
-        if kind:
-            where.append("kind = ?")
-            args.append(kind)
-        if after_rowid is not None:
-            where.append("rowid > ?")
-            args.append(after_rowid)
-        sql = f"SELECT rowid, {', '.join(EVENT_COLUMNS)} FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid LIMIT ?" if after_rowid is not None else " ORDER BY id DESC LIMIT ?"
+    def events(self, *, device: str | None = None, kind: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest ``limit`` events (by id), oldest first."""
+        where, args = _event_filter(device, kind)
         with self._lock:
-            rows = self._conn.execute(sql, (*args, limit)).fetchall()
-        if after_rowid is None:
+            rows = self._rows(f"SELECT rowid, {', '.join(EVENT_COLUMNS)} FROM events{where} ORDER BY id DESC LIMIT ?",
+                              (*args, limit))
             rows.reverse()
-        return [_event_row(r) for r in rows]
+            return self.skipped.load("events", rows, _load_event)
+
+    def events_after(self, rowid: int, *, device: str | None = None, kind: str | None = None,
+                     limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+        """Events stored after row ``rowid``, in the order they arrived, and the last row
+        read (skipped rows included, so the next call does not read them again)."""
+        where, args = _event_filter(device, kind, rowid)
+        with self._lock:
+            rows = self._rows(f"SELECT rowid, {', '.join(EVENT_COLUMNS)} FROM events{where} ORDER BY rowid LIMIT ?",
+                              (*args, limit))
+            return self.skipped.load("events", rows, _load_event), (rows[-1]["rowid"] if rows else rowid)
 
     def last_rowid(self) -> int:
         with self._lock:
@@ -237,15 +384,23 @@ class Store:
 
     def devices(self) -> list[dict[str, Any]]:
         """The device registry, by id."""
-        with self._lock:
-            rows = self._conn.execute(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY id").fetchall()
-        out = []
-        for row in rows:
-            doc = dict(zip(DEVICE_COLUMNS, row))
-            doc["models"] = json.loads(doc["models"]) if doc["models"] else {}
-            out.append(doc)
-        return out
+        return [d.model_dump(exclude={"state_since"}) for d in self._devices()]
 
+    def _devices(self) -> list[DeviceRow]:
+        with self._lock:
+            rows = self._rows(f"SELECT {', '.join(DEVICE_COLUMNS)}, state_since FROM devices ORDER BY id")
+            return self.skipped.load("devices", rows, DeviceRow.model_validate)
+
+    def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as column → value (the caller holds the lock)."""
+        cur = self._conn.execute(sql, tuple(args))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Rows skipped on reads and refused on writes, by table."""
+        with self._lock:
+            return {"skipped": dict(self.skipped.counts), "refused": dict(self.refused.counts)}
 
     # --- rollouts: artifacts, desired and reported state, rollouts, executions, jobs -----------
 
@@ -271,17 +426,18 @@ class Store:
 
     def find_artifact(self, kind: str, name: str, version: str) -> Artifact | None:
         with self._lock:
-            row = self._conn.execute("SELECT doc FROM artifacts WHERE kind = ? AND name = ? AND version = ?",
-                                     (kind, name, version)).fetchone()
-        return Artifact.model_validate_json(row[0]) if row else None
+            rows = self._rows("SELECT rowid, doc FROM artifacts WHERE kind = ? AND name = ? AND version = ?",
+                              (kind, name, version))
+            found = self.skipped.load("artifacts", rows, load_artifact)
+        return found[0] if found else None
 
     def artifact_by_sha(self, sha256: str, kind: str | None = None) -> Artifact | None:
-        sql, args = "SELECT doc FROM artifacts WHERE sha256 = ?", [sha256]
+        sql, args = "SELECT rowid, doc FROM artifacts WHERE sha256 = ?", [sha256]
         if kind:
             sql, args = sql + " AND kind = ?", [sha256, kind]
         with self._lock:
-            row = self._conn.execute(sql + " ORDER BY pushed_at LIMIT 1", args).fetchone()
-        return Artifact.model_validate_json(row[0]) if row else None
+            found = self.skipped.load("artifacts", self._rows(sql + " ORDER BY pushed_at", args), load_artifact)
+        return found[0] if found else None
 
     def artifacts(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
         """Artifact versions with who pushed them and when, oldest first."""
@@ -292,38 +448,39 @@ class Store:
         if name:
             where.append("name = ?")
             args.append(name)
-        sql = "SELECT doc, pushed_at, pushed_by FROM artifacts"
+        sql = "SELECT rowid, doc, pushed_at, pushed_by FROM artifacts"
         if where:
             sql += " WHERE " + " AND ".join(where)
         with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY pushed_at, rowid", args).fetchall()
-        return [{**json.loads(doc), "pushed_at": at, "pushed_by": by} for doc, at, by in rows]
+            rows = self._rows(sql + " ORDER BY pushed_at, rowid", args)
+            return self.skipped.load("artifacts", rows, _artifact_listing)
 
     def device_states(self) -> dict[str, dict[str, Any]]:
         """Every device's state, when it entered it, and its tags."""
-        with self._lock:
-            rows = self._conn.execute("SELECT id, state, state_since, site, line FROM devices").fetchall()
-        return {r[0]: {"state": r[1], "since": r[2], "site": r[3], "line": r[4]} for r in rows}
+        return {d.id: {"state": d.state, "since": d.state_since, "site": d.site, "line": d.line}
+                for d in self._devices()}
 
-    def load(self, table: str) -> list[dict[str, Any]]:
-        """Every row of a rollout table (desired, reported, rollouts, executions), for the engine's start."""
-        if table not in ("desired", "reported", "rollouts", "executions"):
+    def load(self, table: str, loader: Loader[T]) -> list[T]:
+        """Every row of a rollout table (desired, reported, rollouts, executions) through
+        ``loader``, for the engine's start; rows it refuses are skipped and counted."""
+        if table not in ROLLOUT_TABLES:
             raise ValueError(table)
         with self._lock:
-            cur = self._conn.execute(f"SELECT * FROM {table} ORDER BY rowid")
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+            return self.skipped.load(table, self._rows(f"SELECT * FROM {table} ORDER BY rowid"), loader)
 
-    def commit(self, writes: dict[str, list[dict[str, Any]]]) -> None:
-        """Upsert rows into the rollout tables (``jobs`` rows are appended) in one transaction."""
+    def commit(self, writes: dict[str, list[dict[str, Any]]], loaders: Mapping[str, Loader[Any]]) -> None:
+        """Upsert rows into the rollout tables (``jobs`` rows are appended) in one
+        transaction. Each row is first read back through its table's loader: one that
+        would not load is not written, but counted in :attr:`refused` and logged."""
         if not any(writes.values()):
             return
         with self._lock:
+            writes = {table: self._readable(table, rows, loaders[table]) for table, rows in writes.items()}
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
                 for table, rows in writes.items():
-                    if table not in ("desired", "reported", "rollouts", "executions", "jobs"):
+                    if table not in (*ROLLOUT_TABLES, "jobs"):
                         raise ValueError(table)
                     if not rows:
                         continue
@@ -335,6 +492,12 @@ class Store:
             except BaseException:
                 rollback_quietly(c)
                 raise
+
+    def _readable(self, table: str, rows: list[dict[str, Any]], loader: Loader[Any]) -> list[dict[str, Any]]:
+        def check(row: Mapping[str, Any]) -> Mapping[str, Any]:
+            loader(row)
+            return row
+        return self.refused.load(table, rows, check)
 
     def jobs(self, *, device: str | None = None, job: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """Job statuses as devices sent them, oldest first."""
@@ -349,14 +512,7 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         with self._lock:
-            cur = self._conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
-            names = [d[0] for d in cur.description]
-            rows = [dict(zip(names, r)) for r in cur.fetchall()]
-        rows.reverse()
-        return rows
+            rows = self._rows(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit))
+            rows.reverse()
+            return self.skipped.load("jobs", rows, load_job)
 
-
-def _event_row(row: tuple) -> dict[str, Any]:
-    doc = dict(zip(("rowid", *EVENT_COLUMNS), row))
-    doc["payload"] = json.loads(doc["payload"])
-    return doc

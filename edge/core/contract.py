@@ -1,20 +1,25 @@
 """The MQTT contract between a device and the fleet: topics, bodies, limits.
 
 Both sides import this module, and no other module spells a topic or a body, so the
-two cannot drift apart. Bodies are JSON with ``"v": 1``; decoding is strict (unknown
-keys, wrong types, a different version are refused) and either returns a typed body
-or raises :class:`ContractError` with a short machine reason that the receiver counts.
-This module must not import anything from ``fleet``.
+two cannot drift apart. Bodies are JSON with ``"v": 1``; every body is decoded by one
+strict decoder (:func:`loads`, then the body's model): unknown keys, wrong types, a
+different version, ``NaN``, ``Infinity`` and numbers beyond a float's range (``1e999``)
+are refused, times, sizes and counts are range-checked, and the decoder either returns
+a typed body or raises :class:`ContractError` with a short machine reason that the
+receiver counts. This module must not import anything from ``fleet``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic_core import from_json
 
 DEFAULT_PREFIX = "edgecam/v1"
 VERSION = 1
@@ -38,6 +43,16 @@ MAX_CHUNK_HEADER_BYTES = 1024
 MAX_ARTIFACT_REQUEST_BYTES = 2 * 1024
 MAX_RPC_BYTES = 256 * 1024
 MAX_ALERT_BYTES = 16 * 1024
+MAX_ARTIFACT_BYTES = 2**31  # a model or policy file; a FlatBuffer (TFLite) cannot be larger
+MAX_ARTIFACT_DOC_BYTES = 48 * 1024  # one artifact's description: four slots and a policy fit one desired state
+
+# Numbers. Times are seconds since the epoch: never negative, and at most the last
+# second of the year 9999, which every date library can show; there is no lower bound
+# beyond 0, because a board without a real-time clock boots in 1970 and its data counts.
+# Integers (counts, sequence numbers, versions) fit in 64 bits, as SQLite and
+# PostgreSQL store them.
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+MAX_INT = 2**63 - 1
 
 # Why a chunk request got no data (``ChunkHeader.error``). "busy" means the fleet is
 # serving as many transfers as it allows: ask again after CHUNK_BUSY_RETRY_S.
@@ -47,7 +62,8 @@ CHUNK_BUSY_RETRY_S = 1.0
 EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction")
 
 # Reasons a body is refused; receivers count rejections under these names.
-REASONS = ("oversized", "malformed_json", "bad_version", "schema", "wrong_device")
+# "non_finite": NaN, Infinity or a number beyond a float's range, anywhere in the body.
+REASONS = ("oversized", "malformed_json", "non_finite", "bad_version", "schema", "wrong_device")
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a device or camera id: one safe topic level
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -60,6 +76,11 @@ JOB_STATES = ("downloading", "verifying", "testing", "active", "committed", "fai
 POLICY_SLOT = "policy"  # the slot name under which a policy's job and reported state travel
 ULID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"
 Ulid = Annotated[str, Field(pattern=ULID_PATTERN)]
+Time = Annotated[float, Field(ge=0, le=MAX_TIME)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+ByteOffset = Annotated[int, Field(ge=0, le=MAX_ARTIFACT_BYTES)]
+# the integer 1: strict, so neither true nor 1.0 passes (Literal[1] would take both)
+Version = Annotated[int, Strict(), Field(ge=VERSION, le=VERSION)]
 
 
 class ContractError(ValueError):
@@ -177,20 +198,21 @@ def _level(value: str) -> str:
 
 
 class _Body(BaseModel):
-    # strict: a string is not a number, unknown keys are errors
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # strict: a string is not a number, unknown keys are errors; and a body with NaN or
+    # Infinity cannot even be built, so neither side can send one
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class WireEvent(_Body):
     """One metadata event as it travels inside an outbox batch."""
 
     id: Ulid
-    seq: int = Field(ge=0, description="the device outbox's order of commit")
+    seq: Count = Field(description="the device outbox's order of commit")
     kind: Literal[EVENT_KINDS]  # type: ignore[valid-type]
     device: str = Field(pattern=ID_PATTERN)
     camera: str | None = Field(default=None, pattern=ID_PATTERN)
-    captured_at: float
-    recorded_at: float
+    captured_at: Time
+    recorded_at: Time
     priority: int = Field(ge=0, le=9)
     payload: dict[str, Any]
 
@@ -198,17 +220,17 @@ class WireEvent(_Body):
 class OutboxBatch(_Body):
     """``{p}/dev/{id}/outbox``: events the device wants stored, acked by batch id."""
 
-    v: Literal[1]
+    v: Version
     device: str = Field(pattern=ID_PATTERN)
     batch: Ulid
-    sent_at: float
+    sent_at: Time
     events: list[WireEvent] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
 
 
 class Ack(_Body):
     """``{p}/dev/{id}/ack``: batch ids whose events the fleet has committed."""
 
-    v: Literal[1]
+    v: Version
     device: str = Field(pattern=ID_PATTERN)
     batches: list[Ulid] = Field(min_length=1, max_length=MAX_ACK_BATCHES)
 
@@ -216,10 +238,10 @@ class Ack(_Body):
 class Status(_Body):
     """``{p}/dev/{id}/status``, retained; the device's will sets it offline."""
 
-    v: Literal[1]
+    v: Version
     device: str = Field(pattern=ID_PATTERN)
     state: Literal["online", "offline"]
-    at: float
+    at: Time
     runtime: str | None = None
     site: str | None = None
     line: str | None = None
@@ -231,13 +253,15 @@ class IngestOnline(_Body):
     batches. Batches a device sent before may have reached no subscriber (a broker
     restart, a manager restart): it sends its unacknowledged ones again now."""
 
-    v: Literal[1]
+    v: Version
     manager: str = Field(min_length=1, max_length=256)  # its MQTT client id, for the logs
-    at: float
+    at: Time
 
 
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 Ident = Annotated[str, Field(pattern=ID_PATTERN)]
+# a JSON array arrives as a list; a box is four numbers either way
+Box = Annotated[tuple[float, float, float, float], BeforeValidator(lambda v: tuple(v) if type(v) is list else v)]
 
 
 class Artifact(_Body):
@@ -251,7 +275,7 @@ class Artifact(_Body):
     name: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     sha256: Sha256
-    size: int = Field(gt=0)
+    size: int = Field(gt=0, le=MAX_ARTIFACT_BYTES)
     manifest: dict[str, Any] = {}
     signature: str | None = None
 
@@ -274,10 +298,10 @@ class Desired(_Body):
     ``models`` is left as it is.
     """
 
-    v: Literal[1]
+    v: Version
     device: Ident
-    version: int = Field(ge=0)
-    at: float
+    version: Count
+    at: Time
     models: dict[Ident, Assignment] = {}
     policy: Assignment | None = None
 
@@ -292,7 +316,7 @@ class Running(_Body):
 
 class Change(_Body):
     slot: str
-    at: float
+    at: Time
     reason: str
     job: Ident | None = None
 
@@ -300,10 +324,10 @@ class Change(_Body):
 class Reported(_Body):
     """``{p}/dev/{id}/reported``, retained: what runs, and the last change and why."""
 
-    v: Literal[1]
+    v: Version
     device: Ident
-    at: float
-    desired_version: int | None = None  # the last desired state acted on
+    at: Time
+    desired_version: Count | None = None  # the last desired state acted on
     models: dict[Ident, Running] = {}
     previous: dict[Ident, Running] = {}
     policy: Running | None = None
@@ -313,13 +337,13 @@ class Reported(_Body):
 class JobStatus(_Body):
     """``{p}/dev/{id}/job/{job}``: one step of a model or policy change on a device."""
 
-    v: Literal[1]
+    v: Version
     device: Ident
     job: Ident
     slot: Ident  # a model slot, or POLICY_SLOT
     sha256: Sha256
     state: Literal[JOB_STATES]  # type: ignore[valid-type]
-    at: float
+    at: Time
     reason: str | None = Field(default=None, max_length=1024)
     progress: float | None = Field(default=None, ge=0, le=1)  # while downloading
     metrics: dict[str, float] = {}
@@ -332,10 +356,10 @@ class ArtifactRequest(_Body):
     fleet refuses anything else, so a request cannot aim data at another client.
     """
 
-    v: Literal[1]
+    v: Version
     device: Ident
     sha256: Sha256
-    offset: int = Field(ge=0)
+    offset: ByteOffset
     length: int = Field(gt=0, le=MAX_CHUNK_BYTES)
     request: Ident
     response_topic: str = Field(max_length=512)
@@ -344,10 +368,10 @@ class ArtifactRequest(_Body):
 class ChunkHeader(_Body):
     """The JSON line in front of a chunk's raw bytes; ``error`` set means no data."""
 
-    v: Literal[1]
+    v: Version
     sha256: Sha256
-    offset: int = Field(ge=0)
-    total: int = Field(ge=0)
+    offset: ByteOffset
+    total: ByteOffset
     request: Ident
     error: str | None = None
 
@@ -356,7 +380,7 @@ class RpcRequest(_Body):
     """``{p}/fleet/rpc/{identity}``: an operator's request; the answer goes to the
     MQTT 5 response topic with the same correlation data."""
 
-    v: Literal[1]
+    v: Version
     id: Ident
     op: str = Field(pattern=OP_PATTERN)
     args: dict[str, Any] = {}
@@ -368,7 +392,7 @@ class RpcError(_Body):
 
 
 class RpcResponse(_Body):
-    v: Literal[1]
+    v: Version
     id: Ident
     ok: bool
     result: Any = None
@@ -384,7 +408,7 @@ class Alert(_Body):
     cleared); edge events (entered, left, crossed, every) leave it None.
     """
 
-    v: Literal[1]
+    v: Version
     id: Ulid
     device: Ident
     camera: Ident
@@ -393,16 +417,16 @@ class Alert(_Body):
     state: bool | None = None
     label: str | None = None
     confidence: float | None = None
-    box: tuple[float, float, float, float] | None = None
+    box: Box | None = None
     zone: str | None = None
     line: str | None = None
     direction: str | None = None
-    track: int | None = None
-    count: int | None = None  # objects matching now (present, every), or the rule's events so far
-    counts: dict[str, int] = {}  # the rule's events so far, by class
+    track: Count | None = None
+    count: Count | None = None  # objects matching now (present, every), or the rule's events so far
+    counts: dict[str, Count] = {}  # the rule's events so far, by class
     detail: str | None = None
-    captured_at: float
-    published_at: float
+    captured_at: Time
+    published_at: Time
     delayed: bool = False
     model: str | None = None
     model_version: str | None = None
@@ -413,12 +437,12 @@ class Alert(_Body):
 class AlertState(_Body):
     """A rule's retained state topic: whether its condition holds on the camera now."""
 
-    v: Literal[1]
+    v: Version
     device: Ident
     camera: Ident
     rule: str
     on: bool
-    since: float
+    since: Time
     alert: Ulid | None = None  # the alert that set this state
     policy_version: str
 
@@ -426,6 +450,11 @@ class AlertState(_Body):
 def decode_alert(data: bytes) -> Alert:
     """An alert as a line controller receives it, or ContractError."""
     return _decode(Alert, data, limit=MAX_ALERT_BYTES, device=None)
+
+
+def decode_alert_state(data: bytes) -> AlertState:
+    """A rule's retained state as a line controller receives it, or ContractError."""
+    return _decode(AlertState, data, limit=MAX_ALERT_BYTES, device=None)
 
 
 Body = TypeVar("Body", bound=_Body)
@@ -565,11 +594,97 @@ def decode_rpc_response(data: bytes) -> RpcResponse:
     return _decode(RpcResponse, data, limit=MAX_RPC_BYTES, device=None)
 
 
+def loads(data: bytes | str) -> Any:
+    """JSON as the contract reads it, or ContractError.
+
+    ``malformed_json`` for anything that is not UTF-8 JSON; ``non_finite`` for ``NaN``,
+    ``Infinity``, ``-Infinity`` (not JSON, though many parsers take them) and for a
+    number beyond a float's range, such as ``1e999``, which a parser would otherwise
+    turn into Infinity.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        doc = from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        if _non_finite(raw):
+            raise ContractError("non_finite", f"NaN, Infinity or a number out of range: {exc}") from None
+        raise ContractError("malformed_json", str(exc)) from None
+    if _may_overflow(raw) and not _finite(doc):
+        raise ContractError("non_finite", "a number beyond a float's range")
+    return doc
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _non_finite_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _non_finite(raw: bytes) -> bool:
+    """Whether the strict parser refused ``raw`` for a number alone: Python's own parser
+    reads NaN and Infinity, and refuses an integer of thousands of digits with a plain
+    ValueError (not a JSONDecodeError)."""
+    try:
+        json.loads(raw, parse_constant=_non_finite_constant)
+    except _NonFinite:
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        return True
+    return False  # JSON, but not UTF-8 (Python also reads UTF-16 and UTF-32)
+
+
+# A number passes a float's range (about 1.8e308) only with an exponent of three digits
+# or more, or with at least 210 digits before its point. With digits made "0", "E" made
+# "e" and "+" dropped, both shapes are found with a plain search of the raw bytes; only
+# then is the parsed document walked.
+_NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+_BEFORE_NUMBER = b"-:,[ \t\r\n"
+_MAX_FLOAT_INT = int(sys.float_info.max)
+
+
+def _may_overflow(raw: bytes) -> bool:
+    shape = raw.translate(_NUMBER_SHAPE, b"+")
+    if b"0" * 210 in shape:
+        return True
+    at = shape.find(b"e000")
+    while at >= 0:
+        start = at
+        while start and shape[start - 1] in b"0.":
+            start -= 1
+        # digits right after a delimiter: a number, not the inside of an id like 01J5E123...
+        if start < at and (start == 0 or shape[start - 1] in _BEFORE_NUMBER):
+            return True
+        at = shape.find(b"e000", at + 1)
+    return False
+
+
+def _finite(doc: Any) -> bool:
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            stack.extend(value.values())
+        elif kind is list:
+            stack.extend(value)
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is int and abs(value) > _MAX_FLOAT_INT:
+            return False
+    return True
+
+
 def _decode(model: type[Body], data: bytes, *, limit: int, device: str | None) -> Body:
     if len(data) > limit:
         raise ContractError("oversized", f"{len(data)} bytes > {limit}")
+    doc = loads(data)
     try:
-        body = model.model_validate_json(data)
+        body = model.model_validate(doc)
     except ValidationError as exc:
         raise ContractError(*_reason(exc)) from None
     if device is not None and body.device != device:  # type: ignore[attr-defined]
@@ -580,8 +695,6 @@ def _decode(model: type[Body], data: bytes, *, limit: int, device: str | None) -
 def _reason(exc: ValidationError) -> tuple[str, str]:
     errors = exc.errors(include_url=False)
     first = errors[0]
-    if first["type"] == "json_invalid":
-        return "malformed_json", str(first["msg"])
     # a body of another version is judged by its version alone: its other keys may differ
     for err in errors:
         if err["loc"][:1] == ("v",):

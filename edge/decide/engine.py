@@ -20,6 +20,7 @@ and the rule states in one assignment between two frames.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -231,6 +232,8 @@ class DecisionEngine:
         out = []
         if prediction.detections:
             for det in prediction.detections:
+                if not all(map(math.isfinite, (det.score, *det.box))):
+                    continue  # a broken model's NaN is no observation, and no alert could carry it
                 x1, y1, x2, y2 = det.box
                 box = (x1 / frame.width, y1 / frame.height, x2 / frame.width, y2 / frame.height)
                 limits = policy.thresholds(det.label)
@@ -239,8 +242,8 @@ class DecisionEngine:
                 if excludes and any(inside(anchor(box, anchor_at), z) for z in excludes):
                     continue
                 out.append(Observation(det.label, det.score, box, limits.outcome(det.score)))
-        elif prediction.classes:  # a classifier speaks for the whole frame: its top class
-            top = prediction.classes[0]
+        elif prediction.classes and math.isfinite(prediction.classes[0].score):
+            top = prediction.classes[0]  # a classifier speaks for the whole frame: its top class
             out.append(Observation(top.label, top.score, (0.0, 0.0, 1.0, 1.0), policy.outcome(top.label, top.score)))
         return out
 

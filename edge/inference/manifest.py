@@ -23,7 +23,8 @@ Task = Literal["classify", "yolov8", "ssd", "pose"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or Infinity: a manifest travels to devices inside the contract's bodies
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputSpec(_Strict):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterable, Mapping
 
-from edge.core.contract import EVENT_KINDS, ID_PATTERN, MAX_PAYLOAD_BYTES
+from edge.core.contract import EVENT_KINDS, ID_PATTERN, MAX_PAYLOAD_BYTES, MAX_TIME, ContractError, loads
 from edge.core.errors import EdgeError
 from edge.core.ids import new_id
 
@@ -96,11 +96,21 @@ def check_payload(payload: Mapping[str, Any]) -> str:
     if blob:
         raise PayloadError(f"payload: a run of {len(blob.group())} base64-like characters looks like "
                            "encoded binary (an image?); events carry metadata only")
+    if _LONG_NUMBER.search(text):
+        # Python writes an integer of any size; the fleet refuses one beyond a float's
+        # range, and would refuse the whole batch that carries it, again and again
+        try:
+            loads(text)
+        except ContractError as exc:
+            raise PayloadError(f"payload: {exc.detail}") from None
     return text
 
 
 # A token this long without a space or punctuation is an encoded blob, not a label or a reason.
 _BLOB = re.compile(r"[A-Za-z0-9+/=_-]{%d,}" % (MAX_TOKEN_CHARS + 1))
+# Floats from Python are finite here (the encoder refuses the others); only an integer
+# of 309 digits or more can pass a float's range (about 1.8e308).
+_LONG_NUMBER = re.compile(r"[0-9]{309}")
 
 
 def _refuse(value: Any) -> Any:
@@ -170,8 +180,8 @@ def new_event(
     if camera is not None and not _valid_camera(camera):
         raise PayloadError(f"camera: {camera!r} must match {ID_PATTERN}")
     captured = recorded_at if captured_at is None else float(captured_at)
-    if not math.isfinite(captured):
-        raise PayloadError(f"captured_at: {captured_at} is not a finite time")
+    if not 0 <= captured <= MAX_TIME:  # the contract's range: the fleet refuses any other
+        raise PayloadError(f"captured_at: {captured_at} is not a time from 1970 to 9999")
     return Event(new_id(), kind, camera, captured, recorded_at, prio, check_payload(payload))
 
 
@@ -195,7 +205,9 @@ def detection_summary(
     ``detections`` are dicts as in ``Prediction.to_dict()["detections"]``
     (``label``, ``score``, ``box``; ``class_id`` is optional).
     """
-    items = sorted(detections, key=lambda d: -float(d["score"]))
+    # a broken model's NaN would make the event unsendable (and raise in the sink): leave it out
+    finite = [d for d in detections if all(map(math.isfinite, (float(d["score"]), *map(float, d["box"]))))]
+    items = sorted(finite, key=lambda d: -float(d["score"]))
     counts: dict[str, int] = {}
     for d in items:
         counts[str(d["label"])] = counts.get(str(d["label"]), 0) + 1

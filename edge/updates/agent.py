@@ -14,6 +14,7 @@ loaded until the new one is committed, so a rollback is one more swap.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -553,7 +554,7 @@ class Agent:
             return
         body = JobStatus(v=1, device=self.device, job=job, slot=slot, sha256=sha256, state=state, at=time.time(),
                          reason=reason[:1024] if reason else None, progress=progress,
-                         metrics={k: float(v) for k, v in (metrics or {}).items()})
+                         metrics={k: float(v) for k, v in (metrics or {}).items() if math.isfinite(v)})
         self._send(self.topics.job(self.device, job), encode(body))
 
     def _audit(self, action: str, slot: str, version: str, **detail: Any) -> None:
