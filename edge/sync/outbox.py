@@ -592,14 +592,14 @@ class Outbox:
 
     def _make_room(self, deletes: list[tuple[int, int, int]]) -> bool:
         """After a write failed for want of space: give the reserve back, cap the pages in
-        use below what the database file holds (one transaction's worth lower on each
-        failure), evict down to it in a transaction with the acked rows' deletes, and
-        checkpoint. True if that transaction went through: try again at once."""
+        use below what the database file holds (two transactions' worth lower on each
+        failure, never below that), evict down to it in a transaction with the acked rows'
+        deletes, and checkpoint. True if that transaction went through: try again at once."""
         self._counters["disk_full"] += 1
         c, step = self._write, 2 * self.budget.txn_bytes
         if self._short is None:
             held = c.execute("PRAGMA page_count").fetchone()[0] * self._page_size
-            self._short = min(self.budget.pages_bytes, held) - step
+            self._short = max(step, min(self.budget.pages_bytes, held) - step)
             self._give_back_reserve()
             log.warning("outbox: the disk is full; living within the space the outbox holds until it has room",
                         extra=fields(path=str(self._path), pages_bytes=self._short))
@@ -651,12 +651,8 @@ class Outbox:
             return False
         return True
 
-    def _give_back_reserve(self) -> bool:
-        try:
-            self._reserve.unlink()
-            return True
-        except FileNotFoundError:
-            return False
+    def _give_back_reserve(self) -> None:
+        self._reserve.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=len(_INSERT_ROWS))
