@@ -59,7 +59,14 @@ MAX_INT = 2**63 - 1
 CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy")
 CHUNK_BUSY_RETRY_S = 1.0
 
-EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction")
+EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift")
+
+# Alert events. A rule's own: present, cleared, every, entered, left, crossed. Raised by
+# the device about itself, each on a rule of the same name with retained state (on, then
+# cleared when it recovers): camera_blind / camera_restored (rule camera_health),
+# camera_tamper and image_quality (the picture), model_drift (the model's results).
+ALERT_EVENTS = ("present", "cleared", "every", "entered", "left", "crossed", "camera_blind", "camera_restored",
+                "camera_tamper", "image_quality", "model_drift")
 
 # Reasons a body is refused; receivers count rejections under these names.
 # "non_finite": NaN, Infinity or a number beyond a float's range, anywhere in the body.
@@ -405,7 +412,9 @@ class Alert(_Body):
     ``captured_at`` is when the frame was taken, ``published_at`` when this message left
     the device; ``delayed`` says it waited for the broker. ``box`` is normalised
     (x1, y1, x2, y2 in 0..1). ``state`` is a level rule's new state (True on, False
-    cleared); edge events (entered, left, crossed, every) leave it None.
+    cleared); edge events (entered, left, crossed, every) leave it None. ``values`` are
+    the measures behind a device alert (``{"brightness": 3.2}``, ``{"psi": 0.41}``);
+    ``detail`` names the ones that failed.
     """
 
     v: Version
@@ -413,7 +422,7 @@ class Alert(_Body):
     device: Ident
     camera: Ident
     rule: str
-    event: Literal["present", "cleared", "every", "entered", "left", "crossed", "camera_blind", "camera_restored"]
+    event: Literal[ALERT_EVENTS]  # type: ignore[valid-type]
     state: bool | None = None
     label: str | None = None
     confidence: float | None = None
@@ -425,6 +434,8 @@ class Alert(_Body):
     count: Count | None = None  # objects matching now (present, every), or the rule's events so far
     counts: dict[str, Count] = {}  # the rule's events so far, by class
     detail: str | None = None
+    values: dict[str, float] = {}
+    task: str | None = None  # the camera task whose results drifted (model_drift)
     captured_at: Time
     published_at: Time
     delayed: bool = False

@@ -46,6 +46,7 @@ from edge.config import OutboxConfig
 from edge.core.contract import BATCH_OVERHEAD, event_json
 from edge.core.db import Migration, SchemaTooNew, connect, is_disk_full, migrate, rollback_quietly
 from edge.core.errors import EdgeError
+from edge.core.ids import ulid_time
 from edge.core.logs import fields
 
 from .events import Event, eviction
@@ -374,6 +375,14 @@ class Outbox:
             except OSError:
                 pass
         return total
+
+    def oldest_recorded_at(self) -> float | None:
+        """When the oldest event still waiting for the fleet's ack was made, or None when
+        there is none (from its ULID: one index lookup per priority)."""
+        with self._read_lock:
+            ids = [self._read.execute("SELECT id FROM events WHERE priority = ? ORDER BY seq LIMIT 1",
+                                      (prio,)).fetchone() for prio in PRIORITIES]
+        return min((ulid_time(row[0]) for row in ids if row is not None), default=None)
 
     @property
     def commits(self) -> int:
