@@ -378,10 +378,10 @@ class Outbox:
 
     def oldest_recorded_at(self) -> float | None:
         """When the oldest event still waiting for the fleet's ack was made, or None when
-        there is none (from its ULID: one index lookup per priority)."""
+        there is none (from its ULID: the first key of each priority's range)."""
         with self._read_lock:
-            ids = [self._read.execute("SELECT id FROM events WHERE priority = ? ORDER BY seq LIMIT 1",
-                                      (prio,)).fetchone() for prio in PRIORITIES]
+            ids = [self._read.execute("SELECT id FROM events WHERE key >= ? AND key < ? ORDER BY key LIMIT 1",
+                                      (_key(prio, 0), _key(prio + 1, 0))).fetchone() for prio in PRIORITIES]
         return min((ulid_time(row[0]) for row in ids if row is not None), default=None)
 
     @property
