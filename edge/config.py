@@ -303,7 +303,8 @@ class OutboxConfig(_Strict):
 
     path: ConfigPath = Path("/var/lib/edgecam/outbox.db")
     max_rows: int = Field(default=1_000_000, gt=0)
-    max_bytes: int = Field(default=512 * 1024 * 1024, ge=64 * 1024, description="sum of stored event sizes")
+    max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024,
+                           description="the outbox's files on disk: database, WAL, WAL index and reserve")
     synchronous: Literal["normal", "full"] = Field(
         default="normal", description="normal: a commit survives a process kill; full: also a power cut")
     handoff: int = Field(default=10_000, gt=0, description="events waiting for the writer; beyond, append drops")

@@ -9,7 +9,11 @@ topic. A batch that breaks the contract is counted under its reason, logged, and
 neither stored nor acked; nothing a device sends can stop the manager.
 
 The manager's session is clean: a manager that is down must not keep a share of the
-batches queued for itself. Devices keep their rows and send them again.
+batches queued for itself (a broker gives an offline member of a shared subscription
+its turn all the same). Devices keep their rows and send them again: once the
+subscriptions are live the ingest says so on ``{p}/fleet/ingest/online``, and every
+device sends its unacknowledged batches again at once, instead of after its ack
+timeout. So a broker or manager restart costs no stall, whichever side is back first.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from edge.core.contract import (
     SHARE_GROUP,
     Ack,
     ContractError,
+    IngestOnline,
     Topics,
     decode_batch,
     decode_status,
@@ -53,8 +58,9 @@ class Ingest:
         self.group = group
         self._counters: dict[str, Any] = dict(
             batches=0, events=0, stored=0, duplicates=0, acks=0, statuses=0, store_errors=0, rejected={})
+        self.client_id = client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         settings = LinkSettings(
-            host=host, port=port, client_id=client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
+            host=host, port=port, client_id=self.client_id,
             clean_start=True, session_expiry_s=0, backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s, username=username, password=password, max_inflight=100)
         self._link = Link(settings, self, name="ingest")
@@ -88,6 +94,9 @@ class Ingest:
         self.subscribed = True
         log.info("ingest subscribed", extra=fields(outbox=self.topics.shared_outbox(self.group),
                                                    status=self.topics.all_status()))
+        # QoS 0: only devices online now need it (one that returns later re-sends on its own)
+        online = IngestOnline(v=1, manager=self.client_id[:256], at=time.time())
+        client.publish(self.topics.ingest_online(), encode(online), qos=0)
 
     def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         topic = message.topic

@@ -34,6 +34,7 @@ MAX_BATCH_BYTES = 1024 * 1024
 MAX_ACK_BATCHES = 64
 MAX_ACK_BYTES = 8 * 1024
 MAX_STATUS_BYTES = 16 * 1024
+MAX_INGEST_ONLINE_BYTES = 1024
 MAX_DESIRED_BYTES = 256 * 1024  # a manifest carries its labels inline
 MAX_REPORTED_BYTES = 64 * 1024
 MAX_JOB_BYTES = 8 * 1024
@@ -129,6 +130,11 @@ class Topics:
 
     def job(self, device: str, job: str) -> str:
         return f"{self.prefix}/dev/{_level(device)}/job/{_level(job)}"
+
+    def ingest_online(self) -> str:
+        """Where a manager's ingest says it has just subscribed (QoS 0, not retained);
+        devices then send their unacknowledged batches again at once."""
+        return f"{self.prefix}/fleet/ingest/online"
 
     def artifact_get(self) -> str:
         return f"{self.prefix}/fleet/artifact/get"
@@ -247,6 +253,16 @@ class Status(_Body):
     site: str | None = None
     line: str | None = None
     models: dict[str, str] = {}
+
+
+class IngestOnline(_Body):
+    """``{p}/fleet/ingest/online``: a manager's ingest (re)subscribed to the devices'
+    batches. Batches a device sent before may have reached no subscriber (a broker
+    restart, a manager restart): it sends its unacknowledged ones again now."""
+
+    v: Version
+    manager: str = Field(min_length=1, max_length=256)  # its MQTT client id, for the logs
+    at: Time
 
 
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
@@ -520,6 +536,11 @@ def decode_ack(data: bytes, *, device: str) -> Ack:
 def decode_status(data: bytes, *, device: str) -> Status:
     """A status received on ``device``'s status topic, or ContractError."""
     return _decode(Status, data, limit=MAX_STATUS_BYTES, device=device)
+
+
+def decode_ingest_online(data: bytes) -> IngestOnline:
+    """A manager's announcement that its ingest is subscribed, or ContractError."""
+    return _decode(IngestOnline, data, limit=MAX_INGEST_ONLINE_BYTES, device=None)
 
 
 def decode_desired(data: bytes, *, device: str) -> Desired:

@@ -272,7 +272,7 @@ def drift(camera: str, since: float, report: Mapping[str, Any]) -> Event:
 
 
 def eviction(reason: str, rows: int, nbytes: int, by_kind: Mapping[str, int], **detail: Any) -> Event:
-    """Rows the outbox dropped (``reason`` is ``cap`` or ``overflow``), recorded as an event."""
+    """Rows the outbox dropped (``reason`` is ``cap``, ``disk_full`` or ``overflow``), recorded as an event."""
     payload = {"reason": reason, "rows": int(rows), "bytes": int(nbytes), "by_kind": dict(by_kind), **detail}
     return new_event(Kind.OUTBOX_EVICTION, payload)
 
