@@ -26,6 +26,7 @@ log = logging.getLogger("fleet")
 
 DEFAULT_DB = os.environ.get("FLEET_DB", "fleet.db")
 FOLLOW_POLL_S = 0.5
+CONSOLE_BUSY_S = 2.0  # a console request waits this long for a locked store, then answers 503
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="an identity allowed to operate the fleet (repeatable; default: operator)")
     serve.add_argument("--max-transfers", type=_positive, default=64,
                        help="artifact downloads served at once (default 64)")
+    serve.add_argument("--http", type=_http_address, metavar="HOST:PORT",
+                       help="serve the read-only console and API (/api/v1, /metrics) here, e.g. 127.0.0.1:8080")
+    serve.add_argument("--http-token-file", type=Path, metavar="FILE",
+                       help="every HTTP request then needs `Authorization: Bearer <the token in FILE>`")
+    serve.add_argument("--http-tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate chain")
+    serve.add_argument("--http-tls-key", type=Path, metavar="PEM", help="the certificate's private key")
     serve.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines (default 10)")
     serve.add_argument("--log-format", choices=("json", "human"), default="json", help="log line format")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
@@ -155,6 +162,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     operators = frozenset(args.operator or ["operator"])
+    http = _http_settings(args)
     from edge.core.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level, loggers=("edge", "fleet"))  # the MQTT link is edge code
@@ -167,15 +175,65 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers,
         failover_s=args.failover))
     manager.start()
+    console = None
+    try:
+        console = _start_console(manager, args.db, *http) if http else None
+    except BaseException:
+        manager.stop()
+        raise
     log.info("serving", extra={"fields": {"db": manager.store.name, "broker": f"{host}:{port}", "prefix": args.prefix,
                                           "operators": sorted(operators), "signing": args.keys is not None}})
     try:
         while not stop.wait(args.stats_interval):
             log.info("stats", extra={"fields": manager.stats()})
     finally:
+        if console is not None:
+            console.stop()
+            console.console.queries.store.close()
         manager.stop()
         log.info("stopped", extra={"fields": manager.stats()})
     return 0
+
+
+def _http_settings(args: argparse.Namespace) -> tuple[Any, str | None] | None:
+    """The console's settings and token, checked before anything starts (exit 2 naming the option)."""
+    if args.http is None:
+        if args.http_token_file or args.http_tls_cert or args.http_tls_key:
+            raise UsageError("--http-token-file and --http-tls-* need --http HOST:PORT")
+        return None
+    from .web import HttpError, HttpSettings, check
+
+    settings = HttpSettings(host=args.http[0], port=args.http[1], token_file=args.http_token_file,
+                            tls_cert=args.http_tls_cert, tls_key=args.http_tls_key)
+    try:
+        return settings, check(settings)
+    except HttpError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _start_console(manager: Any, db: str, settings: Any, token: str | None) -> Any:
+    """The console, started on a read-only store of its own: nothing it runs can write."""
+    from .store import Store
+    from .web import Console, HttpServer, Queries
+
+    store = Store.open_readonly(db, pool_size=4, busy_timeout_s=CONSOLE_BUSY_S)
+    try:
+        server = HttpServer(settings, Console(Queries(store), manager.stats, manager.ingest.ack_latency,
+                                              token=token, secure_cookie=settings.tls))
+        server.start()
+    except BaseException:
+        store.close()
+        raise
+    return server
+
+
+def _http_address(value: str) -> tuple[str, int]:
+    """HOST:PORT for the console ([::1]:8080 for IPv6; port 0: any free port, logged)."""
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {value!r}")
+    return host, int(port)
 
 
 # --- reads --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from prometheus_client import Histogram
 
 from edge.core.contract import (
     DEFAULT_PREFIX,
@@ -44,6 +45,8 @@ from edge.core.logs import fields
 from .store import DatabaseError, Store
 
 log = logging.getLogger("fleet.ingest")
+
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Ingest:
@@ -65,6 +68,9 @@ class Ingest:
             backoff_max_s=backoff_max_s, username=username, password=password, max_inflight=100)
         self._link = Link(settings, self, name="ingest")
         self.subscribed = False
+        # a batch's arrival to its ack: the store's commit, mostly (registered by whoever exports it)
+        self.ack_latency = Histogram("fleet_ingest_ack_seconds", "Time from a batch's arrival to its ack",
+                                     registry=None, buckets=ACK_BUCKETS)
 
     def start(self) -> None:
         self._link.start()
@@ -134,6 +140,7 @@ class Ingest:
         k["duplicates"] += stored.duplicates
         ack = encode(Ack(v=1, device=device, batches=[batch.batch]))
         client.publish(self.topics.ack(device), ack, qos=1)
+        self.ack_latency.observe(time.time() - now)
         k["acks"] += 1
         if stored.duplicates:
             log.debug("batch already stored", extra=fields(device=device, batch=batch.batch,

@@ -274,6 +274,7 @@ class Control:
                 "desired_published": self.counters.desired_published, "jobs": e.jobs, "reported": e.reported,
                 "stale_jobs": e.stale_jobs, "chunk_requests": t.requests, "chunks": t.chunks,
                 "chunk_bytes": t.bytes, "transfers_active": self.transfers.active,
+                "transfers_waiting": self.transfers.waiting,
                 "transfers_completed": t.completed, "transfers_max_active": t.max_active,
                 "transfers_max_waiting": t.max_waiting, "busy": t.busy, "chunk_errors": dict(t.errors),
                 "rollouts_active": sum(1 for r in list(self.engine.rollouts.values()) if r.state in ("running", "paused")),

@@ -62,6 +62,11 @@ class Transfers:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a free transfer."""
+        return len(self._waiting)
+
     def request(self, req: ArtifactRequest, now: float) -> ChunkHeader | None:
         """Take a request; returns a ``busy`` header to send at once when it cannot wait."""
         self.counters.requests += 1

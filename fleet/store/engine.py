@@ -76,24 +76,27 @@ def is_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
-def create(url: URL, *, readonly: bool = False, pool_size: int = 4) -> Engine:
-    """An engine for the store at ``url`` (nothing is connected yet)."""
+def create(url: URL, *, readonly: bool = False, pool_size: int = 4, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
+    """An engine for the store at ``url`` (nothing is connected yet); ``busy_timeout_s``:
+    how long a statement waits for a lock (SQLite) or runs (PostgreSQL, read-only engines) before it fails."""
     if is_sqlite(url):
-        return _sqlite(url, readonly)
-    engine = sa.create_engine(
-        url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True, pool_recycle=1800,
-        connect_args={"prepare_threshold": PREPARE_THRESHOLD, "connect_timeout": CONNECT_TIMEOUT_S,
-                      "application_name": "edgecam-fleet"})
+        return _sqlite(url, readonly, busy_timeout_s)
+    connect_args: dict = {"prepare_threshold": PREPARE_THRESHOLD, "connect_timeout": CONNECT_TIMEOUT_S,
+                          "application_name": "edgecam-fleet"}
+    if readonly:
+        connect_args["options"] = f"-c statement_timeout={int(busy_timeout_s * 1000)}"
+    engine = sa.create_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True, pool_recycle=1800,
+                              connect_args=connect_args)
     if readonly:
         engine = engine.execution_options(postgresql_readonly=True)
     return engine
 
 
-def _sqlite(url: URL, readonly: bool) -> Engine:
+def _sqlite(url: URL, readonly: bool, busy_timeout_s: float) -> Engine:
     path = Path(url.database or "")
     if readonly:
         url = url.set(database=f"file:{path.resolve()}?mode=ro", query={"uri": "true"})
-    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi, record) -> None:

@@ -103,13 +103,14 @@ class Store:
         return cls(engine, name)
 
     @classmethod
-    def open_readonly(cls, where: str | Path) -> "Store":
-        """Open an existing store for reading (``fleet events``, ``fleet devices``)."""
+    def open_readonly(cls, where: str | Path, *, pool_size: int = 1,
+                      busy_timeout_s: float = db.BUSY_TIMEOUT_S) -> "Store":
+        """Open an existing store for reading (``fleet events``, ``fleet devices``, the console)."""
         url = db.parse_url(where)
         name = db.describe(url)
         if db.is_sqlite(url) and not Path(url.database or "").is_file():
             raise StoreError(f"{name}: no fleet store here (`fleet serve --db {name}` creates it)")
-        engine = db.create(url, readonly=True, pool_size=1)
+        engine = db.create(url, readonly=True, pool_size=pool_size, busy_timeout_s=busy_timeout_s)
         try:
             with engine.connect() as conn:
                 revision = db.check(conn, name)
