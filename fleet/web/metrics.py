@@ -59,9 +59,12 @@ class FleetCollector(Collector):
         for reason, n in sorted(merged.items()):
             rejected.add_metric([reason], n)
         yield rejected
-        skipped = CounterMetricFamily("fleet_store_rows_skipped", "Unreadable store rows left out of reads",
-                                      labels=["table"])
-        for table, n in sorted(s.get("store_skipped", {}).items()):
+        skipped = CounterMetricFamily("fleet_store_rows_skipped", "Unreadable store rows left out of reads "
+                                      "(by the manager and by the console)", labels=["table"])
+        tables: dict[str, int] = dict(s.get("store_skipped", {}))
+        for table, n in dict(self.queries.store.skipped.counts).items():
+            tables[table] = tables.get(table, 0) + n
+        for table, n in sorted(tables.items()):
             skipped.add_metric([table], n)
         yield skipped
         yield GaugeMetricFamily("fleet_leader", "1 while this manager holds the lease and runs rollouts",
