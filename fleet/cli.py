@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="every HTTP request then needs `Authorization: Bearer <the token in FILE>`")
     serve.add_argument("--http-tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate chain")
     serve.add_argument("--http-tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    serve.add_argument("--retain-events", action="append", default=[], metavar="[KIND=]AGE",
+                       help="delete events captured longer ago than AGE (30d, 12h), of KIND only with KIND=AGE "
+                            "(repeatable: --retain-events 30d --retain-events alert=90d); default: keep every event")
     serve.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines (default 10)")
     serve.add_argument("--log-format", choices=("json", "human"), default="json", help="log line format")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
@@ -163,6 +166,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     operators = frozenset(args.operator or ["operator"])
     http = _http_settings(args)
+    retain = _retention(args.retain_events)
     from edge.core.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level, loggers=("edge", "fleet"))  # the MQTT link is edge code
@@ -173,11 +177,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         db=args.db, host=host, port=port, prefix=args.prefix, artifacts=args.artifacts, keys=args.keys,
         operators=operators, client_id=args.client_id, username=args.username,
         password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers,
-        failover_s=args.failover))
+        failover_s=args.failover, retain_events=tuple(retain.items())))
     manager.start()
     console = None
     try:
-        console = _start_console(manager, args.db, *http) if http else None
+        console = _start_console(manager, args.db, *http, retain) if http else None
     except BaseException:
         manager.stop()
         raise
@@ -211,7 +215,20 @@ def _http_settings(args: argparse.Namespace) -> tuple[Any, str | None] | None:
         raise UsageError(str(exc)) from None
 
 
-def _start_console(manager: Any, db: str, settings: Any, token: str | None) -> Any:
+def _retention(values: list[str]) -> dict[str, float]:
+    from .retention import EVERY_KIND, parse_rules
+
+    try:
+        rules = parse_rules(values, operate.duration)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    unknown = sorted(k for k in rules if k != EVERY_KIND and k not in EVENT_KINDS)
+    if unknown:
+        raise UsageError(f"--retain-events: unknown event kind {unknown[0]!r} (kinds: {', '.join(EVENT_KINDS)})")
+    return rules
+
+
+def _start_console(manager: Any, db: str, settings: Any, token: str | None, retain: dict[str, float]) -> Any:
     """The console, started on a read-only store of its own: nothing it runs can write."""
     from .store import Store
     from .web import Console, HttpServer, Queries
@@ -219,7 +236,7 @@ def _start_console(manager: Any, db: str, settings: Any, token: str | None) -> A
     store = Store.open_readonly(db, pool_size=4, busy_timeout_s=CONSOLE_BUSY_S)
     try:
         server = HttpServer(settings, Console(Queries(store), manager.stats, manager.ingest.ack_latency,
-                                              token=token, secure_cookie=settings.tls))
+                                              retention=retain, token=token, secure_cookie=settings.tls))
         server.start()
     except BaseException:
         store.close()

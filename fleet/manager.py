@@ -50,6 +50,7 @@ from edge.core.signing import load_private_key
 
 from .ingest import Ingest
 from .registry import Registry
+from .retention import Retention
 from .rollouts import Engine
 from .rpc import Operations
 from .store import DatabaseError, Fence, LeaseLost, Store
@@ -80,6 +81,7 @@ class ManagerSettings:
     password: str | None = None
     max_transfers: int = 64
     failover_s: float = DEFAULT_FAILOVER_S  # how long a dead leader's lease holds the others back
+    retain_events: tuple[tuple[str, float], ...] = ()  # (event kind or "*", seconds kept); none: kept forever
 
     def artifact_dir(self) -> Path:
         if self.artifacts is not None:
@@ -372,6 +374,8 @@ class Manager:
         self._control_id = f"{base}-lead"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self.retention = Retention(self.store, dict(s.retain_events), lambda: self.leader is not None) \
+            if s.retain_events else None
 
     def _link_settings(self, client_id: str, *, persistent: bool) -> LinkSettings:
         s = self.settings
@@ -383,8 +387,12 @@ class Manager:
         self.ingest.start()
         self._inbox_link.start()
         self._thread.start()
+        if self.retention is not None:
+            self.retention.start()
 
     def stop(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()
         self._stop.set()
         self._thread.join(10)
         self._inbox_link.stop(5.0)
@@ -467,7 +475,8 @@ class Manager:
         return {**self.ingest.stats(), **control, "control_rejected": rejected, "leader": lead is not None,
                 "leaderships": self.leaderships, "job_statuses": inbox["job_statuses"],
                 "jobs_stored": inbox["jobs_stored"], "store_skipped": store["skipped"],
-                "store_refused": store["refused"], "pid": os.getpid()}
+                "store_refused": store["refused"], "events_purged": self.retention.purged if self.retention else 0,
+                "pid": os.getpid()}
 
 
 def _first_line(exc: BaseException) -> str:

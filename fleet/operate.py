@@ -136,11 +136,11 @@ def _ref(value: str, *, version_required: bool) -> tuple[str, str | None]:
 
 
 def duration(value: str) -> float:
-    """90, 90s, 5m, 1h, 1.5s → seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    """90, 90s, 5m, 1h, 30d, 1.5s → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
     if not m:
-        raise UsageError(f"expected a duration like 30s, 5m or 1h, got {value!r}")
-    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+        raise UsageError(f"expected a duration like 30s, 5m, 1h or 30d, got {value!r}")
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
     return float(m.group(1)) * scale
 
 

@@ -41,6 +41,7 @@ B = "models/yolov8n_full_integer_quant-b.tflite"
 DEVICES = 6
 SNAPSHOTS = 9  # health snapshots of sim-0000's camera c0
 ALERTS = {("sim-0000", "c0", "person_in_zone"): 3, ("sim-0001", "c1", "no_helmet"): 2}
+OLD = "sim-0005"  # has a health event and an alert from 40 days ago
 TOKEN = "t0ken-for-the-console-tests-0123456789"
 
 
@@ -54,7 +55,9 @@ class World:
         self.broker = Broker(tmp / "mosquitto").start()
         self.keys = tmp / "keys"
         init_keys(self.keys)
-        self.fleet = FleetProcess(self.db, self.broker, "--keys", str(self.keys), "--http", "127.0.0.1:0")
+        self._stored_long_ago()
+        self.fleet = FleetProcess(self.db, self.broker, "--keys", str(self.keys), "--http", "127.0.0.1:0",
+                                  "--retain-events", "30d", "--retain-events", "alert=90d")
         self.fleet.wait_for("control subscribed")
         self.fleet.wait_for("ingest subscribed")
         self.url = self.fleet.wait_for("http serving")["url"]
@@ -63,6 +66,19 @@ class World:
         self.guarded: FleetProcess | None = None
         self.rollout: str | None = None
         self.sent_at = time.time()
+
+    def _stored_long_ago(self) -> None:
+        """Events 40 days old, in the store before this manager starts with a retention of 30 days (90 for alerts)."""
+        from edge.core.contract import decode_batch
+
+        t = time.time() - 40 * 86400
+        body = ",".join(event_json(id=new_id(), seq=k + 1, kind=kind, device=OLD, camera="c0", captured_at=t,
+                                   recorded_at=t, priority=0, payload_json=json.dumps(payload))
+                        for k, (kind, payload) in enumerate([("health", {"processed_fps": 1.0}),
+                                                             ("alert", {"rule": "old_rule", "delivered": True})]))
+        store = Store.open(self.db)
+        store.add_batch(decode_batch(batch_body(OLD, new_id(), t, body), device=OLD), t)
+        store.close()
 
     def start_devices(self) -> None:
         with FleetClient(self.broker.host, self.broker.port, identity="operator", timeout=20) as c:
@@ -218,12 +234,14 @@ def test_one_device_has_its_desired_and_reported_state_jobs_and_health_series(wo
 
 
 def test_events_filter_by_device_camera_kind_and_time_and_page_by_cursor(world):
-    every = world.api("/api/v1/alerts")["items"]
+    assert len(world.api("/api/v1/alerts")["items"]) == sum(ALERTS.values()) + 1, "and the one from 40 days ago"
+    every = world.api("/api/v1/alerts", since=str(time.time() - 86400))["items"]
     assert len(every) == sum(ALERTS.values())
     assert [e["id"] for e in every] == sorted((e["id"] for e in every), reverse=True), "newest first"
     seen, cursor = [], None
     while True:
-        page = world.api("/api/v1/events", kind="alert", limit=2, **({"cursor": cursor} if cursor else {}))
+        page = world.api("/api/v1/events", kind="alert", limit=2, since=str(time.time() - 86400),
+                         **({"cursor": cursor} if cursor else {}))
         seen += [e["id"] for e in page["items"]]
         cursor = page["next"]
         if cursor is None:
@@ -236,7 +254,7 @@ def test_events_filter_by_device_camera_kind_and_time_and_page_by_cursor(world):
     iso = datetime.datetime.fromtimestamp(t0 + 1, datetime.timezone.utc).isoformat()
     later = world.api("/api/v1/alerts", since=iso)["items"]
     assert len(later) == len(every) - 2, "the two alerts captured at t0 are before since"
-    assert len(world.api("/api/v1/alerts", until=str(t0 + 1))["items"]) == 2
+    assert len(world.api("/api/v1/alerts", since=str(t0 - 1), until=str(t0 + 1))["items"]) == 2
     drift = world.api("/api/v1/events", kind="drift")["items"]
     assert len(drift) == 2 and drift[0]["payload"]["psi"] == pytest.approx(0.25)
 
@@ -323,6 +341,23 @@ def test_on_postgresql_a_locked_table_is_503_then_served_again(postgres):
         store.close()
 
 
+def test_events_past_their_kinds_retention_are_purged_and_the_rest_kept(world):
+    wait_until(lambda: world.api("/api/v1/events", device=OLD, kind="health")["items"] == [], 20,
+               "the 40-day-old health event purged")
+    assert [e["payload"]["rule"] for e in world.api("/api/v1/alerts", device=OLD)["items"]] == ["old_rule"]
+    overview = world.api("/api/v1/overview")
+    assert overview["retention"]["kept_s"] == {"*": 30 * 86400, "alert": 90 * 86400}
+    assert overview["oldest_event"] < time.time() - 39 * 86400, "how far back the data goes: the old alert"
+
+
+def serve_refused(capsys, *args: str) -> str:
+    """`fleet serve` with options it refuses before starting anything: exit 2, and its message."""
+    from fleet.cli import main
+
+    assert main(["serve", *args]) == 2
+    return capsys.readouterr().err
+
+
 def test_metrics_show_devices_ingest_ack_latency_and_store_size(world):
     m = scrape(world.http)
     assert m[("fleet_devices", (("state", "online"),))] == DEVICES
@@ -358,17 +393,18 @@ def test_a_manager_that_does_not_lead_serves_https_only_with_the_token(world):
         httpx.get(url.replace("https", "http") + "/api/v1/devices", timeout=5)
 
 
-def test_listening_beyond_loopback_needs_tls_and_a_token(tmp_path):
+def test_serve_refuses_unsound_console_and_retention_options(tmp_path, capsys):
+    db = str(tmp_path / "f.db")
     for extra in ((), ("--http-token-file", str(tmp_path / "none"))):
-        r = subprocess.run([sys.executable, "-m", "fleet", "serve", "--db", str(tmp_path / "f.db"),
-                            "--http", "0.0.0.0:8080", *extra], capture_output=True, text=True, timeout=30, cwd=REPO)
-        assert r.returncode == 2 and "beyond loopback" in r.stderr and "--http-tls-cert" in r.stderr, r.stderr
+        err = serve_refused(capsys, "--db", db, "--http", "0.0.0.0:8080", *extra)
+        assert "beyond loopback" in err and "--http-tls-cert" in err, err
     short = tmp_path / "short.token"
     short.write_text("abc\n")
-    r = subprocess.run([sys.executable, "-m", "fleet", "serve", "--db", str(tmp_path / "f.db"), "--http",
-                        "127.0.0.1:0", "--http-token-file", str(short)], capture_output=True, text=True, timeout=30,
-                       cwd=REPO)
-    assert r.returncode == 2 and "--http-token-file" in r.stderr, r.stderr
+    assert "--http-token-file" in serve_refused(capsys, "--db", db, "--http", "127.0.0.1:0", "--http-token-file", str(short))
+    assert "go together" in serve_refused(capsys, "--db", db, "--http", "127.0.0.1:0", "--http-tls-cert", str(short))
+    assert "need --http" in serve_refused(capsys, "--db", db, "--http-token-file", str(short))
+    assert "unknown event kind 'bogus'" in serve_refused(capsys, "--db", db, "--retain-events", "bogus=3d")
+    assert "duration" in serve_refused(capsys, "--db", db, "--retain-events", "forever")
     assert not (tmp_path / "f.db").exists(), "nothing started"
 
 
@@ -483,7 +519,7 @@ def test_alerts_page_filters_by_device(world, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(world.url + "/alerts")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#alerts tr.alert")) == sum(ALERTS.values())
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#alerts tr.alert")) == sum(ALERTS.values()) + 1
     box = browser.find_element(By.NAME, "device")
     box.send_keys("sim-0001")
     box.submit()

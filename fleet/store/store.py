@@ -156,6 +156,19 @@ class Store:
             c.execute(device, {"inserted": inserted})
         return Stored(inserted, len(rows) - inserted)
 
+    def purge_events(self, before: float, *, kind: str | None = None, keep_kinds: Sequence[str] = (),
+                     limit: int = 1000) -> int:
+        """Delete up to ``limit`` events captured before ``before`` (of ``kind``, or of any
+        kind but ``keep_kinds``) in one short transaction; returns how many."""
+        e = S.events
+        chosen = sa.select(e.c.rowid).where(e.c.captured_at < before)
+        if kind is not None:
+            chosen = chosen.where(e.c.kind == kind)
+        if keep_kinds:
+            chosen = chosen.where(e.c.kind.not_in(list(keep_kinds)))
+        with self.engine.begin() as c:
+            return c.execute(sa.delete(e).where(e.c.rowid.in_(chosen.limit(limit)))).rowcount
+
     def set_status(self, status: Status, received_at: float) -> None:
         """Record a device's status (online, or offline by its will or its goodbye)."""
         d = S.devices

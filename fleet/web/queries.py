@@ -19,7 +19,6 @@ from typing import Any, Mapping
 import sqlalchemy as sa
 
 from edge.core.contract import ULID_PATTERN
-from edge.core.ids import ulid_time
 from fleet.desired import load_desired, load_reported
 from fleet.rollouts import FINISHED, Execution, Rollout
 from fleet.store import DeviceRow, Store
@@ -195,15 +194,9 @@ class Queries:
         return self._rows(q)
 
     def oldest_event(self) -> float | None:
-        """When the oldest stored event was captured: how far back the data goes."""
-        e = S.events
-        oldest = self._rows(sa.select(e.c.id).order_by(e.c.id).limit(1))
-        if not oldest:
-            return None
-        try:
-            return ulid_time(oldest[0]["id"])
-        except (ValueError, KeyError):
-            return None
+        """When the oldest stored event was captured: how far back the data goes (an index's first entry)."""
+        with self.store.engine.connect() as c:
+            return c.execute(sa.select(sa.func.min(S.events.c.captured_at))).scalar()
 
     # --- rollouts -----------------------------------------------------------------------------
 
