@@ -14,15 +14,13 @@ import json
 import shutil
 import sqlite3
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from broker import REPO, Broker, FleetProcess, wait_until
+from broker import Broker, FleetProcess, wait_until
 from conftest import manifest_for, shared_path
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
