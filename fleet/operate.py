@@ -108,6 +108,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
                                 "several managers need postgresql://...)")
     b.add_argument("--json", action="store_true", help="the results as one JSON document")
     b.set_defaults(func=cmd_bench_rollout)
+    c = b_sub.add_parser("console", parents=[common], help="the console's page and API response times on a big store")
+    c.add_argument("--devices", type=int, default=10_000, help="devices in the store (default 10000)")
+    c.add_argument("--events", type=int, default=1_000_000, help="events in the store (default 1000000)")
+    c.add_argument("--requests", type=int, default=100, help="requests per route (default 100)")
+    c.add_argument("--db", help="an empty store to fill (default a SQLite file in a temp dir, removed after)")
+    c.add_argument("--json", action="store_true", help="the results as one JSON document")
+    c.set_defaults(func=cmd_bench_console)
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -427,6 +434,16 @@ def _reachable(host: str, port: int) -> None:
         socket.create_connection((host, port), timeout=5).close()
     except OSError as exc:
         raise OpError("unavailable", f"cannot reach the broker at {host}:{port}: {exc.strerror or exc}") from None
+
+
+def cmd_bench_console(args: argparse.Namespace) -> int:
+    from .web.bench import run_console_bench
+
+    if args.devices < 1 or args.events < 0 or args.requests < 1:
+        raise UsageError("--devices and --requests must be at least 1, --events at least 0")
+    result = run_console_bench(devices=args.devices, events=args.events, requests=args.requests, db=args.db)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
 
 
 def cmd_bench_rollout(args: argparse.Namespace) -> int:

@@ -85,7 +85,9 @@ class HttpServer:
         self.settings = settings
         self.console = console
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio turns Nagle off only on sockets that say
+        # they are TCP, and with it on every kept-alive request waits out a delayed ACK (40 ms)
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((settings.host, settings.port))
