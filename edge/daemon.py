@@ -413,7 +413,7 @@ class Daemon:
         for camera in snap["cameras"]:
             log.info("stats", extra=fields(**camera))
         if self.recorder is not None:
-            self.recorder.health(snap["cameras"])
+            self.recorder.health(snap["cameras"], snap.get("outbox"))
         if self.cfg.runtime.stats_file is not None:
             replace_file(self.cfg.runtime.stats_file, json.dumps({"at": time.time(), **snap}, indent=1).encode(),
                          durable=False)  # rewritten every interval: a power cut may keep the old one

@@ -23,10 +23,13 @@ class Recorder:
         self.outbox.append(detection_summary(
             result.frame.camera, result.frame.captured_at, result.model, doc["detections"], frame=result.frame.seq))
 
-    def health(self, cameras: Iterable[Mapping[str, Any]]) -> None:
-        """One health snapshot per camera, from the scheduler's stats."""
+    def health(self, cameras: Iterable[Mapping[str, Any]], outbox: Mapping[str, Any] | None = None) -> None:
+        """One health snapshot per camera, from the scheduler's stats, and one of the
+        device's own (no camera) with the outbox's backlog, for the fleet to plot."""
         for camera in cameras:
             self.outbox.append(health_snapshot(camera["camera"], camera))
+        if outbox is not None:
+            self.outbox.append(health_snapshot(None, {"outbox": {k: outbox[k] for k in ("rows", "bytes") if k in outbox}}))
 
 
 def fan_out(sinks: Iterable[Sink | None]) -> Sink | None:
