@@ -43,6 +43,8 @@ events = sa.Table(
     sa.Index("events_by_device", "device", "id"),
     sa.Index("events_by_kind", "kind", "id"),
     sa.Index("events_by_time", "captured_at"),
+    sa.Index("events_by_device_kind", "device", "kind", "id"),  # a device's latest health, its series
+    sa.Index("events_by_kind_time", "kind", "captured_at"),  # alerts in the last hour
 )
 
 devices = sa.Table(

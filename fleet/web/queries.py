@@ -27,6 +27,7 @@ from fleet.store.rows import DEVICE_COLUMNS, EVENT_COLUMNS, load_event
 
 STALE_S = 300.0  # an online device silent this long is shown as stale: its will may not have reached us
 MAX_PAGE = 500
+LATEST_READ = 8  # a device's newest health events looked at for its latest figures: one per camera and its own
 
 
 class BadParameter(ValueError):
@@ -123,13 +124,20 @@ class Queries:
         return found[0].model_dump() if found else None
 
     def latest_health(self, devices: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-        """device -> camera -> the payload of its newest health event (one indexed lookup per device)."""
+        """device -> camera -> the payload of its newest health event. Each device's newest
+        :data:`LATEST_READ` health events are looked at (a range of ``events_by_device_kind``),
+        and only the newest per camera is read whole."""
         if not devices:
             return {}
         e = S.events
-        newest = (sa.select(e.c.device, e.c.camera, sa.func.max(e.c.id).label("id"))
-                  .where(e.c.device.in_(devices), e.c.kind == "health").group_by(e.c.device, e.c.camera).subquery())
-        q = sa.select(*[e.c[n] for n in ("rowid", *EVENT_COLUMNS)]).join(newest, e.c.id == newest.c.id)
+        ranked = (sa.select(e.c.rowid, e.c.device, e.c.camera, sa.func.row_number().over(
+            partition_by=e.c.device, order_by=e.c.id.desc()).label("n"))
+            .where(e.c.device.in_(devices), e.c.kind == "health").subquery())
+        newest: dict[tuple[str, str | None], int] = {}
+        for row in self._rows(sa.select(ranked.c.rowid, ranked.c.device, ranked.c.camera)
+                              .where(ranked.c.n <= LATEST_READ).order_by(ranked.c.n.desc())):
+            newest[(row["device"], row["camera"])] = row["rowid"]  # the newest comes last
+        q = sa.select(*[e.c[n] for n in ("rowid", *EVENT_COLUMNS)]).where(e.c.rowid.in_(list(newest.values())))
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for event in self.store.skipped.load("events", self._rows(q), load_event):
             out.setdefault(event["device"], {})[event["camera"] or "-"] = event["payload"]

@@ -1,0 +1,21 @@
+"""The console's indexes: a device's newest events of one kind (its latest health
+figures, its health series) and one kind's events in a time range (alerts in the last
+hour) each read as a range of an index, not a scan of every event of that kind.
+
+Revision ID: 0004
+"""
+
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+
+
+def upgrade() -> None:
+    op.create_index("events_by_device_kind", "events", ["device", "kind", "id"])
+    op.create_index("events_by_kind_time", "events", ["kind", "captured_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("events_by_kind_time", "events")
+    op.drop_index("events_by_device_kind", "events")
