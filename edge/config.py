@@ -615,7 +615,7 @@ def _message(err: Any) -> str:
 
 def missing_files(cfg: DeviceConfig) -> list[str]:
     """``key: file not found`` for each model, manifest or media path that does not exist,
-    and for a stats or heartbeat file whose directory does not."""
+    and for a stats, heartbeat or comms state file whose directory does not."""
     problems = []
     for slot, model in cfg.models.items():
         for key, path in (("path", model.path), ("manifest", model.manifest)):
@@ -628,6 +628,10 @@ def missing_files(cfg: DeviceConfig) -> list[str]:
     for key, path in (("stats_file", cfg.runtime.stats_file), ("heartbeat_file", cfg.runtime.heartbeat_file)):
         if path is not None and not path.parent.is_dir():
             problems.append(f"runtime.{key}: directory not found: {path.parent}")
+    for key, path in (("sparkplug.bdseq_file", cfg.sparkplug.bdseq_file if cfg.sparkplug else None),
+                      ("commands.state_file", cfg.commands.state_file if cfg.commands else None)):
+        if path is not None and not path.parent.is_dir():
+            problems.append(f"{key}: directory not found: {path.parent}")
     if cfg.decisions.policy is not None and not cfg.decisions.policy.exists():
         problems.append(f"decisions.policy: file not found: {cfg.decisions.policy}")
     if cfg.agent is not None and not cfg.agent.public_key.is_file():

@@ -88,6 +88,10 @@ class LineComms:
     def connected(self) -> bool:
         return self._link.connected
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the comms thread has used (what the line's second view costs)."""
+        return self._link.cpu_seconds()
+
     def stats(self) -> dict[str, Any]:
         doc: dict[str, Any] = {**self._link.counters.as_dict(), **self.counters,
                                "sparkplug_rejected": dict(self.counters["sparkplug_rejected"])}
