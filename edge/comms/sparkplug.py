@@ -22,6 +22,7 @@ specification says.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -34,9 +35,12 @@ from edge import __version__
 from edge.config import DeviceInfo, SparkplugConfig
 from edge.core.contract import MAX_MUTE_MINUTES
 from edge.core.files import replace_file
+from edge.core.logs import fields
 
 from . import sparkplug_b_pb2 as pb
 from .view import CameraView, LineView
+
+log = logging.getLogger("edge.sparkplug")
 
 NAMESPACE = "spBv1.0"
 MAX_COMMAND_BYTES = 16 * 1024
@@ -180,7 +184,10 @@ class EdgeNode:
         """The next ``bdSeq`` (kept on disk first, so a restart never reuses the one a
         late will may still carry) and the NDEATH payload the session's will carries."""
         self.bd_seq = (self.bd_seq + 1) % 256
-        replace_file(self.cfg.bdseq_file, json.dumps({"bdSeq": self.bd_seq}).encode())
+        try:
+            replace_file(self.cfg.bdseq_file, json.dumps({"bdSeq": self.bd_seq}).encode())
+        except OSError as exc:  # the node still comes up; only a restart may reuse this number
+            log.error("bdSeq not saved", extra=fields(path=str(self.cfg.bdseq_file), error=str(exc)))
         return self.death()
 
     def death(self) -> bytes:
