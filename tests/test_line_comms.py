@@ -341,7 +341,8 @@ def test_dcmd_writes_a_rule_and_acknowledges_its_alert(line):
                         "boolean_value": False}], "door")
     wait_until(lambda: host.values(since, "door", "Rules/crosswalk-occupied/Enabled")[-1] is False, 10,
                "the rule disabled through DCMD")
-    assert summary(line["listener"])["rules"]["crosswalk-occupied"]["enabled"] is False
+    wait_until(lambda: summary(line["listener"])["rules"]["crosswalk-occupied"]["enabled"] is False, 5,
+               "the summary saying so")
 
 
 def test_hostile_commands_are_rejected_counted_and_the_daemon_keeps_going(line):
