@@ -112,7 +112,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     c.add_argument("--devices", type=int, default=10_000, help="devices in the store (default 10000)")
     c.add_argument("--events", type=int, default=1_000_000, help="events in the store (default 1000000)")
     c.add_argument("--requests", type=int, default=100, help="requests per route (default 100)")
-    c.add_argument("--db", help="an empty store to fill (default a SQLite file in a temp dir, removed after)")
+    c.add_argument("--db", help="the store: filled if it holds no devices, else measured as it is "
+                                "(default a SQLite file in a temp dir, removed after)")
     c.add_argument("--json", action="store_true", help="the results as one JSON document")
     c.set_defaults(func=cmd_bench_console)
 

@@ -61,6 +61,7 @@ devices = sa.Table(
     sa.Column("events", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("state_since", Time),  # when the device last went online or offline
     sa.Index("devices_by_tags", "site", "line"),
+    sa.Index("devices_by_condition", "site", "line", "state", "last_seen"),  # the console's counts, index only
 )
 
 artifacts = sa.Table(

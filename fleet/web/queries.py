@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -125,18 +126,16 @@ class Queries:
 
     def latest_health(self, devices: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """device -> camera -> the payload of its newest health event. Each device's newest
-        :data:`LATEST_READ` health events are looked at (a range of ``events_by_device_kind``),
-        and only the newest per camera is read whole."""
+        :data:`LATEST_READ` health events are looked at (one short range of
+        ``events_by_device_kind`` a device, in one query), and only the newest per camera is read whole."""
         if not devices:
             return {}
         e = S.events
-        ranked = (sa.select(e.c.rowid, e.c.device, e.c.camera, sa.func.row_number().over(
-            partition_by=e.c.device, order_by=e.c.id.desc()).label("n"))
-            .where(e.c.device.in_(devices), e.c.kind == "health").subquery())
         newest: dict[tuple[str, str | None], int] = {}
-        for row in self._rows(sa.select(ranked.c.rowid, ranked.c.device, ranked.c.camera)
-                              .where(ranked.c.n <= LATEST_READ).order_by(ranked.c.n.desc())):
-            newest[(row["device"], row["camera"])] = row["rowid"]  # the newest comes last
+        with self.store.engine.connect() as c:
+            rows = c.execute(_newest_health(len(devices)), {f"d{i}": d for i, d in enumerate(devices)}).mappings().all()
+        for row in rows:
+            newest.setdefault((row["device"], row["camera"]), row["rowid"])  # each range is newest first
         q = sa.select(*[e.c[n] for n in ("rowid", *EVENT_COLUMNS)]).where(e.c.rowid.in_(list(newest.values())))
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for event in self.store.skipped.load("events", self._rows(q), load_event):
@@ -286,6 +285,17 @@ class Queries:
             return total
         with self.store.engine.connect() as c:
             return c.execute(sa.text("SELECT pg_database_size(current_database())")).scalar()
+
+
+@functools.lru_cache(maxsize=8)
+def _newest_health(devices: int) -> sa.CompoundSelect:
+    """Each of ``devices`` devices' newest health events (bound as d0, d1, ...): built once
+    per page size, since building a statement of a hundred parts costs more than running it."""
+    e = S.events
+    ranges = [sa.select(e.c.rowid, e.c.device, e.c.camera).where(e.c.device == sa.bindparam(f"d{i}"),
+                                                                   e.c.kind == "health")
+              .order_by(e.c.id.desc()).limit(LATEST_READ).subquery() for i in range(devices)]
+    return sa.union_all(*[sa.select(r) for r in ranges])
 
 
 def _rollout(r: Rollout, counts: Mapping[int, Mapping[str, int]]) -> dict[str, Any]:
