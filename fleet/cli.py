@@ -179,9 +179,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers,
         failover_s=args.failover, retain_events=tuple(retain.items())))
     manager.start()
-    console = None
+    server = None
     try:
-        console = _start_console(manager, args.db, *http, retain) if http else None
+        server = _start_console(manager, args.db, *http, retain) if http else None
     except BaseException:
         manager.stop()
         raise
@@ -191,9 +191,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         while not stop.wait(args.stats_interval):
             log.info("stats", extra={"fields": manager.stats()})
     finally:
-        if console is not None:
-            console.stop()
-            console.console.queries.store.close()
+        if server is not None:
+            server.stop()
+            server.console.close()
         manager.stop()
         log.info("stopped", extra={"fields": manager.stats()})
     return 0

@@ -53,6 +53,9 @@ class Console:
     token: str | None = None
     secure_cookie: bool = False
 
+    def close(self) -> None:
+        self.queries.store.close()
+
 
 class NotFound(LookupError):
     pass
