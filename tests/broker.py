@@ -96,6 +96,13 @@ class Broker:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """The broker dies at once: unsaved sessions and retained messages are gone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def _log_tail(self) -> str:
         try:
             return self.log.read_text()[-500:]
