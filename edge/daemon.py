@@ -19,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 
 from edge.capture.sources import Source, make_source
-from edge.capture.thread import CaptureThread
+from edge.capture.thread import CaptureState, CaptureThread
 from edge.config import CameraConfig, DeviceConfig, HealthConfig, SchedulerConfig
 from edge.core.contract import Topics
 from edge.core.errors import ConfigError, EdgeError
@@ -329,6 +329,7 @@ class Daemon:
     def run(self, stop: threading.Event) -> int:
         """Run until ``stop`` is set or every source has ended; returns the exit code."""
         started: list[CameraRunner] = []
+        failure: str | None = None
         try:
             if self.sync is not None:
                 self.sync.start()
@@ -349,6 +350,11 @@ class Daemon:
             next_stats = time.monotonic() + interval
             while not stop.is_set() and not self.scheduler.done:
                 stop.wait(0.2)
+                failure = self._failure()
+                if failure is not None:
+                    log.critical("component failed: exiting so the service manager restarts the daemon",
+                                 extra=fields(failure=failure))
+                    break
                 self.liveness.poll()
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
@@ -385,9 +391,27 @@ class Daemon:
                 self.outbox.close(timeout=max(0.2, stopping + 1.8 - time.monotonic()))
             if self.metrics is not None:
                 self.metrics.stop()
-            reason = "signal" if stop.is_set() else "sources ended"
-            log.info("stopped", extra=fields(reason=reason, stop_s=round(time.monotonic() - stopping, 3)))
-        return 0
+            failure = failure or self._failure()
+            reason = "signal" if stop.is_set() else "failed" if failure else "sources ended"
+            log.info("stopped", extra=fields(reason=reason, failure=failure,
+                                             stop_s=round(time.monotonic() - stopping, 3)))
+        return 1 if failure and not stop.is_set() else 0
+
+    def _failure(self) -> str | None:
+        """The first long-lived thread that died on an error nobody caught, if any: such a
+        component cannot be restarted in place, so the daemon exits non-zero and the
+        service manager starts it afresh (a stopped source ends; a failed one is this)."""
+        failures = list(self.scheduler.failures)
+        if failures:
+            return failures[0]
+        for camera in self.cameras:
+            stats = camera.capture.stats()
+            if stats.state is CaptureState.FAILED:
+                return f"capture-{camera.cfg.id}: {stats.last_error}"
+        for name, component in (("sync", self.sync), ("agent", self.agent), ("snapshots", self.snapshots)):
+            if component is not None and component.failed:
+                return f"{name}: its thread ended on an error (see the log above)"
+        return None
 
     def report(self) -> None:
         """The stats line (one record per camera) and, if configured, the stats file."""

@@ -172,6 +172,11 @@ class Link:
     def connected(self) -> bool:
         return self.counters.connected
 
+    @property
+    def failed(self) -> bool:
+        """The thread ended without being asked to (a bug): its owner must notice."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     # --- the thread --------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:

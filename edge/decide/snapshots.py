@@ -56,6 +56,10 @@ class SnapshotStore:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def failed(self) -> bool:
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def request(self, image: np.ndarray, sid: str, done: Callable[[str], None]) -> bool:
         """Keep ``image`` as ``sid``; ``done(sha256)`` runs once it is on disk. False: skipped."""
         if not self._thread.is_alive():

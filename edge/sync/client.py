@@ -110,6 +110,10 @@ class Sync:
     def connected(self) -> bool:
         return self._link.connected
 
+    @property
+    def failed(self) -> bool:
+        return self._link.failed
+
     def stats(self) -> dict[str, Any]:
         """Counters for the stats line."""
         return {**self._link.counters.as_dict(), "inflight": len(self._inflight),

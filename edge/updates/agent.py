@@ -162,6 +162,12 @@ class Agent:
         self._worker.join(max(0.05, deadline - time.monotonic() - 0.3))
         self._link.stop(max(0.1, deadline - time.monotonic()))
 
+    @property
+    def failed(self) -> bool:
+        """The worker or the link ended without a stop (a bug the steps did not catch)."""
+        worker_dead = self._worker.ident is not None and not self._worker.is_alive() and not self._stop.is_set()
+        return worker_dead or self._link.failed
+
     def stats(self) -> dict[str, Any]:
         c = self.counters  # other threads add keys to the inner dicts: copy them
         return {**self._link.counters.as_dict(), **c, "rejected": dict(c["rejected"]), "jobs": dict(c["jobs"]),
