@@ -86,6 +86,7 @@ def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: So
         backoff=cfg.reopen,
         on_frame=wake,
         on_image=on_image,
+        remake=(lambda: make_source(cfg.source)) if source is None else None,
     )
     return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile))
 
@@ -149,7 +150,7 @@ class Daemon:
         if self.health is not None:
             self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)
-        self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
+        self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file, self.cameras)
         self.agent = self._make_agent()
         self._closed: set[str] = set()  # cameras whose source ended and whose windows are closed
         if self.metrics is not None:
