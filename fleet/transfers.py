@@ -51,7 +51,7 @@ class Transfers:
         self.max_waiting = max_waiting
         self.max_unacked_bytes = max_unacked_bytes
         self.counters = TransferCounters()
-        self._active: dict[tuple[str, str], float] = {}  # transfer → last request time
+        self._active: dict[tuple[str, str], float] = {}  # transfer → last request (monotonic)
         self._ready: deque[ArtifactRequest] = deque()
         self._waiting: OrderedDict[tuple[str, str], ArtifactRequest] = OrderedDict()
         self._cache: OrderedDict[str, bytes] = OrderedDict()
@@ -63,7 +63,7 @@ class Transfers:
         return len(self._active)
 
     def request(self, req: ArtifactRequest, now: float) -> ChunkHeader | None:
-        """Take a request; returns a ``busy`` header to send at once when it cannot wait."""
+        """Take a request (``now``: monotonic); returns a ``busy`` header to send at once when it cannot wait."""
         self.counters.requests += 1
         key = (req.device, req.sha256)
         if key in self._active or (len(self._active) < self.max_transfers and not self._waiting):
