@@ -20,6 +20,7 @@ import numpy as np
 
 from edge.capture.sources import Source, make_source
 from edge.capture.thread import CaptureState, CaptureThread
+from edge.comms.service import LineComms
 from edge.config import CameraConfig, DeviceConfig, HealthConfig, SchedulerConfig
 from edge.core.contract import Topics
 from edge.core.errors import ConfigError, EdgeError
@@ -152,6 +153,7 @@ class Daemon:
         warm_up(self.executors[0], self.cameras)
         self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file, self.cameras)
         self.agent = self._make_agent()
+        self.comms = self._line_comms()
         self._closed: set[str] = set()  # cameras whose source ended and whose windows are closed
         if self.metrics is not None:
             self.metrics.attach(self._metric_sources())
@@ -179,6 +181,14 @@ class Daemon:
         if policy is not None:
             log.info("policy loaded", extra=fields(version=policy.version, rules=len(policy.rules),
                                                    source=str(d.policy)))
+
+    def _line_comms(self) -> LineComms | None:
+        """Sparkplug, Home Assistant and the line's commands, when any is configured."""
+        cfg = self.cfg
+        if cfg.sparkplug is None and cfg.homeassistant is None and cfg.commands is None:
+            return None
+        return LineComms(cfg, self.decisions, self.cameras, self.observer.snapshot, self._model_version,
+                         audit=self.outbox.append if self.outbox is not None else None)
 
     # --- observe (edge/observe) ---------------------------------------------------------------------
 
@@ -336,6 +346,8 @@ class Daemon:
                 self.sync.start()
             if self.alerts is not None:
                 self.alerts.start()
+            if self.comms is not None:
+                self.comms.start()
             if self.snapshots is not None:
                 self.snapshots.start()
             for camera in self.cameras:
@@ -382,6 +394,8 @@ class Daemon:
                     self.observer.close(camera.cfg.id)
                 self.decisions.poll_observe(self.observer.snapshot())
             self.report()
+            if self.comms is not None:  # its NDEATH says the node is going
+                self.comms.stop(timeout=0.5)
             if self.alerts is not None:
                 self.alerts.stop(timeout=0.3)
             if self.snapshots is not None:
@@ -409,7 +423,8 @@ class Daemon:
             stats = camera.capture.stats()
             if stats.state is CaptureState.FAILED:
                 return f"capture-{camera.cfg.id}: {stats.last_error}"
-        for name, component in (("sync", self.sync), ("agent", self.agent), ("snapshots", self.snapshots)):
+        for name, component in (("sync", self.sync), ("agent", self.agent), ("snapshots", self.snapshots),
+                                ("comms", self.comms)):
             if component is not None and component.failed:
                 return f"{name}: its thread ended on an error (see the log above)"
         return None
@@ -433,6 +448,8 @@ class Daemon:
             snap["decisions"]["mqtt"] = self.alerts.stats()
         if self.snapshots is not None:
             snap["decisions"]["snapshots"] = self.snapshots.stats()
+        if self.comms is not None:
+            snap["comms"] = self.comms.stats()
         if self.decisions.policy is not None:
             log.info("decision stats", extra=fields(**snap["decisions"]))
         for camera in snap["cameras"]:
