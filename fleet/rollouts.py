@@ -622,7 +622,8 @@ class Engine:
             raise OpError("not_found", f"no desired or reported state for device {device!r}")
         return {"device": device, "desired": desired.model_dump(mode="json") if desired else None,
                 "reported": reported.model_dump(mode="json") if reported else None,
-                "executions": executions, "jobs": self.store.jobs(device=device, limit=50)}
+                "executions": executions, "jobs": self.store.jobs(device=device, limit=50),
+                "clock_skew_s": self.store.clock_skew(device)}
 
 
 

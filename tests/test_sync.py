@@ -538,3 +538,33 @@ def test_a_batch_the_fleet_refuses_is_parked_and_the_rest_keeps_flowing(tmp_path
         sync.stop()
         outbox.close()
         fleet.close()
+
+
+def test_a_device_clock_an_hour_ahead_is_measured_at_ingest_within_a_second_and_flagged(tmp_path, broker,
+                                                                                        monkeypatch):
+    import edge.sync.client as client_module
+
+    fleet = InProcessFleet(tmp_path, broker)
+    ahead = DeviceInfo(id="cam-ahead", site="plant-a", line="3")
+    outbox = Outbox.open(OutboxConfig(path=tmp_path / "ahead.db", ack_timeout_s=1.0), ahead.id)
+    sync = Sync(mqtt_cfg(broker), ahead, outbox)
+    body = contract.batch_body  # the device stamps each batch as it sends it, on its own clock
+
+    def stamped_ahead(device, batch, sent_at, events):
+        return body(device, batch, sent_at + 3600.0, events)
+
+    monkeypatch.setattr(client_module, "batch_body", stamped_ahead)
+    try:
+        sync.start()
+        outbox.append(E.health_snapshot("c0", {"n": 1}))
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] == 0, 10, "the batch acked")
+        (device,) = [d for d in fleet.store.devices() if d["id"] == ahead.id]
+        assert abs(device["clock_skew_s"] - 3600.0) < 1.0, device
+        listing = subprocess.run([sys.executable, "-m", "fleet", "devices", "list", "--db", str(tmp_path / "fleet.db")],
+                                 capture_output=True, text=True, cwd=REPO, timeout=30)
+        line = next(x for x in listing.stdout.splitlines() if x.startswith(ahead.id))
+        assert "+3600." in line and "SKEWED" in line, listing.stdout
+    finally:
+        sync.stop()
+        outbox.close()
+        fleet.close()

@@ -201,7 +201,9 @@ class Sync:
         return max(0.0, min(MAX_WAIT_S, next_deadline - now))
 
     def _resend(self, client: mqtt.Client, batch_id: str, flight: _InFlight, now: float) -> None:
-        """Send a batch again; the next re-send waits twice as long (with jitter), up to resend_max_s."""
+        """Send a batch again, stamped with this send time (the fleet measures the device's
+        clock by it); the next re-send waits twice as long (with jitter), up to resend_max_s."""
+        flight.body = batch_body(self.device.id, batch_id, time.time(), flight.batch.events)
         self._publish(client, self.topics.outbox(self.device.id), flight.body)
         delay = min(self._cfg.resend_max_s, self._cfg.ack_timeout_s * 2 ** min(flight.sends, 30))
         flight.sent, flight.deadline = now, now + delay * (0.5 + 0.5 * self._rng.random())
