@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from broker import wait_until
 from conftest import manifest_for, shared_path
 
@@ -77,27 +78,21 @@ def test_a_sink_that_raises_on_every_result_neither_stops_inference_nor_the_othe
     assert len(tracebacks) == 1, "one traceback a minute, every error counted"
 
 
-def test_an_executor_that_dies_makes_the_daemon_exit_non_zero(caplog):
-    with Running() as run:
-        planner = run.daemon.cameras[0].planner
+@pytest.mark.parametrize("where, failure", [
+    ("planner", "executor-0: MemoryError: injected"),  # the executor thread dies
+    ("read", "capture-cam: MemoryError: injected"),  # the capture thread dies
+])
+def test_a_thread_that_dies_makes_the_daemon_exit_non_zero(caplog, where, failure):
+    def broken(*args, **kw):
+        raise MemoryError("injected")
 
-        def broken(*args, **kw):
-            raise MemoryError("injected")
-        planner.start = broken
+    with Running() as run:
+        camera = run.daemon.cameras[0]
+        if where == "planner":
+            camera.planner.start = broken
+        else:
+            camera.capture.source.read = broken
         run.thread.join(10)
         assert not run.thread.is_alive(), "the daemon noticed and stopped"
     assert run.code == 1
-    assert "executor-0: MemoryError: injected" in failed_line(caplog)["failure"]
-
-
-def test_a_capture_read_that_raises_makes_the_daemon_exit_non_zero(caplog):
-    with Running() as run:
-        source = run.daemon.cameras[0].capture.source
-
-        def broken():
-            raise MemoryError("injected in a read")
-        source.read = broken
-        run.thread.join(10)
-        assert not run.thread.is_alive(), "the daemon noticed and stopped"
-    assert run.code == 1
-    assert "capture-cam: MemoryError: injected in a read" in failed_line(caplog)["failure"]
+    assert failure in failed_line(caplog)["failure"]
