@@ -233,7 +233,13 @@ class CaptureThread:
         log.warning("camera call blocked: thread abandoned, source made afresh",
                     extra=fields(camera=self.camera, source=self.source.description,
                                  blocked_s=round(self._clock() - since, 3), abandons=self._abandons))
-        fresh = self._remake()
+        try:
+            fresh = self._remake()
+        except Exception:  # nothing to carry on with: stuck
+            log.exception("camera source cannot be made afresh", extra=fields(camera=self.camera))
+            with self._cond:
+                self._stuck = True
+            return False
         with self._cond:
             self.source = fresh
         self._thread = threading.Thread(target=self._run, args=(False, generation),
