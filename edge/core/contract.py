@@ -17,7 +17,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic_core import from_json
@@ -234,6 +234,9 @@ class _Body(BaseModel):
     # strict: a string is not a number, unknown keys are errors; and a body with NaN or
     # Infinity cannot even be built, so neither side can send one
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # fields added after a body first shipped: left off the wire while empty, so a reader
+    # that predates them (and refuses unknown keys) still reads every body that has no use for them
+    WIRE_OPTIONAL: ClassVar[tuple[str, ...]] = ()
 
 
 class WireEvent(_Body):
@@ -275,6 +278,7 @@ class Ack(_Body):
     device: str = Field(pattern=ID_PATTERN)
     batches: list[Ulid] = Field(default_factory=list, max_length=MAX_ACK_BATCHES)
     refused: list[Refusal] = Field(default_factory=list, max_length=MAX_ACK_BATCHES)
+    WIRE_OPTIONAL = ("refused",)
 
     @model_validator(mode="after")
     def _names_a_batch(self) -> "Ack":
@@ -603,7 +607,8 @@ def canonical(doc: Any) -> bytes:
 
 def encode(body: _Body) -> bytes:
     """A body as compact JSON bytes."""
-    return body.model_dump_json().encode()
+    empty = {name for name in body.WIRE_OPTIONAL if not getattr(body, name)}
+    return body.model_dump_json(exclude=empty or None).encode()
 
 
 def event_json(
