@@ -31,6 +31,7 @@ REPLY_TIMEOUT_S = 60.0
 def _worker(conn: Connection, settings: SimSettings, key: bytes, share: tuple[int, int]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sim = Simulator(dataclasses.replace(settings, public_key=Ed25519PublicKey.from_public_bytes(key)), share)
+    conn.send(None)  # ready: what start() then times is the devices' own
     while True:
         what, *args = conn.recv()
         if what == "start":
@@ -48,8 +49,8 @@ def _worker(conn: Connection, settings: SimSettings, key: bytes, share: tuple[in
 
 
 class SimulatorProcesses:
-    """``settings.count`` devices across ``processes`` worker processes, launched at once;
-    their devices connect on ``start()``."""
+    """``settings.count`` devices across ``processes`` worker processes, launched (and
+    ready) when this returns; their devices connect on ``start()``."""
 
     def __init__(self, settings: SimSettings, processes: int) -> None:
         if processes < 1:
@@ -68,6 +69,11 @@ class SimulatorProcesses:
                                            name=f"sim-worker-{k}", daemon=True))
         for p in self._procs:
             p.start()
+        try:
+            self._replies("launch")
+        except BaseException:
+            self.stop()
+            raise
 
     def start(self) -> None:
         self._ask("start")
@@ -78,10 +84,13 @@ class SimulatorProcesses:
                 conn.send(message)
             except OSError:
                 raise EdgeError(f"simulator worker {k} exited (code {self._procs[k].exitcode})") from None
+        return self._replies(message[0])
+
+    def _replies(self, what: str) -> list[Any]:
         replies = []
         for k, conn in enumerate(self._conns):
             if not conn.poll(REPLY_TIMEOUT_S):
-                raise EdgeError(f"simulator worker {k} did not answer {message[0]!r} in {REPLY_TIMEOUT_S:g}s")
+                raise EdgeError(f"simulator worker {k} did not answer {what!r} in {REPLY_TIMEOUT_S:g}s")
             try:
                 replies.append(conn.recv())
             except EOFError:
