@@ -110,6 +110,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     b.add_argument("--db", help="the store they share (default a SQLite file in the run's temp dir; "
                                 "several managers need postgresql://..., or `postgresql`: a private "
                                 "cluster made for the run)")
+    b.add_argument("--timeout", default="15m", help="how long each phase may take before the run gives up")
     b.add_argument("--json", action="store_true", help="the results as one JSON document")
     b.set_defaults(func=cmd_bench_rollout)
 
@@ -442,7 +443,8 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
     result = run_rollout_bench(devices=args.devices, model=args.model, health_window_s=duration(args.health_window),
                                max_transfers=args.max_transfers, pumps=args.pumps,
                                ingest_batches=args.ingest_batches, ingest_events=args.ingest_events,
-                               managers=args.managers, db=args.db, processes=args.processes)
+                               managers=args.managers, db=args.db, processes=args.processes,
+                               timeout_s=duration(args.timeout))
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0 if result.get("state") == "completed" else 1
 
