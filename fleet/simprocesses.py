@@ -5,8 +5,8 @@ run every n-th device (``Simulator(share=(k, n))``) and answer the parent over a
 The protocol is a few tuples, each answered once done: ``("start",)`` (the devices
 connect), ``("report",)`` (answered with a ``SimReport``), ``("batches", b, e)`` (every
 device is told to send ``b`` outbox batches of ``e`` events), ``("stop",)`` (the devices
-said goodbye, with their last wills). Workers ignore SIGINT: the parent
-stops them, so a Ctrl-C reaches one process and ends cleanly.
+said goodbye, with their last wills). Workers ignore SIGINT: the parent stops them, so
+a Ctrl-C reaches one process and ends cleanly.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from edge.core.errors import EdgeError
 
 from .simulator import SimReport, SimSettings, Simulator
 
-REPLY_TIMEOUT_S = 60.0
+REPLY_TIMEOUT_S = 120.0  # a worker that says nothing this long is stuck (launching one on a loaded machine takes 20 s)
 
 
 def _worker(conn: Connection, settings: SimSettings, key: bytes, share: tuple[int, int]) -> None:
