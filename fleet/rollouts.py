@@ -365,14 +365,15 @@ class Engine:
         live = [r for r in self.rollouts.values() if r.state in ACTIVE]
         if not live:
             return
-        devices: dict[str, dict[str, Any]] | None = None  # read only when a health window needs it
+        # the states of the devices in a health window only: the registry may hold thousands more
+        watched = [e.device for r in live for e in self.executions[r.id].values()
+                   if e.state == "active" and e.revert is None]
+        devices = self.store.device_states(watched) if watched else {}
         for r in live:
             execs = self.executions[r.id]
             timeout = r.spec.job_timeout_s
             for e in execs.values():
                 if e.state == "active" and e.revert is None:
-                    if devices is None:
-                        devices = self.store.device_states()
                     health = self._health(e, r, devices.get(e.device))
                     if health == "healthy":
                         e.state, e.finished_at = "succeeded", now

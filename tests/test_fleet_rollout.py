@@ -20,6 +20,7 @@ from edge.core.signing import init_keys, load_public_key
 from edge.inference.manifest import load_manifest
 from fleet.client import FleetClient
 from fleet.errors import OpError
+from fleet.simprocesses import SimulatorProcesses
 from fleet.simulator import Faults, SimSettings, Simulator, load_running
 from fleet.store import Store
 from fleet.upload import push_file
@@ -339,6 +340,37 @@ def test_a_staged_rollout_to_50_devices_completes_and_desired_meets_reported(tmp
         assert sim.devices[dropper].offline_used and sim.devices[dropper].online
         (since,) = db_rows(db, "SELECT state_since FROM devices WHERE id = ?", dropper)[0]
         assert since > status["created_at"], "it went offline and came back during the rollout"
+    finally:
+        sim.stop()
+
+
+def test_simulator_processes_share_the_devices_and_each_converges_exactly_once(tmp_path, broker, keys, fleet, client,
+                                                                              models):
+    db = tmp_path / "fleet.db"
+    settings = SimSettings(host=broker.host, port=broker.port, count=20, public_key=load_public_key(keys / "fleet.pub"),
+                           slot=SLOT, runs=load_running("yolov8n@8.1.42-a", shared_path(A)), health_window_s=0.2,
+                           pumps=1)
+    sim = SimulatorProcesses(settings, 2)
+    try:
+        sim.start()
+        registered(db, 20)
+        assert sorted(d for (d,) in db_rows(db, "SELECT id FROM devices")) == settings.device_ids()
+        rid = client.call("rollouts.start", rollout_args(target={"ids": settings.device_ids()},
+                                                          health_window_s=0.5))["id"]
+        final = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                           60, "the rollout to finish")
+        assert final["state"] == "completed" and final["counts"] == {"succeeded": 20}
+        report = sim.report()
+        assert report.devices == 20 and report.online == 20
+        assert report.running == {models["b"]["sha256"]: 20}
+        assert report.commits == {1: 20}, "every device committed the new model once, in one of the processes"
+        committed = db_rows(db, "SELECT device, COUNT(*) FROM jobs WHERE job = ? AND state = 'committed' "
+                                "GROUP BY device ORDER BY device", rid)
+        assert committed == [(d, 1) for d in settings.device_ids()]
+
+        sim.send_batches(2, 5)  # the outbox path through the workers too: every batch acked, each event once
+        wait_until(lambda: sim.report().acks >= report.acks + 40, 30, "every batch acked")
+        assert db_rows(db, "SELECT COUNT(*), COUNT(DISTINCT id) FROM events") == [(200, 200)]
     finally:
         sim.stop()
 

@@ -222,9 +222,10 @@ class Store:
         """The device registry, by id."""
         return [d.model_dump(exclude={"state_since"}) for d in self._devices()]
 
-    def _devices(self) -> list[DeviceRow]:
+    def _devices(self, ids: list[str] | None = None) -> list[DeviceRow]:
         d = S.devices
-        rows = self._rows(sa.select(*_columns(d, (*DEVICE_COLUMNS, "state_since"))).order_by(d.c.id))
+        q = sa.select(*_columns(d, (*DEVICE_COLUMNS, "state_since")))
+        rows = self._rows((q if ids is None else q.where(d.c.id.in_(ids))).order_by(d.c.id))
         return self.skipped.load("devices", rows, DeviceRow.model_validate)
 
     def clock_skew(self, device: str) -> float | None:
@@ -289,10 +290,14 @@ class Store:
         rows = self._rows(q.order_by(a.c.pushed_at, a.c.kind, a.c.name, a.c.version))
         return self.skipped.load("artifacts", rows, artifact_listing)
 
-    def device_states(self) -> dict[str, dict[str, Any]]:
-        """Every device's state, when it entered it, and its tags."""
-        return {d.id: {"state": d.state, "since": d.state_since, "site": d.site, "line": d.line}
-                for d in self._devices()}
+    def device_states(self, ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Every device's state (or only ``ids``'), when it entered it, and its tags."""
+        if ids is None:
+            found = self._devices()
+        else:
+            wanted = sorted(set(ids))  # in slices: SQLite caps the parameters of one statement
+            found = [d for i in range(0, len(wanted), 1000) for d in self._devices(wanted[i:i + 1000])]
+        return {d.id: {"state": d.state, "since": d.state_since, "site": d.site, "line": d.line} for d in found}
 
     def load(self, table: str, loader: Loader[T]) -> list[T]:
         """Every row of a rollout table (desired, reported, rollouts, executions) through
