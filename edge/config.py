@@ -313,6 +313,7 @@ class OutboxConfig(_Strict):
     batch_bytes: int = Field(default=256 * 1024, ge=MAX_EVENT_BYTES + BATCH_OVERHEAD, le=MAX_BATCH_BYTES)
     window: int = Field(default=4, gt=0, le=16, description="batches in flight awaiting the fleet's ack")
     ack_timeout_s: float = Field(default=30.0, gt=0, description="re-send a batch not acked this long")
+    resend_max_s: float = Field(default=900.0, gt=0, description="re-sends back off up to this interval")
 
 
 class SnapshotConfig(_Strict):

@@ -11,6 +11,7 @@ and outbox batches.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,9 @@ from edge.core.signing import init_keys, load_public_key
 from edge.inference.manifest import load_manifest
 
 from .client import FleetClient
-from .simulator import SimSettings, Simulator, load_running
+from .local_postgres import LocalPostgres
+from .simprocesses import SimulatorProcesses
+from .simulator import SimSettings, load_running
 from .store import Store
 from .upload import push_file
 
@@ -41,19 +44,24 @@ PREVIOUS_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-a.tflite"
 
 def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: float, max_transfers: int, pumps: int,
                       ingest_batches: int, ingest_events: int, timeout_s: float = 900.0, managers: int = 1,
-                      db: str | None = None) -> dict[str, Any]:
+                      db: str | None = None, processes: int | None = None) -> dict[str, Any]:
     model = model or DEFAULT_MODEL
     manifest_file = REPO / "models" / model.with_suffix(".yaml").name
     for path in (model, manifest_file, PREVIOUS_MODEL):
         if not path.is_file():
             raise UsageError(f"needs {path}")
     if managers < 1 or (managers > 1 and not (db or "").startswith("postgresql")):
-        raise UsageError("several managers share a PostgreSQL store: --managers N --db postgresql://...")
+        raise UsageError("several managers share a PostgreSQL store: --managers N --db postgresql[://...]")
+    processes = processes or simulator_processes(devices)
+    raise_file_limit(devices + 1000)  # the broker's sockets (it inherits the limit), the managers' and ours
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     broker = LocalMosquitto(work, extra_conf="sys_interval 1\n")  # $SYS counters every second
-    manager = sim = counters = None
+    manager = sim = counters = pg = None
     others: list[_Manager] = []
     try:
+        if db == "postgresql":  # a private cluster of its own
+            pg = LocalPostgres().start()
+            db = pg.new_database()
         broker.start()
         counters = _BrokerBytes(broker.port)
         init_keys(work / "keys")
@@ -68,23 +76,25 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
                                          version=manifest["version"], manifest=manifest)
             target = pushed[model]
             prev = pushed[PREVIOUS_MODEL]
-            sim = Simulator(SimSettings(host="127.0.0.1", port=broker.port, count=devices,
-                                        public_key=load_public_key(work / "keys" / "fleet.pub"), slot="detector",
-                                        runs=load_running(f"{prev['name']}@{prev['version']}", PREVIOUS_MODEL),
-                                        health_window_s=min(1.0, health_window_s), pumps=pumps))
+            settings = SimSettings(host="127.0.0.1", port=broker.port, count=devices,
+                                   public_key=load_public_key(work / "keys" / "fleet.pub"), slot="detector",
+                                   runs=load_running(f"{prev['name']}@{prev['version']}", PREVIOUS_MODEL),
+                                   health_window_s=min(1.0, health_window_s), pumps=pumps)
+            sim = SimulatorProcesses(settings, processes)
             t0 = time.monotonic()
             sim.start()
-            _wait(lambda: manager.online() >= devices, timeout_s, "every device in the registry")
+            _wait(lambda: manager.online() >= devices, timeout_s, "every device in the registry",
+                  every=0.2 if devices < 2000 else 1.0)  # reading 10,000 rows is not free
             statuses_s = time.monotonic() - t0
 
             sys_before = counters.bytes()
             cpu_before = manager.cpu_s()
             broker_cpu_before = cpu_s(broker.pid)
-            sim_cpu_before = cpu_s(None)
+            sim_cpu_before = sim.cpu_s()
             t0 = time.monotonic()
             status = client.call("rollouts.start", {
                 "kind": "model", "name": target["name"], "version": target["version"], "slot": "detector",
-                "target": {"ids": sorted(sim.devices)}, "canary": max(1, devices // 100), "waves": [10, 50, 100],
+                "target": {"ids": settings.device_ids()}, "canary": max(1, devices // 100), "waves": [10, 50, 100],
                 "health_window_s": health_window_s, "abort_failure_pct": 20, "min_executed": 3})
             rid = status["id"]
             final = _wait(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
@@ -92,16 +102,16 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             rollout_s = time.monotonic() - t0
             cpu_rollout = manager.cpu_s() - cpu_before
             broker_cpu = cpu_s(broker.pid) - broker_cpu_before
-            sim_cpu = cpu_s(None) - sim_cpu_before
+            sim_cpu = sim.cpu_s() - sim_cpu_before
             time.sleep(1.5)  # one more $SYS period
             sys_after = counters.bytes()
-            converged = sum(1 for d in sim.devices if sim.running(d) == target["sha256"])
+            report = sim.report()
+            converged = report.running[target["sha256"]]
 
-            acks_before = sum(d.acks for d in sim.devices.values())
             t0 = time.monotonic()
             sim.send_batches(ingest_batches, ingest_events)
-            expected = acks_before + devices * ingest_batches
-            _wait(lambda: sum(d.acks for d in sim.devices.values()) >= expected, timeout_s, "every batch acked")
+            expected = report.acks + devices * ingest_batches
+            _wait(lambda: sim.report().acks >= expected, timeout_s, "every batch acked")
             ingest_s = time.monotonic() - t0
             stats = client.call("stats")
         events = devices * ingest_batches * ingest_events
@@ -114,6 +124,7 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             "reason": final["reason"],
             "rollout_s": round(rollout_s, 1),
             "converged": converged,
+            "committed_once": report.commits[1],
             "broker_bytes_received": sys_after[0] - sys_before[0],
             "broker_bytes_sent": sys_after[1] - sys_before[1],
             "artifact_bytes_served": stats["chunk_bytes"],
@@ -123,6 +134,7 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             "store": "postgresql" if manager.db.startswith("postgresql") else "sqlite",
             "broker_cpu_s_rollout": round(broker_cpu, 1),
             "simulator_cpu_s_rollout": round(sim_cpu, 1),
+            "simulator_processes": processes,
             "status_ingest_per_s": round(devices / statuses_s, 1),
             "outbox_batches": devices * ingest_batches,
             "outbox_events_per_s": round(events / ingest_s),
@@ -140,10 +152,29 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
         if counters is not None:
             counters.stop()
         broker.stop()
+        if pg is not None:
+            pg.remove()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+def simulator_processes(devices: int) -> int:
+    """A simulator process per 2,500 devices, at most two per core."""
+    return max(1, min(-(-devices // 2500), 2 * (os.cpu_count() or 1)))
+
+
+def raise_file_limit(needed: int) -> None:
+    """Raise this process's open-file limit (inherited by the broker it starts) to the hard
+    limit, or say how when even that is too low for ``needed`` sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise UsageError(f"{needed} open files needed (a socket per device at the broker), the hard limit is "
+                         f"{hard}: raise it (ulimit -Hn, or LimitNOFILE= under systemd) and run again")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else needed, hard))
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -151,7 +182,7 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         if time.monotonic() > deadline:
             raise EdgeError(f"benchmark timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 class _BrokerBytes:

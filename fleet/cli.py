@@ -403,9 +403,9 @@ def _cmd_devices_list(args: argparse.Namespace) -> int:
     if not devices:
         print("no devices yet")
         return 0
-    header = ("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "MODELS")
+    header = ("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "CLOCK", "MODELS")
     rows = [(d["id"], d["state"] or "unknown", d["site"] or "-", d["line"] or "-", d["runtime"] or "-",
-             _when(d["last_seen"]), str(d["events"]),
+             _when(d["last_seen"]), str(d["events"]), operate.skew_text(d.get("clock_skew_s")),
              ",".join(f"{k}={v}" for k, v in sorted(d["models"].items())) or "-") for d in devices]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):

@@ -144,7 +144,7 @@ class Control:
         if identity is not None:
             return self._rpc(client, identity, message, now)
         if topic == t.artifact_get():
-            return self._chunk_request(client, message.payload, now)
+            return self._chunk_request(client, message.payload, time.monotonic())
         device = t.device_of(topic)
         if device is None:
             return self._reject("schema", topic, "not a device topic")
@@ -157,18 +157,18 @@ class Control:
     def work(self, client: mqtt.Client) -> float:
         if self.lost.is_set():
             return 1.0
-        now = time.time()
-        if now >= self._next_tick:
-            self._next_tick = now + TICK_S
+        now, mono = time.time(), time.monotonic()  # wall time for what is stored, monotonic for pacing
+        if mono >= self._next_tick:
+            self._next_tick = mono + TICK_S
             self.engine.tick(now)
-        if now >= self._next_flush:
-            self._next_flush = now + FLUSH_S
+        if mono >= self._next_flush:
+            self._next_flush = mono + FLUSH_S
             try:
                 self.engine.judge(self.store.pending_jobs(), now)
             except DatabaseError as exc:
                 log.warning("cannot read job statuses; retrying", extra=fields(error=_first_line(exc)))
             self._flush(client)
-        more = self.transfers.pump(client, now)
+        more = self.transfers.pump(client, mono)
         return 0.0 if more else min(FLUSH_S, TICK_S)
 
     def on_stop(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:

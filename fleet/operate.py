@@ -77,8 +77,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
             p.add_argument("--device", help="only this device")
         p.set_defaults(func=cmd_rollout, action=action)
 
-    sim = sub.add_parser("simulate", parents=[common, rpc], help="run N simulated devices in this process")
+    sim = sub.add_parser("simulate", parents=[common, rpc], help="run N simulated devices")
     sim.add_argument("--devices", type=int, required=True, help="how many devices")
+    sim.add_argument("--processes", type=int, default=1, help="worker processes sharing the devices (default 1)")
     sim.add_argument("--public-key", type=Path, required=True, help="the key the devices pin (fleet.pub)")
     sim.add_argument("--slot", default="detector", help="the model slot the devices run")
     sim.add_argument("--runs", metavar="NAME@VERSION", help="what the devices run at start (with --runs-file)")
@@ -100,12 +101,16 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     b.add_argument("--model", type=Path, help="the model to roll out (default ../shared/models/yolov8n_full_integer_quant-b.tflite)")
     b.add_argument("--health-window", default="2s", help="the rollout's health window")
     b.add_argument("--max-transfers", type=int, default=64, help="the manager's --max-transfers")
-    b.add_argument("--pumps", type=int, default=2, help="simulator threads")
+    b.add_argument("--pumps", type=int, default=2, help="threads per simulator process")
+    b.add_argument("--processes", type=int, help="simulator processes (default one per 2,500 devices, "
+                                                 "at most two per core)")
     b.add_argument("--ingest-batches", type=int, default=5, help="outbox batches per device in the ingest phase")
     b.add_argument("--ingest-events", type=int, default=20, help="events per batch")
     b.add_argument("--managers", type=int, default=1, help="`fleet serve` processes sharing the store (default 1)")
     b.add_argument("--db", help="the store they share (default a SQLite file in the run's temp dir; "
-                                "several managers need postgresql://...)")
+                                "several managers need postgresql://..., or `postgresql`: a private "
+                                "cluster made for the run)")
+    b.add_argument("--timeout", default="15m", help="how long each phase may take before the run gives up")
     b.add_argument("--json", action="store_true", help="the results as one JSON document")
     b.set_defaults(func=cmd_bench_rollout)
     c = b_sub.add_parser("console", parents=[common], help="the console's page and API response times on a big store")
@@ -361,6 +366,16 @@ def _watch(client: FleetClient, args: argparse.Namespace) -> int:
     return 0 if status.get("state") == "completed" else 1
 
 
+SKEW_FLAG_S = 2.0  # a device clock further off than this is flagged: its event times are suspect
+
+
+def skew_text(skew: float | None) -> str:
+    """A device's clock skew for a table: ``+0.1s``, or ``+3600.0s SKEWED`` past the threshold."""
+    if skew is None:
+        return "-"
+    return f"{skew:+.1f}s" + (" SKEWED" if abs(skew) > SKEW_FLAG_S else "")
+
+
 def cmd_devices_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         view = client.call("devices.show", {"id": args.device})
@@ -368,7 +383,8 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=2))
         return 0
     desired, reported = view["desired"], view["reported"]
-    print(f"device {view['device']}")
+    print(f"device {view['device']}" + (f"  clock {skew_text(view['clock_skew_s'])}"
+                                        if view.get("clock_skew_s") is not None else ""))
     if desired:
         print(f"  desired v{desired['version']}: " + ", ".join(
             f"{slot}={a['artifact']['name']}@{a['artifact']['version']} (job {a['job']})"
@@ -391,10 +407,13 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edge.core.signing import KeyFileError, load_public_key
 
-    from .simulator import Faults, SimSettings, Simulator, load_running, pick
+    from .simprocesses import SimulatorProcesses
+    from .simulator import Faults, SimSettings, load_running, pick
 
     if args.devices < 1:
         raise UsageError("--devices must be at least 1")
+    if not 1 <= args.processes <= args.devices:
+        raise UsageError("--processes must be between 1 and --devices")
     if bool(args.runs) != bool(args.runs_file):
         raise UsageError("--runs and --runs-file go together")
     try:
@@ -407,25 +426,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     unhealthy=pick(ids, args.unhealthy, seed=args.seed + 1),
                     offline_mid_download=pick(ids, args.offline_mid_download, seed=args.seed + 2),
                     offline_for_s=duration(args.offline_for))
-    sim = Simulator(SimSettings(host=host, port=port, count=args.devices, public_key=key, prefix=args.prefix,
-                                id_prefix=args.id_prefix, slot=args.slot,
-                                runs=load_running(args.runs, args.runs_file) if args.runs else None,
-                                health_window_s=duration(args.health_window), faults=faults))
+    settings = SimSettings(host=host, port=port, count=args.devices, public_key=key, prefix=args.prefix,
+                           id_prefix=args.id_prefix, slot=args.slot,
+                           runs=load_running(args.runs, args.runs_file) if args.runs else None,
+                           health_window_s=duration(args.health_window), faults=faults)
     _reachable(host, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sim.start()
-    print(json.dumps({"devices": args.devices, "fail_verify": sorted(faults.fail_verify),
-                      "unhealthy": sorted(faults.unhealthy),
-                      "offline_mid_download": sorted(faults.offline_mid_download)}), flush=True)
-    while not stop.wait(5.0):
-        states: dict[str, int] = {}
-        for d in sim.devices.values():
-            for state in d.jobs.values():
-                states[state] = states.get(state, 0) + 1
-        print(json.dumps({"online": sim.online(), "jobs": states}), flush=True)
-    sim.stop()
+    sim = SimulatorProcesses(settings, args.processes)
+    try:
+        sim.start()
+        print(json.dumps({"devices": args.devices, "processes": args.processes,
+                          "fail_verify": sorted(faults.fail_verify), "unhealthy": sorted(faults.unhealthy),
+                          "offline_mid_download": sorted(faults.offline_mid_download)}), flush=True)
+        while not stop.wait(5.0):
+            report = sim.report()
+            print(json.dumps({"online": report.online, "jobs": dict(report.jobs)}), flush=True)
+    finally:
+        sim.stop()
     return 0
 
 
@@ -453,7 +472,8 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
     result = run_rollout_bench(devices=args.devices, model=args.model, health_window_s=duration(args.health_window),
                                max_transfers=args.max_transfers, pumps=args.pumps,
                                ingest_batches=args.ingest_batches, ingest_events=args.ingest_events,
-                               managers=args.managers, db=args.db)
+                               managers=args.managers, db=args.db, processes=args.processes,
+                               timeout_s=duration(args.timeout))
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0 if result.get("state") == "completed" else 1
 

@@ -24,6 +24,7 @@ import queue
 import selectors
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +130,7 @@ class SimDevice:
         self.offline_used = False
         self.away_for: float | None = None
         self.acks = 0
+        self.commits = 0
         self.batches_sent = 0
         self.client: mqtt.Client | None = None
         self.next_connect = 0.0
@@ -187,6 +189,8 @@ class SimDevice:
                       line=self.line, models={slot: r.version for slot, r in self.running.items()})
 
     def _publish_reported(self) -> None:
+        if self.client is None:  # offline: the reconnect publishes it
+            return
         rep = Reported(v=1, device=self.id, at=time.time(), desired_version=self.acted_version or None,
                        models=dict(self.running), previous=dict(self.previous), policy=self.policy,
                        last_change=self.last_change)
@@ -337,6 +341,7 @@ class SimDevice:
             self.last_change = Change(slot=j.slot, at=time.time(), reason=reason, job=j.assignment.job)
             self._job(j.assignment.job, j.slot, art.sha256, "rolled_back", reason=reason)
         else:
+            self.commits += 1
             self._job(j.assignment.job, j.slot, art.sha256, "committed")
         self.job = None
         if self.client is not None:
@@ -446,7 +451,10 @@ class Pump(threading.Thread):
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _, _, d, fn = heapq.heappop(self._timers)
-                fn()
+                try:
+                    fn()
+                except Exception:  # one device's bug must not stop every device on this pump
+                    log.exception("simulated device step failed", extra={"fields": {"device": d.id}})
             if now >= next_misc:
                 next_misc = now + MISC_EVERY_S
                 for d in self.devices:
@@ -468,15 +476,38 @@ def _sleep(timeout: float) -> list:
     return []
 
 
-class Simulator:
-    """N simulated devices on a few pumps; start, inspect, inject faults, stop."""
+@dataclass
+class SimReport:
+    """What a simulator's devices have done, summed (several processes' reports add up)."""
 
-    def __init__(self, settings: SimSettings) -> None:
+    devices: int = 0
+    online: int = 0
+    acks: int = 0
+    running: Counter[str] = field(default_factory=Counter)  # sha256 in the slot → devices
+    commits: Counter[int] = field(default_factory=Counter)  # jobs committed → devices that did that many
+    jobs: Counter[str] = field(default_factory=Counter)  # each job's last state → jobs
+
+    def __add__(self, other: "SimReport") -> "SimReport":
+        return SimReport(self.devices + other.devices, self.online + other.online, self.acks + other.acks,
+                         self.running + other.running, self.commits + other.commits, self.jobs + other.jobs)
+
+
+class Simulator:
+    """N simulated devices on a few pumps; start, inspect, inject faults, stop.
+
+    ``share=(k, n)``: only every n-th device from the k-th, so that n simulators (in n
+    processes) together run the ``settings.count`` devices, each with the id, site and
+    line it has in one."""
+
+    def __init__(self, settings: SimSettings, share: tuple[int, int] = (0, 1)) -> None:
         self.settings = settings
         self.pumps = [Pump(f"sim-pump-{i}") for i in range(max(1, settings.pumps))]
         self.devices: dict[str, SimDevice] = {}
-        for i, device_id in enumerate(settings.device_ids()):
-            pump = self.pumps[i % len(self.pumps)]
+        first, step = share
+        ids = settings.device_ids()
+        for i in range(first, settings.count, step):
+            device_id = ids[i]
+            pump = self.pumps[(i // step) % len(self.pumps)]
             site = f"plant-{chr(ord('a') + i % settings.sites)}"
             line = str(1 + (i // settings.sites) % settings.lines)
             d = SimDevice(device_id, site, line, settings, pump)
@@ -503,6 +534,19 @@ class Simulator:
     def send_batches(self, batches: int, events: int) -> None:
         for d in self.devices.values():
             d.pump.call(lambda d=d: d.send_batches(batches, events))
+
+    def report(self) -> SimReport:
+        """What the devices have done so far (read beside the running pumps: a moment's picture)."""
+        r = SimReport(devices=len(self.devices))
+        for device_id, d in list(self.devices.items()):
+            r.online += d.online
+            r.acks += d.acks
+            r.commits[d.commits] += 1
+            r.jobs.update(list(d.jobs.values()))
+            sha = self.running(device_id)
+            if sha:
+                r.running[sha] += 1
+        return r
 
     def running(self, device_id: str, slot: str | None = None) -> str | None:
         """The sha256 a device runs in ``slot`` (default: the simulator's slot)."""

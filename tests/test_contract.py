@@ -149,3 +149,12 @@ def test_edge_bench_decode_reports_the_strict_decoder_against_plain_pydantic(cap
     report = json.loads(capsys.readouterr().out)
     assert report["events"] == 20 and report["strict_vs_plain"] > 0 and report["strict_walked_vs_plain"] > 0
     assert main(["bench", "decode", "--events", "5000"]) == 2
+
+
+def test_an_ack_with_nothing_refused_is_the_shape_every_device_reads():
+    # devices older than refusals forbid unknown keys: an ordinary ack must not carry one
+    batch_id = new_id()
+    plain = json.loads(C.encode(C.Ack(v=1, device="cam-1", batches=[batch_id])))
+    assert plain == {"v": 1, "device": "cam-1", "batches": [batch_id]}
+    refusal = C.encode(C.Ack(v=1, device="cam-1", refused=[C.Refusal(batch=batch_id, reason="bad_json")]))
+    assert C.decode_ack(refusal, device="cam-1").refused[0].batch == batch_id

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from broker import REPO, FleetProcess, wait_until
+from broker import REPO, FleetProcess, stepped_clock, wait_until
 from conftest import db_rows, manifest_for, shared_path
 
 from edge.core import contract
@@ -19,6 +20,7 @@ from edge.core.signing import init_keys, load_public_key
 from edge.inference.manifest import load_manifest
 from fleet.client import FleetClient
 from fleet.errors import OpError
+from fleet.simprocesses import SimulatorProcesses
 from fleet.simulator import Faults, SimSettings, Simulator, load_running
 from fleet.store import Store
 from fleet.upload import push_file
@@ -46,9 +48,9 @@ def fleet(tmp_path, broker, keys):
     proc.stop()
 
 
-def start_fleet(tmp_path: Path, broker, keys: Path) -> FleetProcess:
+def start_fleet(tmp_path: Path, broker, keys: Path, env: dict[str, str] | None = None) -> FleetProcess:
     proc = FleetProcess(tmp_path / "fleet.db", broker, "--keys", str(keys), "--operator", "operator",
-                        "--operator", "alice", "--max-transfers", str(MAX_TRANSFERS))
+                        "--operator", "alice", "--max-transfers", str(MAX_TRANSFERS), env=env)
     proc.wait_for("control subscribed")
     proc.wait_for("ingest subscribed")
     return proc
@@ -342,6 +344,37 @@ def test_a_staged_rollout_to_50_devices_completes_and_desired_meets_reported(tmp
         sim.stop()
 
 
+def test_simulator_processes_share_the_devices_and_each_converges_exactly_once(tmp_path, broker, keys, fleet, client,
+                                                                              models):
+    db = tmp_path / "fleet.db"
+    settings = SimSettings(host=broker.host, port=broker.port, count=20, public_key=load_public_key(keys / "fleet.pub"),
+                           slot=SLOT, runs=load_running("yolov8n@8.1.42-a", shared_path(A)), health_window_s=0.2,
+                           pumps=1)
+    sim = SimulatorProcesses(settings, 2)
+    try:
+        sim.start()
+        registered(db, 20)
+        assert sorted(d for (d,) in db_rows(db, "SELECT id FROM devices")) == settings.device_ids()
+        rid = client.call("rollouts.start", rollout_args(target={"ids": settings.device_ids()},
+                                                          health_window_s=0.5))["id"]
+        final = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                           60, "the rollout to finish")
+        assert final["state"] == "completed" and final["counts"] == {"succeeded": 20}
+        report = sim.report()
+        assert report.devices == 20 and report.online == 20
+        assert report.running == {models["b"]["sha256"]: 20}
+        assert report.commits == {1: 20}, "every device committed the new model once, in one of the processes"
+        committed = db_rows(db, "SELECT device, COUNT(*) FROM jobs WHERE job = ? AND state = 'committed' "
+                                "GROUP BY device ORDER BY device", rid)
+        assert committed == [(d, 1) for d in settings.device_ids()]
+
+        sim.send_batches(2, 5)  # the outbox path through the workers too: every batch acked, each event once
+        wait_until(lambda: sim.report().acks >= report.acks + 40, 30, "every batch acked")
+        assert db_rows(db, "SELECT COUNT(*), COUNT(DISTINCT id) FROM events") == [(200, 200)]
+    finally:
+        sim.stop()
+
+
 def test_failures_abort_after_the_minimum_and_every_updated_device_goes_back(tmp_path, broker, keys, fleet, client,
                                                                             models):
     db = tmp_path / "fleet.db"
@@ -611,3 +644,66 @@ def test_the_lease_holder_killed_mid_rollout_twice_and_another_manager_finishes_
             sim.stop()
         for m in managers:
             m.stop()
+
+
+def test_the_managers_clock_stepped_an_hour_forward_and_back_health_windows_keep_their_length(tmp_path, broker, keys):
+    """Wall time for what is stored, the monotonic clock for every interval: a step of the
+    manager's clock neither passes a health window at once nor stalls the rollout."""
+    clock = tmp_path / "clock-offset"
+    fleet = start_fleet(tmp_path, broker, keys, env=stepped_clock(clock))
+    db = tmp_path / "fleet.db"
+    sim = simulate(broker, keys, 3)
+    try:
+        with FleetClient(broker.host, broker.port, identity="operator", timeout=20) as client:
+            push_model(client, B)
+            registered(db, 3)
+            status = client.call("rollouts.start", rollout_args(
+                target={"ids": sorted(sim.devices)}, canary=1, waves=[100], health_window_s=2.0, min_executed=1))
+            rid = status["id"]
+            wait_until(lambda: db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND stage = 0", rid)
+                       == [("active",)], 30, "the canary active")
+            clock.write_text("3600")  # an hour forward: the window must not pass at the next tick
+            time.sleep(1.0)
+            assert db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND stage = 0", rid) == [("active",)]
+            clock.write_text("-3600")  # two hours back: ticks and desired states must go on
+            done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                              30, "the rollout to finish after the clock went back")
+            assert done["state"] == "completed" and done["counts"] == {"succeeded": 3}, done
+    finally:
+        sim.stop()
+        fleet.stop()
+
+
+def test_a_device_whose_link_flaps_faster_than_the_health_window_fails_and_the_stage_ends(tmp_path, broker, keys,
+                                                                                           client):
+    db = tmp_path / "fleet.db"
+    push_model(client, B)
+    sim = simulate(broker, keys, 3)
+    flapper = "sim-0002"
+    stop = threading.Event()
+
+    def flap() -> None:  # back online every second: each return restarts a 3 s health window
+        while not stop.is_set():
+            sim.set_online(flapper, False)
+            stop.wait(0.4)
+            sim.set_online(flapper, True)
+            stop.wait(0.6)
+
+    try:
+        registered(db, 3)
+        status = client.call("rollouts.start", rollout_args(
+            target={"ids": sorted(sim.devices)}, canary=0, waves=[100], health_window_s=3.0, min_executed=3,
+            abort_failure_pct=50))
+        rid = status["id"]
+        wait_until(lambda: db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND device = ?", rid, flapper)
+                   == [("active",)], 30, "the flapping device active")
+        flapping = threading.Thread(target=flap, daemon=True)
+        flapping.start()
+        done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                          40, "the stage to end despite the flapping device")
+        assert done["state"] == "completed" and done["counts"] == {"succeeded": 2, "failed": 1}, done
+        assert done["failures"][0]["device"] == flapper
+        assert done["failures"][0]["reason"].startswith("flapping: back online 5 times"), done["failures"]
+    finally:
+        stop.set()
+        sim.stop()

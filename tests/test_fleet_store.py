@@ -19,6 +19,7 @@ from edge.core.contract import OutboxBatch, Status, WireEvent
 from edge.core.ids import new_id
 from fleet.cli import main as fleet_main
 from fleet.store import SchemaTooNew, Store, StoreError
+from fleet.store import schema as S
 from fleet.store.engine import head
 from fleet.store.lease import Lease
 
@@ -166,3 +167,21 @@ def test_one_lease_holder_at_a_time_and_a_fenced_commit_after_a_takeover(fleet_d
 def test_readers_refuse_what_is_not_a_fleet_store(tmp_path, postgres):
     with pytest.raises(StoreError, match="no schema"):
         Store.open_readonly(postgres.new_database())
+
+
+def test_device_states_of_some_ids_reads_those_only_in_slices(tmp_path):
+    store = Store.open(tmp_path / "fleet.db")
+    try:
+        ids = [f"cam-{i:05d}" for i in range(2500)]
+        now = time.time()
+        with store.engine.begin() as c:  # one transaction: set_status would commit (and sync) 2,500 times
+            c.execute(sa.insert(S.devices), [{"id": d, "state": "online" if i % 2 else "offline", "site": "plant-a",
+                                              "line": "1", "first_seen": now, "last_seen": now, "state_since": now}
+                                             for i, d in enumerate(ids)])
+        wanted = ids[::2][:1200] + ids[1::2][:300] + ["cam-unknown"]  # more ids than one slice holds
+        states = store.device_states(wanted)
+        assert sorted(states) == sorted(wanted[:-1])
+        assert sum(s["state"] == "online" for s in states.values()) == 300
+        assert len(store.device_states()) == 2500
+    finally:
+        store.close()

@@ -88,6 +88,10 @@ class LineComms:
     def connected(self) -> bool:
         return self._link.connected
 
+    @property
+    def failed(self) -> bool:
+        return self._link.failed
+
     def cpu_seconds(self) -> float | None:
         """CPU time the comms thread has used (what the line's second view costs)."""
         return self._link.cpu_seconds()

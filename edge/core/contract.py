@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic_core import from_json
@@ -233,6 +234,9 @@ class _Body(BaseModel):
     # strict: a string is not a number, unknown keys are errors; and a body with NaN or
     # Infinity cannot even be built, so neither side can send one
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    # fields added after a body first shipped: left off the wire while empty, so a reader
+    # that predates them (and refuses unknown keys) still reads every body that has no use for them
+    WIRE_OPTIONAL: ClassVar[tuple[str, ...]] = ()
 
 
 class WireEvent(_Body):
@@ -259,12 +263,28 @@ class OutboxBatch(_Body):
     events: list[WireEvent] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
 
 
+class Refusal(_Body):
+    """A batch the fleet will never store, and why (the reason its ingest counts it under)."""
+
+    batch: Ulid
+    reason: str = Field(min_length=1, max_length=64)
+
+
 class Ack(_Body):
-    """``{p}/dev/{id}/ack``: batch ids whose events the fleet has committed."""
+    """``{p}/dev/{id}/ack``: batch ids whose events the fleet has committed, and batches it
+    refuses (the device stops re-sending those and keeps their rows, parked)."""
 
     v: Version
     device: str = Field(pattern=ID_PATTERN)
-    batches: list[Ulid] = Field(min_length=1, max_length=MAX_ACK_BATCHES)
+    batches: list[Ulid] = Field(default_factory=list, max_length=MAX_ACK_BATCHES)
+    refused: list[Refusal] = Field(default_factory=list, max_length=MAX_ACK_BATCHES)
+    WIRE_OPTIONAL = ("refused",)
+
+    @model_validator(mode="after")
+    def _names_a_batch(self) -> "Ack":
+        if not self.batches and not self.refused:
+            raise ValueError("an ack names at least one batch")
+        return self
 
 
 class Status(_Body):
@@ -587,7 +607,8 @@ def canonical(doc: Any) -> bytes:
 
 def encode(body: _Body) -> bytes:
     """A body as compact JSON bytes."""
-    return body.model_dump_json().encode()
+    empty = {name for name in body.WIRE_OPTIONAL if not getattr(body, name)}
+    return body.model_dump_json(exclude=empty or None).encode()
 
 
 def event_json(
@@ -634,6 +655,19 @@ def decode_batch(data: bytes, *, device: str) -> OutboxBatch:
         if event.device != device:
             raise ContractError("wrong_device", f"events[{i}].device is {event.device!r}, not {device!r}")
     return batch
+
+
+def batch_id_of(data: bytes) -> str | None:
+    """The batch id of a body that may break the contract, if it names one plainly (so the
+    fleet can tell the device which batch it refuses); None when it does not."""
+    if len(data) > MAX_BATCH_BYTES:
+        return None
+    try:
+        body = from_json(data)
+    except ValueError:
+        return None
+    batch = body.get("batch") if isinstance(body, dict) else None
+    return batch if isinstance(batch, str) and re.fullmatch(ULID_PATTERN, batch) else None
 
 
 def decode_ack(data: bytes, *, device: str) -> Ack:

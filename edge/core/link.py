@@ -173,6 +173,11 @@ class Link:
     def connected(self) -> bool:
         return self.counters.connected
 
+    @property
+    def failed(self) -> bool:
+        """The thread ended without being asked to (a bug): its owner must notice."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def cpu_seconds(self) -> float | None:
         """CPU time the link's thread has used so far (Linux; None elsewhere or when not running)."""
         tid = self._thread.native_id

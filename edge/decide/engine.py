@@ -169,6 +169,7 @@ class _Camera:
     tracker: Tracker
     rules: list[_RuleState]
     blind_since: float | None = None
+    blind_mono: float = 0.0
     blind_alerted: bool = False
     watches: dict[str, _Watch] = field(default_factory=dict)  # camera_tamper, image_quality, model_drift/{task}
     last_unsure_event: float = float("-inf")
@@ -194,6 +195,12 @@ class FrameInfo:
     model: str
     model_version: str | None
     image: np.ndarray | None = None  # kept only for snapshots
+    captured_mono: float | None = None  # monotonic capture time; None: captured_at serves for both
+
+    @property
+    def mono(self) -> float:
+        """The capture time every interval (cooldown, tracker ageing) is measured on."""
+        return self.captured_at if self.captured_mono is None else self.captured_mono
 
 
 class DecisionEngine:
@@ -210,8 +217,11 @@ class DecisionEngine:
         snapshots: SnapshotSink | None = None,
         model_version: Callable[[str, str], str | None] = lambda camera, task: None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` stamps what is published; ``monotonic`` times how long (camera health)."""
         self.device = device
+        self._monotonic = monotonic
         self._alert_topic = topics
         self._alerts = alerts
         self._audit = audit
@@ -243,12 +253,14 @@ class DecisionEngine:
             cameras: dict[str, _Camera] = {}
             for camera_id, old in (self._current.cameras if self._current else {}).items():
                 cam = self._new_camera(policy, camera_id)
-                if old.tracker.settings == cam.tracker.settings:
+                same_tracker = old.tracker.settings == cam.tracker.settings
+                if same_tracker:
                     cam.tracker = old.tracker
                 kept = {s.rule.name: s for s in old.rules}
-                cam.rules = [kept[s.rule.name] if s.rule.name in kept and kept[s.rule.name].rule == s.rule else s
-                             for s in cam.rules]
+                cam.rules = [self._kept(kept[s.rule.name], same_tracker)
+                             if s.rule.name in kept and kept[s.rule.name].rule == s.rule else s for s in cam.rules]
                 cam.blind_since, cam.blind_alerted, cam.outcomes = old.blind_since, old.blind_alerted, old.outcomes
+                cam.blind_mono = old.blind_mono
                 cam.watches = old.watches
                 cameras[camera_id] = cam
             self._current = _Current(policy, cameras)  # one assignment, read once per frame
@@ -261,6 +273,15 @@ class DecisionEngine:
         if dropped:
             log.warning("rule controls dropped: the new policy has no such rules",
                         extra=fields(rules=dropped, policy=policy.version))
+
+    @staticmethod
+    def _kept(state: _RuleState, same_tracker: bool) -> _RuleState:
+        """A rule's state carried into a new policy; a new tracker numbers its objects
+        afresh, so the per-object state of the old ids must not follow (a recycled id would
+        inherit another object's side of a line)."""
+        if same_tracker:
+            return state
+        return replace(state, objects={})
 
     def _new_camera(self, policy: Policy, camera: str) -> _Camera:
         t = policy.tracker
@@ -284,7 +305,8 @@ class DecisionEngine:
             return
         h, w = result.frame.image.shape[:2]
         frame = FrameInfo(result.frame.camera, result.frame.captured_at, w, h, result.model,
-                          self._model_version(result.frame.camera, result.task), result.frame.image)
+                          self._model_version(result.frame.camera, result.task), result.frame.image,
+                          result.frame.captured_mono)
         self.observe(frame, result.prediction)
 
     def observe(self, frame: FrameInfo, prediction: Prediction) -> list[Alert]:
@@ -301,7 +323,7 @@ class DecisionEngine:
         if any(o.outcome == "unsure" for o in observations):
             self._unsure(policy, cam, frame, observations)
         # "accept" is below a class's accept_at: noise, not an object worth an id
-        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.captured_at)
+        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.mono)
         raised: list[Alert] = []
         controls = self._controls
         for i, state in enumerate(cam.rules):
@@ -373,10 +395,10 @@ class DecisionEngine:
         best = max(matching, key=lambda o: o.score, default=None)
         alerts: list[Alert] = []
         if rule.when.event == "every":
-            if state.level.state and self._cool(state, frame.captured_at):
+            if state.level.state and self._cool(state, frame.mono):
                 alerts.append(self._raise(policy, state, frame, "every", best, count=len(matching)))
         elif flipped and state.level.state:
-            if self._cool(state, frame.captured_at):
+            if self._cool(state, frame.mono):
                 alert = self._raise(policy, state, frame, "present", best, count=len(matching), on=True)
                 state.level_alert = alert.id
                 alerts.append(alert)
@@ -434,10 +456,10 @@ class DecisionEngine:
 
     def _object_alert(self, policy: Policy, state: _RuleState, obj: _ObjectState, frame: FrameInfo, event: str,
                       track: Track, **extra: Any) -> Alert | None:
-        if frame.captured_at - obj.last_alert < state.rule.cooldown_s:
+        if frame.mono - obj.last_alert < state.rule.cooldown_s:
             self._count("cooldown_suppressed")
             return None
-        obj.last_alert = frame.captured_at
+        obj.last_alert = frame.mono
         return self._raise(policy, state, frame, event, track, **extra)
 
     def _cool(self, state: _RuleState, t: float) -> bool:
@@ -515,9 +537,9 @@ class DecisionEngine:
                                               since=since, alert=alert, policy_version=policy.version), None)
 
     def _unsure(self, policy: Policy, cam: _Camera, frame: FrameInfo, observations: list[Observation]) -> None:
-        if self._audit is None or frame.captured_at - cam.last_unsure_event < UNSURE_EVENT_INTERVAL_S:
+        if self._audit is None or frame.mono - cam.last_unsure_event < UNSURE_EVENT_INTERVAL_S:
             return
-        cam.last_unsure_event = frame.captured_at
+        cam.last_unsure_event = frame.mono
         unsure = max((o for o in observations if o.outcome == "unsure"), key=lambda o: o.score)
         unsure_count = sum(o.outcome == "unsure" for o in observations)
         audit = self._audit
@@ -549,19 +571,20 @@ class DecisionEngine:
             return []
         policy = current.policy
         spec = policy.camera_health
+        mono = self._monotonic() if now is None else now  # how long: monotonic; since when: wall
         now = self._clock() if now is None else now
         alerts = []
         for camera, state in states.items():
             cam = self._camera(current, camera)
             blind = state in spec.states
             if blind and cam.blind_since is None:
-                cam.blind_since = now
+                cam.blind_since, cam.blind_mono = now, mono
             elif not blind:
                 if cam.blind_alerted:
                     alerts.append(self._device_alert(policy, camera, "camera_health", False, now, spec.expiry_s,
                                                       event="camera_restored", detail=state))
                 cam.blind_since, cam.blind_alerted = None, False
-            if blind and not cam.blind_alerted and now - cam.blind_since >= spec.after_s:
+            if blind and not cam.blind_alerted and mono - cam.blind_mono >= spec.after_s:
                 cam.blind_alerted = True
                 alerts.append(self._device_alert(policy, camera, "camera_health", True, cam.blind_since, spec.expiry_s,
                                                   event="camera_blind", detail=state))

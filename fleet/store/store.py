@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -147,10 +148,14 @@ class Store:
                          "payload": payload.decode(), "batch": batch.batch, "received_at": received_at})
         events = self._insert(S.events).on_conflict_do_nothing(index_elements=["id"]).returning(S.events.c.id)
         d = S.devices
+        # the device's clock against this one: the batch was stamped as it went out, and the
+        # broker adds milliseconds (a re-sent batch is stamped again, so it measures the same)
+        skew = batch.sent_at - received_at
         device = self._insert(d).values(id=batch.device, first_seen=received_at, last_seen=received_at,
-                                         events=sa.bindparam("inserted"))
+                                         events=sa.bindparam("inserted"), clock_skew_s=skew)
         device = device.on_conflict_do_update(index_elements=["id"], set_={
-            "last_seen": device.excluded.last_seen, "events": d.c.events + device.excluded.events})
+            "last_seen": device.excluded.last_seen, "events": d.c.events + device.excluded.events,
+            "clock_skew_s": device.excluded.clock_skew_s})
         with self.engine.begin() as c:
             inserted = len(c.execute(events, rows).all())
             c.execute(device, {"inserted": inserted})
@@ -231,10 +236,17 @@ class Store:
         """The device registry, by id."""
         return [d.model_dump(exclude={"state_since"}) for d in self._devices()]
 
-    def _devices(self) -> list[DeviceRow]:
+    def _devices(self, ids: list[str] | None = None) -> list[DeviceRow]:
         d = S.devices
-        rows = self._rows(sa.select(*_columns(d, (*DEVICE_COLUMNS, "state_since"))).order_by(d.c.id))
+        q = sa.select(*_columns(d, (*DEVICE_COLUMNS, "state_since")))
+        rows = self._rows((q if ids is None else q.where(d.c.id.in_(ids))).order_by(d.c.id))
         return self.skipped.load("devices", rows, DeviceRow.model_validate)
+
+    def clock_skew(self, device: str) -> float | None:
+        """The device's clock minus the manager's at its last batch, if known (and a number)."""
+        rows = self._rows(sa.select(S.devices.c.clock_skew_s).where(S.devices.c.id == device))
+        skew = rows[0]["clock_skew_s"] if rows else None
+        return skew if isinstance(skew, (int, float)) and math.isfinite(skew) else None
 
     def _rows(self, query: sa.Select, conn: Connection | None = None) -> list[dict[str, Any]]:
         """Rows as column → value."""
@@ -292,10 +304,14 @@ class Store:
         rows = self._rows(q.order_by(a.c.pushed_at, a.c.kind, a.c.name, a.c.version))
         return self.skipped.load("artifacts", rows, artifact_listing)
 
-    def device_states(self) -> dict[str, dict[str, Any]]:
-        """Every device's state, when it entered it, and its tags."""
-        return {d.id: {"state": d.state, "since": d.state_since, "site": d.site, "line": d.line}
-                for d in self._devices()}
+    def device_states(self, ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Every device's state (or only ``ids``'), when it entered it, and its tags."""
+        if ids is None:
+            found = self._devices()
+        else:
+            wanted = sorted(set(ids))  # in slices: SQLite caps the parameters of one statement
+            found = [d for i in range(0, len(wanted), 1000) for d in self._devices(wanted[i:i + 1000])]
+        return {d.id: {"state": d.state, "since": d.state_since, "site": d.site, "line": d.line} for d in found}
 
     def load(self, table: str, loader: Loader[T]) -> list[T]:
         """Every row of a rollout table (desired, reported, rollouts, executions) through

@@ -3,13 +3,13 @@ figures, its health series) and one kind's events in a time range (alerts in the
 hour) each read as a range of an index, not a scan of every event of that kind; the
 devices counted by site, line and condition off an index that holds all four.
 
-Revision ID: 0004
+Revision ID: 0005
 """
 
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 
 
 def upgrade() -> None:
