@@ -145,7 +145,8 @@ class Daemon:
         self.health = self._health_watch()
         # decisions first: an alert must not wait for the results file or the outbox
         self.scheduler = Scheduler(self.cameras, self.executors,
-                                   fan_out([self.decisions, sink, self.recorder, self.health, self.observer]))
+                                   fan_out([self.decisions, sink, self.recorder, self.health, self.observer]),
+                                   overlap=sched.overlap)
         if self.health is not None:
             self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)
