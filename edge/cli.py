@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -13,8 +14,13 @@ from typing import Sequence
 from edge import __version__
 from edge.core.errors import ConfigError, EdgeError, SourceError, UsageError, run_command
 
+DEFAULT_PIPELINE_ROUNDS = 20  # edge.bench.pipeline is imported only when the bench runs
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before numpy loads: its OpenBLAS would start a thread and a buffer per core (16 MB
+    # on a 2-core board) for matrix products the edge never computes.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     return run_command("edge", _parser(), argv)
 
 
@@ -135,7 +141,9 @@ def _pipeline_bench_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--labels", type=Path, help="labels file (overrides the manifest's)")
     p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
     p.add_argument("--source", required=required, type=Path, help="a video file")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per loop (default 20)")
+    p.add_argument("--rounds", type=int, default=DEFAULT_PIPELINE_ROUNDS,
+                   help=f"interleaved rounds of 2 s per loop (default {DEFAULT_PIPELINE_ROUNDS})")
+    p.add_argument("--no-naive", dest="naive", action="store_false", help="leave out the naive loop")
 
 
 def _daemon_bench_args(p: argparse.ArgumentParser, *, model: str, source: str, seconds: float) -> None:
@@ -212,6 +220,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"{path} ({time.time() - snap['at']:.0f} s old), {alive}")
     if snap.get("models"):
         print("models: " + ", ".join(f"{slot} {name}" for slot, name in sorted(snap["models"].items())))
+    if snap.get("process"):
+        print(f"memory: {snap['process']['rss_mb']:g} MB resident, peak {snap['process']['peak_rss_mb']:g} MB")
     for cam in snap["cameras"]:
         dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(cam["dropped"].items()))
         age = " / ".join(f"{k} {v:.0f} ms" for k, v in cam["age_ms"].items()) or "-"
@@ -404,8 +414,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          "scheduler, outbox, alerts, decode and observe (edge bench --help)")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
+    if args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
     report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
-                       threads=args.threads, seconds=args.seconds)
+                       threads=args.threads, rounds=args.rounds, naive=args.naive)
     print(json.dumps(report, indent=2))
     return 0
 
