@@ -107,6 +107,8 @@ class Picamera2Source(_Strict):
     width: int = Field(default=1280, gt=0)
     height: int = Field(default=720, gt=0)
     fps: float = Field(default=30.0, gt=0)
+    lores: bool = Field(default=True, description="feed the model from a second, low-resolution stream the "
+                        "ISP scales to the model's input size; the full frame stays for snapshots")
 
 
 class PatternSource(_Strict):

@@ -136,9 +136,10 @@ class CaptureThread:
         self._backoff = backoff
         self._clock = clock
         self._back_pressure = not source.live and not source.paced
-        # Set by the scheduler: turns a frame into its primary model's input on this thread,
-        # while the model works on the frame before. Replaced whole, never mutated.
-        self.prepare: Callable[[np.ndarray], Any] | None = None
+        # Set by the scheduler: turns a frame (and the source's low-resolution copy of it,
+        # if it has one) into its primary model's input on this thread, while the model
+        # works on the frame before. Replaced whole, never mutated.
+        self.prepare: Callable[[np.ndarray, np.ndarray | None], Any] | None = None
 
         self._cond = threading.Condition()  # guards everything below
         self._stop = threading.Event()
@@ -375,7 +376,7 @@ class CaptureThread:
                 if self._slot is not None:
                     return None
         try:
-            return prepare(image)
+            return prepare(image, getattr(self.source, "lores", None))
         except Exception:  # the inference thread preprocesses the frame itself, and reports what fails
             log.debug("preparing the model input failed", exc_info=True, extra=fields(camera=self.camera))
             return None

@@ -56,6 +56,27 @@ class Invoked:
     decode: Callable[[Sequence[np.ndarray], Transform], Prediction]
 
 
+class Preparer:
+    """A model's preprocessing for another thread (a camera's capture thread)."""
+
+    def __init__(self, pre: Preprocessor) -> None:
+        self._pre = pre
+
+    def __call__(self, frame: np.ndarray, lores: np.ndarray | None = None) -> Prepared:
+        """The input for ``frame``; made from ``lores``, the same view at a lower resolution
+        (a camera's second stream), when given, with boxes still mapped to ``frame``."""
+        if lores is None:
+            tensor, transform = self._pre(frame)
+        else:
+            tensor, transform = self._pre(lores)
+            transform = transform.for_frame(frame.shape[1], frame.shape[0])
+        return Prepared(tensor, transform, self._pre.key)
+
+    def scaled_size(self, frame_w: int, frame_h: int) -> tuple[int, int]:
+        """The size a camera should scale its ``frame_w`` x ``frame_h`` frames to for this model."""
+        return self._pre.scaled_size(frame_w, frame_h)
+
+
 class Model:
     """Load once, then ``predict(frame)`` any number of times from one thread."""
 
@@ -139,15 +160,9 @@ class Model:
         ms = (time.perf_counter() - t0) * 1e3 + invoked.copy_ms
         return prediction, StageTimes(invoked.preprocess_ms, invoked.invoke_ms, ms)
 
-    def preparer(self) -> Callable[[np.ndarray], Prepared]:
-        """A function that makes this model's input from a frame on another thread."""
-        pre = Preprocessor(self.manifest.input, self.loaded.inputs[0])
-
-        def prepare(frame: np.ndarray) -> Prepared:
-            tensor, transform = pre(frame)
-            return Prepared(tensor, transform, pre.key)
-
-        return prepare
+    def preparer(self) -> "Preparer":
+        """Makes this model's input from a frame on another thread."""
+        return Preparer(Preprocessor(self.manifest.input, self.loaded.inputs[0]))
 
     def invoke_only(self) -> None:
         """Invoke on whatever is in the input tensor: the bare baseline for benchmarks."""

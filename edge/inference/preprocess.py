@@ -28,6 +28,12 @@ class Transform:
     frame_w: int
     frame_h: int
 
+    def for_frame(self, frame_w: int, frame_h: int) -> "Transform":
+        """This transform, made on a scaled copy of a frame (the same view, another size),
+        mapping to the pixels of the ``frame_w`` x ``frame_h`` original instead."""
+        return Transform(self.scale_x * self.frame_w / frame_w, self.scale_y * self.frame_h / frame_h,
+                         self.pad_x, self.pad_y, frame_w, frame_h)
+
     def boxes_to_frame(self, boxes: np.ndarray) -> np.ndarray:
         """``[N, 4]`` x1,y1,x2,y2 in input pixels → frame pixels, clipped to the frame."""
         out = np.empty_like(boxes, dtype=np.float32)
@@ -110,6 +116,12 @@ class Preprocessor:
         image[y:y + h, x + w:] = pad[y:y + h, x + w:]
         self._resize_into(frame, image[y:y + h, x:x + w])
         return out, transform
+
+    def scaled_size(self, frame_w: int, frame_h: int) -> tuple[int, int]:
+        """The size a ``frame_w`` x ``frame_h`` frame is resized to inside the input: what a
+        camera that can scale should deliver for this model."""
+        t = self._prepare(frame_w, frame_h)
+        return round(frame_w * t.scale_x), round(frame_h * t.scale_y)
 
     def _resize_into(self, frame: np.ndarray, region: np.ndarray) -> None:
         """Resize ``frame`` into ``region`` of the input and convert it there, in place."""

@@ -218,7 +218,12 @@ class Scheduler:
     def _set_preparer(self, camera: CameraRunner, models: dict[str, Model]) -> None:
         task = camera.primary_task
         model = models.get(task.model) if task is not None else None
-        camera.capture.prepare = model.preparer() if model is not None else None
+        preparer = model.preparer() if model is not None else None
+        camera.capture.prepare = preparer
+        # a camera that can scale (picamera2's lores stream) delivers the model's size from its next open on
+        request = getattr(camera.capture.source, "request_lores", None)
+        if preparer is not None and request is not None:
+            request(preparer.scaled_size)
 
     def wake(self) -> None:
         """A camera has a new frame (called from capture threads)."""
