@@ -49,8 +49,9 @@ class Result:
     model: str
     prediction: Prediction
     times: StageTimes
-    finished_at: float  # time.monotonic()
+    finished_at: float  # time.monotonic(), when the result was handed to the sinks
     crop: tuple[float, float, float, float] | None = None
+    started_at: float | None = None  # time.monotonic(), when the executor took this task up
 
     @property
     def age_ms(self) -> float:
@@ -207,7 +208,7 @@ class Scheduler:
             for ex in executors
         ]
         self._executors_left = len(executors)  # guarded by _cond; the last one out ends the finisher
-        # (camera, task, model name, frame, crop, invoke or finished prediction); None: no more
+        # (camera, task, model name, frame, crop, invoke or finished prediction, start); None: no more
         self._finishing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
         if overlap:
@@ -371,11 +372,11 @@ class Scheduler:
         camera.task_latency[task.name].add((finished - t0) * 1e3)
         camera.prepared += invoked.was_prepared
         if self.overlap:
-            self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome))
+            self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome, t0))
             return None if later else outcome[0]  # type: ignore[index]
         prediction, times = outcome  # type: ignore[misc]
         if self.sink is not None:
-            self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop))
+            self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop, t0))
         return prediction
 
     def _failed(self, camera: CameraRunner, task: str, model: str) -> None:
@@ -387,7 +388,7 @@ class Scheduler:
     def _finish_loop(self) -> None:
         """The finisher: decode what is left to decode, then the sinks, in order."""
         while (work := self._finishing.get()) is not None:
-            camera, task, model, frame, box, outcome = work
+            camera, task, model, frame, box, outcome, started = work
             if isinstance(outcome, Invoked):
                 try:
                     outcome = Model.finish(outcome)
@@ -397,7 +398,7 @@ class Scheduler:
             if self.sink is not None:
                 prediction, times = outcome
                 try:
-                    self.sink(Result(frame, task, model, prediction, times, time.monotonic(), box))
+                    self.sink(Result(frame, task, model, prediction, times, time.monotonic(), box, started))
                 except Exception:  # a failing sink must not stop every camera's results
                     log.exception("a result sink failed", extra=fields(camera=camera.cfg.id, task=task))
 
