@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -18,9 +17,6 @@ DEFAULT_PIPELINE_ROUNDS = 20  # edge.bench.pipeline is imported only when the be
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Before numpy loads: its OpenBLAS would start a thread and a buffer per core (16 MB
-    # on a 2-core board) for matrix products the edge never computes.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     return run_command("edge", _parser(), argv)
 
 
