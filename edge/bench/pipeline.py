@@ -74,10 +74,11 @@ def run_bench(
     rss_loaded = rss_mb(None)
     stages = {name: LatencyWindow(size=100_000) for name in STAGES}
     share: list[float] = []
+    kept_up: list[float] = []
     decoded = _decode_frames(source, PREDECODED_FRAMES)
     loops: dict[str, Callable[[], float]] = {
         "bare": lambda: bare_invoke_fps(model, frame, ROUND_S),
-        "bare_decoding": lambda: bare_decoding_fps(model, frame, source, ROUND_S),
+        "bare_decoding": lambda: bare_decoding_fps(model, frame, source, ROUND_S, kept_up),
         "pipeline": lambda: pipeline_fps(model, source, ROUND_S, stages, invoke_share=share),
         "pipeline_serial": lambda: pipeline_fps(model, source, ROUND_S, None, overlap=False),
         "predecoded": lambda: pipeline_fps(model, source, ROUND_S, None, MemorySource(decoded)),
@@ -117,6 +118,7 @@ def run_bench(
         "ratios": ratios,
         "pipeline_stage_ms": {name: w.percentiles((50, 95, 99)) for name, w in stages.items()},
         "pipeline_invoke_share": round(statistics.median(share), 3) if share else None,
+        "decoder_frames_per_invoke": round(statistics.median(kept_up), 3),
         "cpu_steal_pct": steal.percent(),
         "load_average": {"before": load_before, "after": load_average()},
         "rss_mb": {"model_loaded": rss_loaded, "end": rss_mb(None), "peak": rss_mb(None, peak=True)},
@@ -194,23 +196,29 @@ def bare_invoke_fps(model: Model, frame: np.ndarray, seconds: float) -> float:
     return _timed(model.invoke_only, seconds)
 
 
-def bare_decoding_fps(model: Model, frame: np.ndarray, source: Path, seconds: float) -> float:
-    """``invoke()`` alone while another thread decodes the clip, one frame per invoke."""
+def bare_decoding_fps(model: Model, frame: np.ndarray, source: Path, seconds: float,
+                      kept_up: list[float] | None = None) -> float:
+    """``invoke()`` alone while another thread decodes the clip, one frame per invoke.
+
+    ``kept_up`` gets the frames decoded per invoke (1.0: the decoder kept pace)."""
     model.predict(frame)
     wanted, stop = threading.Semaphore(0), threading.Event()
     video = VideoFileSource(source, pace="fast", loop=True)
     video.open()
+    counts = {"decoded": 0, "invoked": 0}
 
     def decode() -> None:
         while not stop.is_set():
             if wanted.acquire(timeout=0.1):
                 video.read()
+                counts["decoded"] += 1
 
     decoder = threading.Thread(target=decode, name="bench-decoder", daemon=True)
     decoder.start()
 
     def step() -> None:
         model.invoke_only()
+        counts["invoked"] += 1
         wanted.release()
 
     try:
@@ -219,6 +227,8 @@ def bare_decoding_fps(model: Model, frame: np.ndarray, source: Path, seconds: fl
         stop.set()
         decoder.join()
         video.close()
+        if kept_up is not None:
+            kept_up.append(counts["decoded"] / max(1, counts["invoked"]))
 
 
 def _timed(step: Callable[[], None], seconds: float) -> float:
