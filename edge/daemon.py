@@ -45,7 +45,9 @@ from edge.updates.smoke import load_model as load_stored
 
 if TYPE_CHECKING:
     # Imported where they are used, only when the config asks for them: MQTT, the model
-    # agent and the metrics server each cost megabytes a small board may not have.
+    # agent, the line protocols and the metrics server each cost megabytes a small board
+    # may not have.
+    from edge.comms.service import LineComms
     from edge.decide.alerts import AlertPublisher
     from edge.observe.metrics import MetricsServer, Sources
     from edge.sync.client import Sync
@@ -161,6 +163,7 @@ class Daemon:
         warm_up(self.executors[0], self.cameras)
         self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
         self.agent = self._make_agent()
+        self.comms = self._line_comms()
         self._closed: set[str] = set()  # cameras whose source ended and whose windows are closed
         if self.metrics is not None:
             self.metrics.attach(self._metric_sources())
@@ -189,6 +192,15 @@ class Daemon:
         if policy is not None:
             log.info("policy loaded", extra=fields(version=policy.version, rules=len(policy.rules),
                                                    source=str(d.policy)))
+
+    def _line_comms(self) -> LineComms | None:
+        """Sparkplug, Home Assistant and the line's commands, when any is configured."""
+        cfg = self.cfg
+        if cfg.sparkplug is None and cfg.homeassistant is None and cfg.commands is None:
+            return None
+        from edge.comms.service import LineComms
+        return LineComms(cfg, self.decisions, self.cameras, self.observer.snapshot, self._model_version,
+                         audit=self.outbox.append if self.outbox is not None else None)
 
     # --- observe (edge/observe) ---------------------------------------------------------------------
 
@@ -347,6 +359,8 @@ class Daemon:
                 self.sync.start()
             if self.alerts is not None:
                 self.alerts.start()
+            if self.comms is not None:
+                self.comms.start()
             if self.snapshots is not None:
                 self.snapshots.start()
             for camera in self.cameras:
@@ -388,6 +402,8 @@ class Daemon:
                     self.observer.close(camera.cfg.id)
                 self.decisions.poll_observe(self.observer.snapshot())
             self.report()
+            if self.comms is not None:  # its NDEATH says the node is going
+                self.comms.stop(timeout=0.5)
             if self.alerts is not None:
                 self.alerts.stop(timeout=0.3)
             if self.snapshots is not None:
@@ -422,6 +438,8 @@ class Daemon:
             snap["decisions"]["mqtt"] = self.alerts.stats()
         if self.snapshots is not None:
             snap["decisions"]["snapshots"] = self.snapshots.stats()
+        if self.comms is not None:
+            snap["comms"] = self.comms.stats()
         if self.decisions.policy is not None:
             log.info("decision stats", extra=fields(**snap["decisions"]))
         log.info("process stats", extra=fields(**snap["process"]))

@@ -31,9 +31,9 @@ from paho.mqtt.properties import Properties
 
 from edge.core.contract import (
     DEFAULT_PREFIX,
-    JobStatus,
     MAX_RPC_BYTES,
     ContractError,
+    JobStatus,
     RpcError,
     RpcResponse,
     Topics,

@@ -12,8 +12,9 @@ from conftest import REPO, edge_run, manifest_for, shared_path
 
 YOLO = "models/yolov8n_full_integer_quant-b.tflite"
 # what a config without MQTT, model agent or metrics server must not load
-OPTIONAL = ("paho", "cryptography", "prometheus_client", "sqlite3", "edge.updates.agent", "edge.sync.client",
-            "edge.sync.outbox", "edge.decide.alerts", "edge.core.link", "edge.observe.metrics")
+OPTIONAL = ("paho", "cryptography", "prometheus_client", "sqlite3", "google.protobuf", "edge.updates.agent",
+            "edge.sync.client", "edge.sync.outbox", "edge.decide.alerts", "edge.core.link", "edge.observe.metrics",
+            "edge.comms.service")
 
 
 def demo_config(tmp_path: Path, **extra) -> Path:
