@@ -142,6 +142,8 @@ def _pipeline_bench_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--source", required=required, type=Path, help="a video file")
     p.add_argument("--rounds", type=int, default=DEFAULT_PIPELINE_ROUNDS,
                    help=f"interleaved rounds of 2 s per loop (default {DEFAULT_PIPELINE_ROUNDS})")
+    p.add_argument("--round-seconds", type=float, default=2.0,
+                   help="measured seconds of each loop in a round (default 2; longer on a slow or busy machine)")
     p.add_argument("--no-naive", dest="naive", action="store_false", help="leave out the naive loop")
 
 
@@ -413,10 +415,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          "scheduler, outbox, alerts, decode and observe (edge bench --help)")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
-    if args.rounds < 1:
-        raise UsageError("--rounds must be at least 1")
-    report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
-                       threads=args.threads, rounds=args.rounds, naive=args.naive)
+    if args.rounds < 1 or args.round_seconds <= 0:
+        raise UsageError("--rounds must be at least 1 and --round-seconds above 0")
+    report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels, threads=args.threads,
+                       rounds=args.rounds, round_s=args.round_seconds, naive=args.naive)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -65,6 +65,7 @@ def run_bench(
     labels: Path | None = None,
     threads: int | None = None,
     rounds: int = DEFAULT_ROUNDS,
+    round_s: float = ROUND_S,
     naive: bool = True,
 ) -> dict[str, Any]:
     """Measure the loops in ``rounds`` interleaved rounds and return a JSON-ready report."""
@@ -77,17 +78,17 @@ def run_bench(
     kept_up: list[float] = []
     decoded = _decode_frames(source, PREDECODED_FRAMES)
     loops: dict[str, Callable[[], float]] = {
-        "bare": lambda: bare_invoke_fps(model, frame, ROUND_S),
-        "bare_decoding": lambda: bare_decoding_fps(model, frame, source, ROUND_S, kept_up),
-        "pipeline": lambda: pipeline_fps(model, source, ROUND_S, stages, invoke_share=share),
-        "pipeline_serial": lambda: pipeline_fps(model, source, ROUND_S, None, overlap=False),
-        "predecoded": lambda: pipeline_fps(model, source, ROUND_S, None, MemorySource(decoded)),
-        "predecoded_serial": lambda: pipeline_fps(model, source, ROUND_S, None, MemorySource(decoded),
+        "bare": lambda: bare_invoke_fps(model, frame, round_s),
+        "bare_decoding": lambda: bare_decoding_fps(model, frame, source, round_s, kept_up),
+        "pipeline": lambda: pipeline_fps(model, source, round_s, stages, invoke_share=share),
+        "pipeline_serial": lambda: pipeline_fps(model, source, round_s, None, overlap=False),
+        "predecoded": lambda: pipeline_fps(model, source, round_s, None, MemorySource(decoded)),
+        "predecoded_serial": lambda: pipeline_fps(model, source, round_s, None, MemorySource(decoded),
                                                   overlap=False),
     }
     naive_loop = NaiveLoop(model, source) if naive else None
     if naive_loop is not None:
-        loops["naive"] = lambda: _timed(naive_loop.step, ROUND_S)
+        loops["naive"] = lambda: _timed(naive_loop.step, round_s)
     rates: dict[str, list[float]] = {name: [] for name in loops}
     steal, load_before = StealMeter(), load_average()
     try:
@@ -111,7 +112,7 @@ def run_bench(
         "source": str(source),
         "threads": model.loaded.num_threads,
         "rounds": len(rates["bare"]),
-        "seconds_per_round": ROUND_S,
+        "seconds_per_round": round_s,
         "fps": {name: round(statistics.median(r), 2) for name, r in rates.items() if name != "pipeline_vs_bare"},
         "fps_range": {name: [round(min(r), 2), round(max(r), 2)] for name, r in rates.items()
                       if name in ("bare", "bare_decoding", "pipeline")},
