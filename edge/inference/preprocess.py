@@ -86,8 +86,8 @@ class Preprocessor:
         )
         self._mean = np.array(spec.mean, dtype=np.float32)
         self._inv_std = 1.0 / np.array(spec.std, dtype=np.float32)
-        # a whole input of padding to copy borders from: a row copy is far faster than a fill
-        self._pad = np.ascontiguousarray(np.broadcast_to(
+        # letterbox: a whole input of padding to copy borders from (a row copy is far faster than a fill)
+        self._pad = None if spec.resize == "stretch" else np.ascontiguousarray(np.broadcast_to(
             self._convert_new(np.full((1, 1, 3), spec.pad_value, dtype=np.uint8))[0, 0],
             (self.height, self.width, 3)))
         self._geometry: tuple[tuple[int, int], Transform] | None = None
@@ -110,6 +110,7 @@ class Preprocessor:
         x, y = transform.pad_x, transform.pad_y
         # The borders are written on every call: a runtime may reuse the input's memory.
         pad = self._pad
+        assert pad is not None
         image[:y] = pad[:y]
         image[y + h:] = pad[y + h:]
         image[y:y + h, :x] = pad[y:y + h, :x]
