@@ -13,6 +13,8 @@ from typing import Sequence
 from edge import __version__
 from edge.core.errors import ConfigError, EdgeError, SourceError, UsageError, run_command
 
+DEFAULT_PIPELINE_ROUNDS = 20  # edge.bench.pipeline is imported only when the bench runs
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command("edge", _parser(), argv)
@@ -138,7 +140,11 @@ def _pipeline_bench_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--labels", type=Path, help="labels file (overrides the manifest's)")
     p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
     p.add_argument("--source", required=required, type=Path, help="a video file")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per loop (default 20)")
+    p.add_argument("--rounds", type=int, default=DEFAULT_PIPELINE_ROUNDS,
+                   help=f"interleaved rounds of 2 s per loop (default {DEFAULT_PIPELINE_ROUNDS})")
+    p.add_argument("--round-seconds", type=float, default=2.0,
+                   help="measured seconds of each loop in a round (default 2; longer on a slow or busy machine)")
+    p.add_argument("--no-naive", dest="naive", action="store_false", help="leave out the naive loop")
 
 
 def _daemon_bench_args(p: argparse.ArgumentParser, *, model: str, source: str, seconds: float) -> None:
@@ -215,6 +221,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"{path} ({time.time() - snap['at']:.0f} s old), {alive}")
     if snap.get("models"):
         print("models: " + ", ".join(f"{slot} {name}" for slot, name in sorted(snap["models"].items())))
+    if snap.get("process"):
+        print(f"memory: {snap['process']['rss_mb']:g} MB resident, peak {snap['process']['peak_rss_mb']:g} MB")
     for cam in snap["cameras"]:
         dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(cam["dropped"].items()))
         age = " / ".join(f"{k} {v:.0f} ms" for k, v in cam["age_ms"].items()) or "-"
@@ -407,8 +415,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          "scheduler, outbox, alerts, decode and observe (edge bench --help)")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
-    report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
-                       threads=args.threads, seconds=args.seconds)
+    if args.rounds < 1 or args.round_seconds <= 0:
+        raise UsageError("--rounds must be at least 1 and --round-seconds above 0")
+    report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels, threads=args.threads,
+                       rounds=args.rounds, round_s=args.round_seconds, naive=args.naive)
     print(json.dumps(report, indent=2))
     return 0
 

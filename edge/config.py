@@ -107,6 +107,8 @@ class Picamera2Source(_Strict):
     width: int = Field(default=1280, gt=0)
     height: int = Field(default=720, gt=0)
     fps: float = Field(default=30.0, gt=0)
+    lores: bool = Field(default=True, description="feed the model from a second, low-resolution stream the "
+                        "ISP scales to the model's input size; the full frame stays for snapshots")
 
 
 class PatternSource(_Strict):
@@ -248,6 +250,8 @@ class DelegateConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     executors: int = Field(default=1, gt=0, description="inference threads, each owning its interpreters")
+    overlap: bool = Field(default=True, description="prepare inputs on the capture threads and decode outputs "
+                          "and run the sinks on a thread of their own, while the next invoke runs")
     estimate_window: int = Field(default=20, ge=4, description="recent runs a task's cost estimate is taken over")
     estimate_percentile: float = Field(default=90.0, gt=0, le=100)
     stuck_factor: float = Field(default=20.0, gt=1, description="an invoke this many times its estimate is stuck")

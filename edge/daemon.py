@@ -14,40 +14,45 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge.capture.sources import Source, make_source
 from edge.capture.thread import CaptureState, CaptureThread
-from edge.comms.service import LineComms
 from edge.config import CameraConfig, DeviceConfig, HealthConfig, SchedulerConfig
 from edge.core.contract import Topics
 from edge.core.errors import ConfigError, EdgeError
-from edge.core.files import replace_file
+from edge.core.files import replace_file, sha256_file
 from edge.core.logs import fields
-from edge.core.signing import sha256_file
-from edge.decide.alerts import AlertPublisher
+from edge.core.stats import rss_mb
 from edge.decide.engine import DecisionEngine
 from edge.decide.policy import load_policy, parse_policy
 from edge.decide.snapshots import SnapshotLimits, SnapshotStore
 from edge.inference.manifest import BaselineError
 from edge.inference.model import Model
 from edge.observe.drift import ModelRef
-from edge.observe.metrics import MetricsServer, Sources
 from edge.observe.observer import Observer
 from edge.schedule.liveness import Liveness
 from edge.schedule.planner import CostModel
 from edge.schedule.scheduler import CameraRunner, Executor, Result, Scheduler, Sink
-from edge.sync.client import Sync
 from edge.sync.events import model_event
-from edge.sync.outbox import Outbox
 from edge.sync.recorder import Recorder, fan_out
-from edge.updates.agent import Agent
 from edge.updates.health import HealthWatch, band_outcome
 from edge.updates.modelstore import CrashLoop, Entry, ModelStore
 from edge.updates.smoke import RuntimeOptions
 from edge.updates.smoke import load_model as load_stored
+
+if TYPE_CHECKING:
+    # Imported where they are used, only when the config asks for them: MQTT, the model
+    # agent, the line protocols and the metrics server each cost megabytes a small board
+    # may not have.
+    from edge.comms.service import LineComms
+    from edge.decide.alerts import AlertPublisher
+    from edge.observe.metrics import MetricsServer, Sources
+    from edge.sync.client import Sync
+    from edge.sync.outbox import Outbox
+    from edge.updates.agent import Agent
 
 log = logging.getLogger("edge.run")
 
@@ -112,7 +117,10 @@ class Daemon:
 
     def __init__(self, cfg: DeviceConfig, sink: Sink | None = None) -> None:
         # first: a port already taken must fail the start at once, not leave a daemon without metrics
-        self.metrics = MetricsServer(cfg.metrics.address) if cfg.metrics is not None else None
+        self.metrics: MetricsServer | None = None
+        if cfg.metrics is not None:
+            from edge.observe.metrics import MetricsServer
+            self.metrics = MetricsServer(cfg.metrics.address)
         try:
             self._start_up(cfg, sink)
         except BaseException:
@@ -136,6 +144,8 @@ class Daemon:
         self.recorder: Recorder | None = None
         self.sync: Sync | None = None
         if cfg.mqtt is not None:
+            from edge.sync.client import Sync
+            from edge.sync.outbox import Outbox
             self.outbox = Outbox.open(cfg.outbox, cfg.device.id)
             self.recorder = Recorder(self.outbox)
             self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models)
@@ -147,7 +157,8 @@ class Daemon:
         self.health = self._health_watch()
         # decisions first: an alert must not wait for the results file or the outbox
         self.scheduler = Scheduler(self.cameras, self.executors,
-                                   fan_out([self.decisions, sink, self.recorder, self.health, self.observer]))
+                                   fan_out([self.decisions, sink, self.recorder, self.health, self.observer]),
+                                   overlap=sched.overlap)
         if self.health is not None:
             self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)
@@ -168,6 +179,7 @@ class Daemon:
         policy = load_policy(d.policy) if d.policy is not None else None
         self.alerts: AlertPublisher | None = None
         if cfg.mqtt is not None:
+            from edge.decide.alerts import AlertPublisher
             self.alerts = AlertPublisher.for_device(cfg.mqtt, cfg.device, max_pending=d.max_pending_alerts)
         self.snapshots: SnapshotStore | None = None
         if d.snapshots is not None:
@@ -187,6 +199,7 @@ class Daemon:
         cfg = self.cfg
         if cfg.sparkplug is None and cfg.homeassistant is None and cfg.commands is None:
             return None
+        from edge.comms.service import LineComms
         return LineComms(cfg, self.decisions, self.cameras, self.observer.snapshot, self._model_version,
                          audit=self.outbox.append if self.outbox is not None else None)
 
@@ -229,6 +242,7 @@ class Daemon:
                 self.observer.close(camera.cfg.id)
 
     def _metric_sources(self) -> Sources:
+        from edge.observe.metrics import Sources
         d = self.cfg.device
         return Sources(
             device={"id": d.id, "site": d.site, "line": d.line}, cameras=self.cameras, scheduler=self.scheduler,
@@ -311,6 +325,7 @@ class Daemon:
     def _make_agent(self) -> Agent | None:
         if self.store is None or self.health is None:
             return None
+        from edge.updates.agent import Agent
         factory = {}  # the config's model per slot: what runs while the state names none
         for slot, model in self.executors[0].models.items():
             path = self.cfg.models[slot].path
@@ -437,6 +452,7 @@ class Daemon:
             camera.update(observed.get(camera["camera"], {}))
         snap["models"] = {slot: model.name for slot, model in self.executors[0].models.items()}
         snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
+        snap["process"] = {"rss_mb": rss_mb(), "peak_rss_mb": rss_mb(peak=True)}
         if self.outbox is not None and self.sync is not None:  # both or neither
             snap["outbox"], snap["sync"] = self.outbox.stats(), self.sync.stats()
             log.info("sync stats", extra=fields(outbox=snap["outbox"], sync=snap["sync"]))
@@ -452,6 +468,7 @@ class Daemon:
             snap["comms"] = self.comms.stats()
         if self.decisions.policy is not None:
             log.info("decision stats", extra=fields(**snap["decisions"]))
+        log.info("process stats", extra=fields(**snap["process"]))
         for camera in snap["cameras"]:
             log.info("stats", extra=fields(**camera))
         if self.recorder is not None:

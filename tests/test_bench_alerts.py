@@ -18,3 +18,10 @@ def test_alert_bench_times_every_alert_against_invoke(tmp_path):
     # an alert cannot arrive before the model that raised it has run
     assert 0 < inv["p50"] < lat["p50"] and lat["p50"] <= lat["p95"] <= lat["p99"]
     assert report["target_met"] == (lat["p99"] <= inv["p99"] + 15)
+    # where the time went, for every alert: the stages (each at least 0) account for the whole latency
+    where = report["where_the_time_goes_ms"]
+    assert where["alerts"] == report["alerts_received"]
+    stages = ("wait", "preprocess", "invoke", "postprocess", "handoff", "decisions", "mqtt")
+    assert all(where[s]["p50"] >= 0 for s in stages)
+    assert where["invoke"]["p50"] > 0
+    assert abs(sum(where[s]["slowest_1pct_mean"] for s in stages) - where["slowest_1pct_total_mean"]) < 2.0

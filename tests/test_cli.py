@@ -410,5 +410,5 @@ def test_the_demo_config_makes_edge_stats_work(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"{tmp_path / 'stats.json'} (") and lines[0].endswith("alive")
     assert lines[1] == "models: detector yolov8n@8.1.42-b"
-    assert lines[3].startswith("entrance: live, budget 100 ms, captured ")
+    assert lines[2].startswith("memory: ") and lines[4].startswith("entrance: live, budget 100 ms, captured ")
     assert "{" not in out.stdout and "None" not in out.stdout

@@ -58,8 +58,7 @@ class Collector:
 
     def __call__(self, result: Result) -> None:
         with self._lock:
-            t = result.times
-            waited = result.age_ms - (t.preprocess_ms + t.invoke_ms + t.postprocess_ms)
+            waited = (result.started_at - result.frame.captured_mono) * 1e3
             self.results.append(Seen(result.task, result.frame.seq, result.crop, result.prediction,
                                      result.frame.camera, waited))
 
@@ -69,15 +68,19 @@ class Collector:
 
 
 class SlowModel:
-    """A real model with an adjustable delay added to every predict."""
+    """A real model with an adjustable delay added to every invoke."""
 
     def __init__(self, model, delay_s: float = 0.0) -> None:
         self.model, self.delay_s = model, delay_s
         self.name, self.loaded, self.manifest = model.name, model.loaded, model.manifest
+        self.finish, self.preparer = model.finish, model.preparer
+
+    def invoke(self, image, prepared=None):
+        time.sleep(self.delay_s)
+        return self.model.invoke(image, prepared)
 
     def predict(self, image):
-        time.sleep(self.delay_s)
-        return self.model.predict(image)
+        return self.finish(self.invoke(image))
 
 
 class Running:

@@ -11,6 +11,14 @@ Both clocks are this machine's. The baseline, measured in the same run, is the
 model's own ``invoke()`` time on the same frames; the target is
 ``alert p99 <= invoke p99 + 15 ms``.
 
+Where the time goes, per alert: ``wait`` (capture to the executor taking the frame up:
+the invoke before it, when the model is busy), ``preprocess``, ``invoke``,
+``postprocess`` (output copy and decode), ``handoff`` (the queue to the finisher and
+waits for the interpreter lock), ``decisions`` (the decision engine up to and including
+the publish call) and ``mqtt`` (publish to receipt: client, broker, subscriber). The
+report gives each stage's p50 and p99 over all alerts and its mean over the slowest 1%,
+so a missed target is explained by its own run.
+
 ``line_protocols`` adds the Sparkplug edge node, Home Assistant discovery and the command
 topic (``edge.comms``) with a Sparkplug host subscribed to ``spBv1.0/#``: run with and
 without it, the two reports show what the line's second view costs the frame path.
@@ -70,7 +78,8 @@ def run_alerts_bench(model: Path, source: Path, *, manifest: Path | None = None,
         if host is not None:
             stack.callback(host.close)
         invokes: list[float] = []
-        daemon = Daemon(cfg, lambda result: _invoke(result, invokes))
+        frames: dict[float, dict[str, float]] = {}  # wall capture time -> stage times of the frame
+        daemon = Daemon(cfg, lambda result: _stages(result, invokes, frames))
         stop = threading.Event()
         runner = threading.Thread(target=daemon.run, args=(stop,), name="bench-daemon")
         runner.start()
@@ -83,6 +92,7 @@ def run_alerts_bench(model: Path, source: Path, *, manifest: Path | None = None,
         time.sleep(0.2)  # the last alerts in flight
         latencies = controller.latencies()
         mqtt_legs = controller.mqtt_legs()
+        breakdown = _breakdown(controller.samples(), frames)
         published = daemon.alerts.stats()["published"] if daemon.alerts else 0
         comms = daemon.comms.stats() if daemon.comms is not None else None
     if not latencies or not invokes:
@@ -109,13 +119,50 @@ def run_alerts_bench(model: Path, source: Path, *, manifest: Path | None = None,
         "publish_to_receipt_ms": _percentiles(mqtt_legs),
         "invoke_ms": invoke,
         "alert_p99_minus_invoke_p99_ms": round(alert["p99"] - invoke["p99"], 2),
+        "where_the_time_goes_ms": breakdown,
         "target": f"alert p99 <= invoke p99 + {TARGET_EXTRA_MS:g} ms",
         "target_met": alert["p99"] <= invoke["p99"] + TARGET_EXTRA_MS,
     }
 
 
-def _invoke(result: Result, into: list[float]) -> None:
-    into.append(result.times.invoke_ms)
+def _stages(result: Result, invokes: list[float], frames: dict[float, dict[str, float]]) -> None:
+    """The bench's own sink: the executor's and the finisher's share of each frame's time."""
+    t = result.times
+    invokes.append(t.invoke_ms)
+    started = result.started_at if result.started_at is not None else result.finished_at
+    work_ms = t.preprocess_ms + t.invoke_ms + t.postprocess_ms
+    frames[round(result.frame.captured_at, 6)] = {
+        "wait": (started - result.frame.captured_mono) * 1e3,
+        "preprocess": t.preprocess_ms,
+        "invoke": t.invoke_ms,
+        "postprocess": t.postprocess_ms,
+        "handoff": max(0.0, (result.finished_at - started) * 1e3 - work_ms),
+        "to_sinks": (result.finished_at - result.frame.captured_mono) * 1e3,
+    }
+
+
+STAGES = ("wait", "preprocess", "invoke", "postprocess", "handoff", "decisions", "mqtt")
+
+
+def _breakdown(samples: list[tuple[float, float, float]], frames: dict[float, dict[str, float]]) -> dict[str, Any]:
+    """Per stage: p50 and p99 over the alerts, and the mean over the slowest 1% of them."""
+    rows = []
+    for captured_at, total_ms, mqtt_ms in samples:
+        stages = frames.get(round(captured_at, 6))
+        if stages is not None:
+            # the engine's share ends when the alert is published: capture to publish, less capture to sinks
+            rows.append((total_ms, {**stages, "decisions": total_ms - mqtt_ms - stages["to_sinks"], "mqtt": mqtt_ms}))
+    if not rows:
+        return {}
+    rows.sort(key=lambda r: r[0])
+    slowest = rows[-max(1, len(rows) // 100):]
+    return {
+        "alerts": len(rows),
+        **{name: {**{k: v for k, v in _percentiles([r[1][name] for r in rows]).items() if k != "n"},
+                  "slowest_1pct_mean": round(float(np.mean([r[1][name] for r in slowest])), 2)}
+           for name in STAGES},
+        "slowest_1pct_total_mean": round(float(np.mean([r[0] for r in slowest])), 2),
+    }
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -152,6 +199,7 @@ class _Controller:
         self._lock = threading.Lock()
         self._latencies: list[float] = []
         self._mqtt: list[float] = []  # publish on the device to receipt at the controller
+        self._captured: list[float] = []
         self.rejected = 0
         self.received = 0
         self._count_only = count_only  # a Sparkplug host: counts what it gets
@@ -178,10 +226,16 @@ class _Controller:
         with self._lock:
             self._latencies.append((received - alert.captured_at) * 1e3)
             self._mqtt.append((received - alert.published_at) * 1e3)
+            self._captured.append(alert.captured_at)
 
     def latencies(self) -> list[float]:
         with self._lock:
             return list(self._latencies)
+
+    def samples(self) -> list[tuple[float, float, float]]:
+        """(capture time, capture-to-receipt ms, publish-to-receipt ms) of each alert."""
+        with self._lock:
+            return list(zip(self._captured, self._latencies, self._mqtt))
 
     def mqtt_legs(self) -> list[float]:
         with self._lock:

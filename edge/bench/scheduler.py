@@ -29,7 +29,7 @@ from edge.daemon import make_camera, warm_up
 from edge.inference.model import Model
 from edge.schedule.scheduler import CameraRunner, Executor, Scheduler
 
-from .pipeline import ROUND_S, StealMeter, _first_frame, bare_invoke_fps, pipeline_fps
+from .pipeline import JOIN_S, ROUND_S, StealMeter, _first_frame, bare_invoke_fps, pipeline_fps
 
 
 def run_scheduler_bench(
@@ -102,7 +102,7 @@ def _scheduler_run(model: Model, source: Path, n: int, fps: float, budget_ms: fl
         scheduler.stop()
         for camera in cameras:
             camera.capture.stop()
-        scheduler.join(2.0)
+        scheduler.join(JOIN_S)  # the next run invokes the same interpreter
         invoke.restore()
     overhead = executor.overhead.percentiles((50, 99))
     return {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import re
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -417,20 +417,37 @@ class GStreamerPipelineSource(_CvLiveSource):
 
 
 class Picamera2CameraSource:
-    """A Raspberry Pi camera through picamera2 (imported only when opened)."""
+    """A Raspberry Pi camera through picamera2 (imported only when opened).
+
+    When the scheduler asks for it (:meth:`request_lores`), the camera is configured with
+    a second, low-resolution stream that the ISP scales to the model's input size, in
+    the same request as the full frame: the model is fed from it (``lores``, one colour
+    conversion, no resize on the CPU) while the full frame stays for snapshots and the
+    picture's quality measures.
+    """
 
     live = True
     paced = False
 
-    def __init__(self, camera: int = 0, *, width: int = 1280, height: int = 720, fps: float = 30.0):
+    def __init__(self, camera: int = 0, *, width: int = 1280, height: int = 720, fps: float = 30.0,
+                 lores: bool = True):
         self.camera = camera
         self.size = (width, height)
         self.fps: float | None = fps
         self.description = f"picamera2 camera {camera} {width}x{height}@{fps:g}"
+        self.want_lores = lores
+        self.lores: np.ndarray | None = None  # the last read's low-resolution copy, BGR
+        self._lores_for: Callable[[int, int], tuple[int, int]] | None = None
+        self._lores_size: tuple[int, int] | None = None
         self._cam: Any = None
 
+    def request_lores(self, size_for: Callable[[int, int], tuple[int, int]]) -> None:
+        """From the next open on, also stream ``size_for(width, height)`` (the model's scaled size)."""
+        if self.want_lores:
+            self._lores_for = size_for
+
     def open(self) -> None:
-        """Configure and start the camera for video-rate RGB888 capture."""
+        """Configure and start the camera for video-rate RGB888 capture (and YUV420 lores)."""
         self.close()
         try:
             from picamera2 import Picamera2  # type: ignore[import-not-found]
@@ -440,15 +457,19 @@ class Picamera2CameraSource:
             raise SourceUnsupported(f"picamera2 cannot be imported ({exc}); {PICAMERA2_HINT}") from None
         except ImportError as exc:
             raise SourceUnsupported(f"picamera2 cannot be imported ({exc}); {PICAMERA2_HINT}") from None
+        lores = None
+        if self._lores_for is not None:
+            w, h = self._lores_for(*self.size)
+            # YUV420 is the one lores format every Pi's ISP gives; its sizes must be even
+            lores = {"size": (min(w + w % 2, self.size[0]), min(h + h % 2, self.size[1])), "format": "YUV420"}
         cam = None
         try:
             cam = Picamera2(self.camera)
             config = cam.create_video_configuration(
-                main={"size": self.size, "format": "RGB888"},
-                controls={"FrameRate": self.fps},
-            )
+                main={"size": self.size, "format": "RGB888"}, lores=lores, controls={"FrameRate": self.fps})
             cam.configure(config)
             cam.start()
+            self._lores_size = tuple(cam.camera_config["lores"]["size"]) if lores else None
         except Exception as exc:  # picamera2/libcamera raise a variety of types
             if cam is not None:
                 _quietly(cam.close)
@@ -460,14 +481,19 @@ class Picamera2CameraSource:
         if self._cam is None:
             raise SourceError(f"{self.description} is not open")
         try:
-            image = self._cam.capture_array("main")
+            if self._lores_size is None:
+                return to_bgr(np.asarray(self._cam.capture_array("main")))
+            (image, small), _ = self._cam.capture_arrays(["main", "lores"])
         except Exception as exc:
             raise SourceError(f"capture failed on Pi camera {self.camera}: {exc}") from None
+        w, h = self._lores_size
+        # rows of the YUV420 array may be padded to the ISP's stride: convert, then crop
+        self.lores = cv2.cvtColor(np.asarray(small), cv2.COLOR_YUV2BGR_I420)[:h, :w]
         return to_bgr(np.asarray(image))
 
     def close(self) -> None:
         """Stop and release the camera (idempotent)."""
-        cam, self._cam = self._cam, None
+        cam, self._cam, self.lores = self._cam, None, None
         if cam is not None:
             _quietly(cam.stop)
             _quietly(cam.close)
@@ -554,7 +580,7 @@ def make_source(cfg: Any) -> Source:
     if isinstance(cfg, GStreamerSource):
         return GStreamerPipelineSource(cfg.pipeline)
     if isinstance(cfg, Picamera2Source):
-        return Picamera2CameraSource(cfg.camera, width=cfg.width, height=cfg.height, fps=cfg.fps)
+        return Picamera2CameraSource(cfg.camera, width=cfg.width, height=cfg.height, fps=cfg.fps, lores=cfg.lores)
     if isinstance(cfg, PatternSource):
         return TestPatternSource(width=cfg.width, height=cfg.height, fps=cfg.fps, still=cfg.still)
     raise SourceError(f"unknown source config {type(cfg).__name__}")

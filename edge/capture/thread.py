@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class Frame:
     image: np.ndarray  # BGR uint8 HxWx3
     captured_at: float  # time.time() when read returned
     captured_mono: float  # time.monotonic() when read returned (for ages)
+    prepared: Any = None  # the primary model's input, made on the capture thread (see CaptureThread.prepare)
 
 
 class CaptureState(str, Enum):
@@ -146,6 +147,10 @@ class CaptureThread:
         self._clock = clock
         self._remake = remake
         self._back_pressure = not source.live and not source.paced
+        # Set by the scheduler: turns a frame (and the source's low-resolution copy of it,
+        # if it has one) into its primary model's input on this thread, while the model
+        # works on the frame before. Replaced whole, never mutated.
+        self.prepare: Callable[[np.ndarray, np.ndarray | None], Any] | None = None
 
         self._cond = threading.Condition()  # guards everything below
         self._stop = threading.Event()
@@ -430,7 +435,7 @@ class CaptureThread:
             frozen_for = self._frozen_for(image, now)
             if self._on_image is not None:
                 self._on_image(image, wall, mono)
-            if not self._put(image, wall, mono, now):
+            if not self._put(image, wall, mono, now, self._prepared(image)):
                 return
             if frozen_for is not None:
                 if not self._reopen("frozen", f"identical frames for {frozen_for:.1f} s", generation):
@@ -440,7 +445,27 @@ class CaptureThread:
             else:
                 pacer.advance()
 
-    def _put(self, image: np.ndarray, wall: float, mono: float, now: float) -> bool:
+    def _prepared(self, image: np.ndarray) -> Any:
+        """The frame's model input, when it is likely to be used.
+
+        A frame read on demand always is. A live or paced one is when the consumer took
+        the frame before it: a consumer that keeps up uses every frame, and one that falls
+        behind would leave most of them superseded, their preparation wasted.
+        """
+        prepare = self.prepare
+        if prepare is None:
+            return None
+        if not self._back_pressure:
+            with self._cond:
+                if self._slot is not None:
+                    return None
+        try:
+            return prepare(image, getattr(self.source, "lores", None))
+        except Exception:  # the inference thread preprocesses the frame itself, and reports what fails
+            log.debug("preparing the model input failed", exc_info=True, extra=fields(camera=self.camera))
+            return None
+
+    def _put(self, image: np.ndarray, wall: float, mono: float, now: float, prepared: Any = None) -> bool:
         """Put a frame in the slot; False if stop() came while waiting for room."""
         recovered_from = None
         with self._cond:
@@ -453,7 +478,7 @@ class CaptureThread:
                 self._superseded += 1
             else:
                 self._waiting_since = mono
-            self._slot = Frame(self.camera, self._captured, image, wall, mono)
+            self._slot = Frame(self.camera, self._captured, image, wall, mono, prepared)
             self._captured += 1
             self._last_frame_clock = now
             self._delay = self._backoff.initial_s  # a frame arrived: the source works again

@@ -1,9 +1,12 @@
-"""Replacing a file so that readers see the old one or the new one, never half of one."""
+"""Replacing a file so that readers see the old one or the new one, never half of one;
+and a file's SHA-256 (here rather than in ``signing``, so hashing needs no cryptography)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 
 def replace_file(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -27,3 +30,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()

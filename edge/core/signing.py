@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
 from pathlib import Path
-from typing import BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .contract import Artifact
 from .errors import EdgeError
+from .files import sha256_file
 
 PRIVATE_NAME = "fleet.key"
 PUBLIC_NAME = "fleet.pub"
@@ -121,14 +120,3 @@ def verify_file(artifact: Artifact, path: Path) -> None:
     if digest != artifact.sha256:
         raise SignatureError("sha256", f"{path.name} hashes to {digest[:12]}…, the artifact {artifact.sha256[:12]}…")
 
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)
-
-
-def sha256_stream(f: BinaryIO) -> str:
-    h = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Bounded latency windows and rate counters for the stats line and benchmarks."""
+"""Bounded latency windows, rate counters and process memory for the stats line and benchmarks."""
 
 from __future__ import annotations
 
@@ -49,3 +49,17 @@ class RateMeter:
     def rate(self, now: float, total: int) -> float:
         (then, before), self._last = self._last, (now, total)
         return (total - before) / (now - then) if now > then else 0.0
+
+
+def rss_mb(pid: int | None = None, *, peak: bool = False) -> float:
+    """Resident memory of a process (this one by default); ``peak``: its high-water mark.
+    0.0 where ``/proc`` does not tell."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    try:
+        with open(f"/proc/{pid or 'self'}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0

@@ -98,6 +98,10 @@ class Planner:
             if t.spec.trigger:
                 self._children.setdefault(t.spec.trigger.task, []).append(t.spec.name)
 
+    def has_children(self, task: str) -> bool:
+        """Whether other tasks run on this task's results (its triggers)."""
+        return task in self._children
+
     @property
     def gated(self) -> bool:
         """Whether any task wants motion information."""

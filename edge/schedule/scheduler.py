@@ -6,11 +6,18 @@ the camera whose frame has the earliest deadline, drop it if it is already past 
 deadline, and otherwise run the camera's plan for it (see :mod:`edge.planner`).
 Nothing queues: a camera holds at most one waiting frame (in its capture slot), and
 a camera is worked on by one executor at a time, so its frames stay in order.
+
+With ``overlap`` (the default) an executor's thread does little more than invoke:
+each camera's capture thread makes its primary task's input while the model works
+on the frame before, and a finisher thread decodes the outputs of a task no other
+task waits for and hands every result to the sinks, in the order the executors
+finished them, while the next invoke runs. The results are the same either way.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -20,11 +27,11 @@ import numpy as np
 
 from edge.capture.motion import MotionDetector
 from edge.capture.thread import CaptureThread, Frame
-from edge.config import CameraConfig
+from edge.config import CameraConfig, TaskConfig
 from edge.core.logs import fields
 from edge.core.stats import LatencyWindow, RateMeter
 from edge.inference.adapters import Prediction
-from edge.inference.model import Model, StageTimes
+from edge.inference.model import Invoked, Model, StageTimes
 
 from .planner import CostModel, Planner, WorkItem
 
@@ -43,8 +50,9 @@ class Result:
     model: str
     prediction: Prediction
     times: StageTimes
-    finished_at: float  # time.monotonic()
+    finished_at: float  # time.monotonic(), when the result was handed to the sinks
     crop: tuple[float, float, float, float] | None = None
+    started_at: float | None = None  # time.monotonic(), when the executor took this task up
 
     @property
     def age_ms(self) -> float:
@@ -127,6 +135,7 @@ class CameraRunner:
         self.busy = False  # guarded by the scheduler's condition
         self.frame_no = 0
         self.processed = 0
+        self.prepared = 0  # runs whose input the capture thread had made
         self.dropped = {"too_old": 0}
         self.deadline_misses = 0
         self.age = LatencyWindow()
@@ -134,6 +143,12 @@ class CameraRunner:
         self.task_latency = {name: LatencyWindow() for name in self.tasks}
         self._captured_rate = RateMeter(time.monotonic())
         self._processed_rate = RateMeter(time.monotonic())
+
+    @property
+    def primary_task(self) -> TaskConfig | None:
+        """The task that runs first on a frame's whole image whenever it is due."""
+        whole = [t for t in self.tasks.values() if t.trigger is None]
+        return max(whole, key=lambda t: t.priority) if whole else None  # max keeps the first of equals
 
     @property
     def budget_ms(self) -> float:
@@ -153,6 +168,7 @@ class CameraRunner:
             "processed_fps": round(self._processed_rate.rate(now, self.processed), 2),
             "captured": cap.captured,
             "processed": self.processed,
+            "prepared": self.prepared,
             "superseded": cap.superseded,
             "dropped": dict(self.dropped),
             "deadline_misses": self.deadline_misses,
@@ -178,10 +194,12 @@ class CameraRunner:
 class Scheduler:
     """Runs every camera's tasks on a pool of executors; start, then stop and join."""
 
-    def __init__(self, cameras: list[CameraRunner], executors: list[Executor], sink: Sink | None = None) -> None:
+    def __init__(self, cameras: list[CameraRunner], executors: list[Executor], sink: Sink | None = None,
+                 *, overlap: bool = True) -> None:
         self.cameras = cameras
         self.executors = executors
         self.sink = sink
+        self.overlap = overlap
         self.on_error: Callable[[str, str, str], None] | None = None  # (camera, task, model) of a failed run
         self.inference_errors = 0
         self.sink_errors = 0
@@ -193,6 +211,24 @@ class Scheduler:
             threading.Thread(target=self._run, args=(ex,), name=f"executor-{ex.index}", daemon=True)
             for ex in executors
         ]
+        self._executors_left = len(executors)  # guarded by _cond; the last one out ends the finisher
+        # (camera, task, model name, frame, crop, invoke or finished prediction, start); None: no more
+        self._finishing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
+        if overlap:
+            self._threads.append(self._finisher)
+            for camera in cameras:
+                self._set_preparer(camera, executors[0].models if executors else {})
+
+    def _set_preparer(self, camera: CameraRunner, models: dict[str, Model]) -> None:
+        task = camera.primary_task
+        model = models.get(task.model) if task is not None else None
+        preparer = model.preparer() if model is not None else None
+        camera.capture.prepare = preparer
+        # a camera that can scale (picamera2's lores stream) delivers the model's size from its next open on
+        request = getattr(camera.capture.source, "request_lores", None)
+        if preparer is not None and request is not None:
+            request(preparer.scaled_size)
 
     def wake(self) -> None:
         """A camera has a new frame (called from capture threads)."""
@@ -226,6 +262,11 @@ class Scheduler:
         stuck in an invoke); the swap then still happens when it can.
         """
         events = [ex.swap(slot, model) for ex, model in zip(self.executors, models, strict=True)]
+        if self.overlap:  # inputs prepared for the old model still serve it, or are made again
+            for camera in self.cameras:
+                task = camera.primary_task
+                if task is not None and task.model == slot:
+                    self._set_preparer(camera, {slot: models[0]})
         if self.done:  # no executor thread left to take it
             for ex in self.executors:
                 ex.apply_swaps()
@@ -243,6 +284,12 @@ class Scheduler:
             with self._cond:
                 self.failures.append(f"executor-{executor.index}: {type(exc).__name__}: {exc}")
             log.critical("executor failed", exc_info=True, extra=fields(executor=executor.index))
+        finally:
+            with self._cond:
+                self._executors_left -= 1
+                last = self._executors_left == 0
+            if last:
+                self._finishing.put(None)
 
     def _serve(self, executor: Executor) -> None:
         while not self._stop.is_set():
@@ -315,24 +362,30 @@ class Scheduler:
         task = camera.tasks[item.task]
         model = executor.models[task.model]
         image = frame.image if item.crop is None else crop(frame.image, item.crop)
+        prepared = frame.prepared if self.overlap and item.crop is None else None
         t0 = time.monotonic()
         executor.running = Running(camera.cfg.id, task.name, model.name, t0,
                                    camera.planner.costs.estimate(task.name))
         try:
-            prediction, times = model.predict(image)
+            invoked = model.invoke(image, prepared)
+            # a task others wait for (triggers) is decoded here; any other, while the next invoke runs
+            later = self.overlap and not camera.planner.has_children(task.name)
+            outcome: Invoked | tuple[Prediction, StageTimes] = invoked if later else model.finish(invoked)
         except Exception:  # one bad run must not stop the camera
-            self.inference_errors += 1
-            if self.on_error is not None:
-                self.on_error(camera.cfg.id, task.name, model.name)
-            log.exception("inference failed", extra=fields(camera=camera.cfg.id, task=task.name, model=model.name))
+            self._failed(camera, task.name, model.name)
             return None
         finally:
             executor.running = None
         finished = time.monotonic()
         camera.task_latency[task.name].add((finished - t0) * 1e3)
+        camera.prepared += invoked.was_prepared
+        if self.overlap:
+            self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome, t0))
+            return None if later else outcome[0]  # type: ignore[index]
+        prediction, times = outcome  # type: ignore[misc]
         if self.sink is not None:
             try:
-                self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop))
+                self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop, t0))
             except Exception:  # a sink's bug or full disk must not stop inference for every sink
                 self._sink_failed(camera.cfg.id, task.name)
         return prediction
@@ -344,6 +397,37 @@ class Scheduler:
         if now - self._sink_logged_at >= SINK_LOG_EVERY_S:
             self._sink_logged_at = now
             log.exception("result sink failed", extra=fields(camera=camera, task=task, sink_errors=self.sink_errors))
+
+    def _failed(self, camera: CameraRunner, task: str, model: str) -> None:
+        self.inference_errors += 1
+        if self.on_error is not None:
+            self.on_error(camera.cfg.id, task, model)
+        log.exception("inference failed", extra=fields(camera=camera.cfg.id, task=task, model=model))
+
+    def _finish_loop(self) -> None:
+        try:
+            self._finish()
+        except BaseException as exc:  # as an executor's: the daemon exits and is restarted
+            with self._cond:
+                self.failures.append(f"finisher: {type(exc).__name__}: {exc}")
+            log.critical("finisher failed", exc_info=True)
+
+    def _finish(self) -> None:
+        """The finisher: decode what is left to decode, then the sinks, in order."""
+        while (work := self._finishing.get()) is not None:
+            camera, task, model, frame, box, outcome, started = work
+            if isinstance(outcome, Invoked):
+                try:
+                    outcome = Model.finish(outcome)
+                except Exception:
+                    self._failed(camera, task, model)
+                    continue
+            if self.sink is not None:
+                prediction, times = outcome
+                try:
+                    self.sink(Result(frame, task, model, prediction, times, time.monotonic(), box, started))
+                except Exception:  # a sink's bug or full disk must not stop inference for every sink
+                    self._sink_failed(camera.cfg.id, task)
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and percentiles of every camera and executor."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from edge.schedule.scheduler import Result, Sink
 
 from .events import detection_summary, health_snapshot
-from .outbox import Outbox
+
+if TYPE_CHECKING:  # the daemon imports this module whether or not it has an outbox
+    from .outbox import Outbox
 
 
 class Recorder:

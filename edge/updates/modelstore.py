@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge.core.contract import Artifact, Running
 from edge.core.errors import EdgeError
-from edge.core.files import fsync_dir, replace_file
-from edge.core.signing import sha256_file
+from edge.core.files import fsync_dir, replace_file, sha256_file
 from edge.inference.manifest import Manifest
 
 log = logging.getLogger("edge.modelstore")
