@@ -20,6 +20,7 @@ import secrets
 import socket
 import sqlite3
 import time
+from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -48,16 +49,20 @@ class Ingest:
     def __init__(self, store: Store, *, host: str = "localhost", port: int = 1883,
                  prefix: str = DEFAULT_PREFIX, client_id: str | None = None, group: str = SHARE_GROUP,
                  username: str | None = None, password: str | None = None,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 5.0) -> None:
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 5.0,
+                 settings: LinkSettings | None = None) -> None:
+        """``settings`` (the manager's: its identity, credential and TLS) replace host,
+        port, client id, user and password."""
         self.store = store
         self.topics = Topics(prefix)
         self.group = group
         self._counters: dict[str, Any] = dict(
             batches=0, events=0, stored=0, duplicates=0, acks=0, statuses=0, store_errors=0, rejected={})
-        settings = LinkSettings(
-            host=host, port=port, client_id=client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
-            clean_start=True, session_expiry_s=0, backoff_initial_s=backoff_initial_s,
-            backoff_max_s=backoff_max_s, username=username, password=password, max_inflight=100)
+        settings = settings or LinkSettings(
+            host=host, port=port, username=username, password=password,
+            client_id=client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+        settings = replace(settings, clean_start=True, session_expiry_s=0, backoff_initial_s=backoff_initial_s,
+                           backoff_max_s=backoff_max_s, max_inflight=100)
         self._link = Link(settings, self, name="ingest")
         self.subscribed = False
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from paho.mqtt.properties import Properties
 from edge.core.contract import (
     DEFAULT_PREFIX,
     MAX_RPC_BYTES,
+    ChunkHeader,
     ContractError,
+    Desired,
     RpcError,
     RpcResponse,
     Topics,
@@ -40,9 +43,8 @@ from edge.core.contract import (
 )
 from edge.core.link import Link, LinkSettings
 from edge.core.logs import fields
-from edge.core.signing import load_private_key
-
 from .ingest import Ingest
+from .keyring import Keyring
 from .registry import Registry
 from .rollouts import Engine
 from .rpc import Operations
@@ -69,6 +71,24 @@ class ManagerSettings:
     username: str | None = None
     password: str | None = None
     max_transfers: int = 64
+    identity: str | None = None  # the manager's broker identity: control as it, ingest as {identity}~ingest
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    use_tls: bool = False
+
+    def links(self) -> tuple[LinkSettings, LinkSettings]:
+        """The control link's and the ingest's connection settings."""
+        legacy = f"{self.client_id}-control" if self.client_id else f"fleet-control-{socket.gethostname()}"
+        base = LinkSettings(host=self.host, port=self.port, client_id=self.identity or legacy,
+                            username=self.identity or self.username, password=self.password, use_tls=self.use_tls,
+                            tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
+        control = replace(base, clean_start=False, session_expiry_s=SESSION_EXPIRY_S, backoff_initial_s=0.5,
+                          backoff_max_s=5.0, max_inflight=200)
+        if self.identity:
+            return control, base.for_link("ingest")
+        ingest_id = self.client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        return control, replace(base, client_id=ingest_id)
 
 
 @dataclass
@@ -100,10 +120,10 @@ class Control:
     def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
         self.subscribed = False
         t = self.topics
-        client.subscribe([(t.all_reported(), 1), (t.all_jobs(), 1), (t.artifact_get(), 1), (t.all_rpc(), 1)])
+        client.subscribe([(t.all_reported(), 1), (t.all_jobs(), 1), (t.all_artifact_gets(), 1), (t.all_rpc(), 1)])
         # the broker may have lost its retained messages; versions make a repeat harmless
         for doc in self.engine.book.all():
-            client.publish(t.desired(doc.device), encode(doc), qos=1, retain=True)
+            self._publish_desired(client, doc)
 
     def on_subscribe(self, client: mqtt.Client, reasons: list) -> None:
         failed = [str(r) for r in reasons if r.is_failure]
@@ -119,11 +139,11 @@ class Control:
         identity = t.rpc_identity(topic)
         if identity is not None:
             return self._rpc(client, identity, message, now)
-        if topic == t.artifact_get():
-            return self._chunk_request(client, message.payload, now)
         device = t.device_of(topic)
         if device is None:
             return self._reject("schema", topic, "not a device topic")
+        if topic == t.artifact_get(device):
+            return self._chunk_request(client, device, message.payload, now)
         try:
             if topic == t.reported(device):
                 if message.payload:  # an empty retained message clears the topic
@@ -153,15 +173,30 @@ class Control:
     def _flush(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
         infos = []
         for doc in self.engine.flush():  # committed first, then published
-            infos.append(client.publish(self.topics.desired(doc.device), encode(doc), qos=1, retain=True))
+            infos.append(self._publish_desired(client, doc))
             self.counters.desired_published += 1
         return infos
 
-    def _chunk_request(self, client: mqtt.Client, payload: bytes, now: float) -> None:
+    def _publish_desired(self, client: mqtt.Client, doc: Desired) -> mqtt.MQTTMessageInfo:
+        """Signed as it leaves, with the signing key in use now (a rotated key included)."""
+        return client.publish(self.topics.desired(doc.device), encode(self.registry.sign(doc)), qos=1, retain=True)
+
+    def _chunk_request(self, client: mqtt.Client, device: str, payload: bytes, now: float) -> None:
+        topic = self.topics.artifact_get(device)
         try:
-            req = decode_artifact_request(payload, self.topics)
+            req = decode_artifact_request(payload, self.topics, device=device)
         except ContractError as exc:
-            return self._reject(exc.reason, self.topics.artifact_get(), exc.detail)
+            return self._reject(exc.reason, topic, exc.detail)
+        desired = self.engine.book.desired.get(device)
+        if desired is None or not desired.names(req.sha256):
+            # the topic says who asks (the broker's ACL vouches for it): only what its own
+            # desired state names is served, so no device fetches another's artifacts
+            self._reject("not_assigned", topic, f"{device} asked for {req.sha256[:12]}…, which its desired "
+                                                f"state (v{desired.version if desired else '-'}) does not name")
+            client.publish(req.response_topic, encode_chunk(ChunkHeader(
+                v=1, sha256=req.sha256, offset=req.offset, total=req.offset, request=req.request,
+                error="not_assigned")), qos=1)
+            return
         busy = self.transfers.request(req, now)
         if busy is not None:
             client.publish(req.response_topic, encode_chunk(busy), qos=1)
@@ -231,21 +266,18 @@ class Manager:
         s = settings
         self.settings = s
         self.topics = Topics(s.prefix)
-        key = load_private_key(s.keys / "fleet.key") if s.keys else None
+        keyring = Keyring(s.keys) if s.keys else None
         self.store = Store.open(s.db)
         directory = s.artifacts or s.db.with_name(s.db.name + ".artifacts")
-        self.registry = Registry(self.store, directory, key)
+        self.registry = Registry(self.store, directory, keyring.signing_key() if keyring else None,
+                                 keyring.previous() if keyring else ())
         self.engine = Engine(self.store, self.registry)
         self.transfers = Transfers(directory, self.topics, max_transfers=s.max_transfers)
-        self.ingest = Ingest(self.store, host=s.host, port=s.port, prefix=s.prefix, client_id=s.client_id,
-                             username=s.username, password=s.password)
+        control_link, ingest_link = s.links()
+        self.ingest = Ingest(self.store, prefix=s.prefix, settings=ingest_link)
         self.control = Control(self.store, self.registry, self.engine, self.transfers,
                                lambda c: Operations(self.engine, self.registry, s.operators, self.stats), self.topics)
-        control_id = f"{s.client_id}-control" if s.client_id else f"fleet-control-{socket.gethostname()}"
-        self._link = Link(LinkSettings(
-            host=s.host, port=s.port, client_id=control_id, clean_start=False, session_expiry_s=SESSION_EXPIRY_S,
-            backoff_initial_s=0.5, backoff_max_s=5.0, username=s.username, password=s.password,
-            max_inflight=200), self.control, name="control")
+        self._link = Link(control_link, self.control, name="control")
 
     def start(self) -> None:
         self.ingest.start()

@@ -199,6 +199,17 @@ class Engine:
         self.counters = Counters()
         self._rows: dict[tuple[str, str], dict[str, Any]] = {}
         self._jobs: list[dict[str, Any]] = []
+        for doc in self.book.all():  # after a key switch: the artifacts as the registry signs them now
+            fresh = self._current(doc)
+            if fresh != doc:
+                self.book.desired[doc.device] = fresh
+                self._rows[("desired", doc.device)] = desired_row(fresh)
+
+    def _current(self, doc: Desired) -> Desired:
+        def again(a: Assignment | None) -> Assignment | None:
+            return a if a is None else a.model_copy(update={"artifact": self.registry.current(a.artifact)})
+        return doc.model_copy(update={"models": {s: again(a) for s, a in doc.models.items()},
+                                      "policy": again(doc.policy)})
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -218,6 +229,7 @@ class Engine:
         self._rows[("executions", f"{e.rollout}/{e.device}")] = e.row()
 
     def _assign(self, device: str, slot: str, assignment: Assignment, now: float) -> Desired:
+        assignment = assignment.model_copy(update={"artifact": self.registry.current(assignment.artifact)})
         doc = self.book.assign(device, slot, assignment, now)
         self._rows[("desired", device)] = desired_row(doc)
         return doc

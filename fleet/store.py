@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Mapping, TypeVar
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, TypeVar
 
 import sqlite_utils
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
@@ -105,7 +105,20 @@ def _schema_2(db: sqlite_utils.Database) -> None:
     db["jobs"].create_index(["device", "job"], index_name="jobs_by_device")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_schema_1, _schema_2)
+def _schema_3(db: sqlite_utils.Database) -> None:
+    """Broker identities: who may connect (devices, managers, operators, controllers),
+    with what credential, and whether it is revoked. A password is kept only as the
+    hash the broker's password file holds; a certificate by its serial numbers (one per
+    connection of the identity), for the revocation list."""
+    db["identities"].create(
+        {"name": str, "role": str, "site": str, "line": str, "tags": str, "credential": str, "serials": str,
+         "retired_serials": str, "password_hash": str, "not_after": float, "state": str, "created_at": float,
+         "revoked_at": float},
+        pk="name", not_null={"role", "tags", "credential", "serials", "retired_serials", "state", "created_at"},
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_schema_1, _schema_2, _schema_3)
 
 EVENT_COLUMNS = ("id", "device", "seq", "kind", "camera", "captured_at", "recorded_at", "priority",
                  "payload", "received_at")
@@ -212,6 +225,28 @@ class JobRow(_Row):
     reason: str | None
     at: Time | None
     received_at: Time
+
+
+class IdentityRow(_Row):
+    """A broker identity in the registry (see ``fleet.identities``)."""
+
+    name: str
+    role: Literal["device", "manager", "operator", "controller", "admin"]
+    site: str | None
+    line: str | None
+    tags: Annotated[dict[str, str], JsonColumn]
+    credential: Literal["certificate", "password"]
+    serials: Annotated[list[str], JsonColumn]  # hex, one per connection
+    retired_serials: Annotated[list[str], JsonColumn] = []  # of the name's earlier credentials: always revoked
+    password_hash: str | None
+    not_after: Time | None
+    state: Literal["enrolled", "revoked"]
+    created_at: Time
+    revoked_at: Time | None
+
+    def row(self) -> dict[str, Any]:
+        return {**self.model_dump(), "tags": json.dumps(self.tags), "serials": json.dumps(self.serials),
+                "retired_serials": json.dumps(self.retired_serials)}
 
 
 def load_job(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -424,6 +459,26 @@ class Store:
                 rollback_quietly(c)
                 raise
 
+    def resign_artifact(self, artifact: Artifact) -> None:
+        """Replace a stored version's description by the same one signed again (the
+        signature is the only thing that may change)."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("UPDATE artifacts SET doc = ? WHERE kind = ? AND name = ? AND version = ? AND sha256 = ?",
+                          (artifact.model_dump_json(), artifact.kind, artifact.name, artifact.version,
+                           artifact.sha256))
+                c.execute("COMMIT")
+            except BaseException:
+                rollback_quietly(c)
+                raise
+
+    def all_artifacts(self) -> list[Artifact]:
+        with self._lock:
+            return self.skipped.load("artifacts", self._rows("SELECT rowid, doc FROM artifacts ORDER BY rowid"),
+                                     load_artifact)
+
     def find_artifact(self, kind: str, name: str, version: str) -> Artifact | None:
         with self._lock:
             rows = self._rows("SELECT rowid, doc FROM artifacts WHERE kind = ? AND name = ? AND version = ?",
@@ -498,6 +553,43 @@ class Store:
             loader(row)
             return row
         return self.refused.load(table, rows, check)
+
+    # --- identities ----------------------------------------------------------------------------
+
+    def put_identities(self, identities: list[IdentityRow]) -> None:
+        """Insert or replace identities (an enrolment, a revocation) in one transaction."""
+        rows = [i.row() for i in identities]
+        if not rows:
+            return
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany(f"INSERT OR REPLACE INTO identities ({', '.join(rows[0])}) "
+                              f"VALUES ({', '.join('?' * len(rows[0]))})", [tuple(r.values()) for r in rows])
+                c.execute("COMMIT")
+            except BaseException:
+                rollback_quietly(c)
+                raise
+
+    def identities(self, role: str | None = None) -> list[IdentityRow]:
+        """Every identity (of ``role``), by name; revoked ones included."""
+        sql, args = "SELECT * FROM identities", []
+        if role:
+            sql, args = sql + " WHERE role = ?", [role]
+        return self._identities(sql + " ORDER BY name", args)
+
+    def identity(self, name: str) -> IdentityRow | None:
+        found = self._identities("SELECT * FROM identities WHERE name = ?", [name])
+        return found[0] if found else None
+
+    def _identities(self, sql: str, args: list[Any]) -> list[IdentityRow]:
+        with self._lock:
+            try:
+                rows = self._rows(sql, args)
+            except sqlite3.OperationalError:  # a store opened read-only before its first migration to 3
+                return []
+            return self.skipped.load("identities", rows, IdentityRow.model_validate)
 
     def jobs(self, *, device: str | None = None, job: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """Job statuses as devices sent them, oldest first."""

@@ -253,7 +253,7 @@ def test_bad_requests_get_clear_errors_change_nothing_and_the_manager_keeps_runn
         sim.stop()
 
 
-def test_devices_refuse_an_artifact_signed_by_another_key(tmp_path, broker, keys, client, models):
+def test_devices_refuse_a_desired_state_signed_by_another_key(tmp_path, broker, keys, client, models):
     other = tmp_path / "other-keys"
     init_keys(other)
     sim = Simulator(SimSettings(host=broker.host, port=broker.port, count=3, id_prefix="cam",
@@ -263,11 +263,15 @@ def test_devices_refuse_an_artifact_signed_by_another_key(tmp_path, broker, keys
     try:
         registered(tmp_path / "fleet.db", 3)
         rid = client.call("rollouts.start", rollout_args(target={"ids": sorted(sim.devices)}, canary=0, waves=[100],
-                                                         min_executed=2, abort_failure_pct=50))["id"]
-        final = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["settled"] and s, 60,
-                           "the rollout to abort")
-        assert final["state"] == "aborted" and "bad_signature" in final["reason"]
-        assert all("bad_signature" in f["reason"] for f in final["failures"])
+                                                         min_executed=2, abort_failure_pct=50,
+                                                         job_timeout_s=3))["id"]
+        final = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                           60, "the rollout to abort")
+        # nothing about the desired state is kept, so the devices never start the job: the
+        # rollout fails them when their job times out
+        assert final["state"] == "aborted"
+        assert all(d.rejected.get("bad_signature", 0) >= 1 and not d.jobs and d.acted_version == 0
+                   for d in sim.devices.values())
         assert all(sim.running(d) == models["a"]["sha256"] for d in sim.devices)
     finally:
         sim.stop()
