@@ -6,6 +6,12 @@ simulated devices that download, hash and verify every byte. Reported: time from
 ``rollouts.start`` to ``completed``, bytes through the broker (its ``$SYS`` counters),
 the manager's CPU seconds and peak RSS, and the ingest rates of the devices' statuses
 and outbox batches.
+
+With ``secure``, the fleet is set up as a plant would set it up: a CA, every device
+enrolled with its own certificate, the broker on the configuration ``fleet broker
+config`` generates (TLS, the dynamic security plugin's rights, no anonymous access),
+and the manager, the operator and each simulated device connecting with their own
+credentials.
 """
 
 from __future__ import annotations
@@ -23,12 +29,18 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.bench.kit import LocalMosquitto, cpu_s, rss_mb
+from edge.bench.kit import LocalMosquitto, cpu_s, free_port, rss_mb
 from edge.core.errors import EdgeError, UsageError
 from edge.core.signing import init_keys, load_public_key
+from edge.core.tls import client_context
 from edge.inference.manifest import load_manifest
 
-from .client import FleetClient
+from .brokerconf import BrokerSettings, ensure_admin, ensure_server_cert, find_plugin, write_config
+from .bundles import Credentials, read_credentials, write_bundle
+from .ca import FleetCA
+from .client import FleetClient, Tls
+from .identities import ADMIN, enrol
+from .keyring import Keyring
 from .simulator import SimSettings, Simulator, load_running
 from .store import Store
 from .upload import push_file
@@ -40,21 +52,29 @@ PREVIOUS_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-a.tflite"
 
 
 def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: float, max_transfers: int, pumps: int,
-                      ingest_batches: int, ingest_events: int, timeout_s: float = 900.0) -> dict[str, Any]:
+                      ingest_batches: int, ingest_events: int, secure: bool = False,
+                      timeout_s: float = 900.0) -> dict[str, Any]:
     model = model or DEFAULT_MODEL
     manifest_file = REPO / "models" / model.with_suffix(".yaml").name
     for path in (model, manifest_file, PREVIOUS_MODEL):
         if not path.is_file():
             raise UsageError(f"needs {path}")
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-    broker = LocalMosquitto(work, extra_conf="sys_interval 1\n")  # $SYS counters every second
+    init_keys(work / "keys")
+    ids = SimSettings(host="", port=0, count=devices, public_key=[]).device_ids()
+    t0 = time.monotonic()
+    fleet = _SecureFleet(work, ids) if secure else None
+    enrol_s = time.monotonic() - t0
+    # $SYS counters every second
+    broker = (LocalMosquitto(work / "mosquitto", "sys_interval 1\n", conf=fleet.conf, port=fleet.port) if fleet
+              else LocalMosquitto(work, extra_conf="sys_interval 1\n"))
     manager = sim = counters = None
     try:
         broker.start()
-        counters = _BrokerBytes(broker.port)
-        init_keys(work / "keys")
-        manager = _Manager(work, broker.port, max_transfers)
-        with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60) as client:
+        counters = _BrokerBytes(broker.port, fleet.tls(ADMIN, work / "pki") if fleet else None)
+        manager = _Manager(work, broker.port, max_transfers, fleet.manager_args() if fleet else [])
+        with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60,
+                         tls=fleet.tls("operator") if fleet else None) as client:
             pushed = {}
             for path in (PREVIOUS_MODEL, model):
                 manifest = load_manifest(REPO / "models" / path.with_suffix(".yaml").name,
@@ -66,7 +86,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             sim = Simulator(SimSettings(host="127.0.0.1", port=broker.port, count=devices,
                                         public_key=load_public_key(work / "keys" / "fleet.pub"), slot="detector",
                                         runs=load_running(f"{prev['name']}@{prev['version']}", PREVIOUS_MODEL),
-                                        health_window_s=min(1.0, health_window_s), pumps=pumps))
+                                        health_window_s=min(1.0, health_window_s), pumps=pumps,
+                                        credentials=fleet.credentials() if fleet else None))
             t0 = time.monotonic()
             sim.start()
             _wait(lambda: manager.online() >= devices, timeout_s, "every device in the registry")
@@ -102,6 +123,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
         events = devices * ingest_batches * ingest_events
         return {
             "devices": devices,
+            "secure": secure,
+            **({"enrolment_s": round(enrol_s, 1)} if secure else {}),
             "artifact": f"{target['name']}@{target['version']} ({target['size']} bytes)",
             "stages": [s["devices"] for s in final["stages"]],
             "health_window_s": health_window_s,
@@ -146,12 +169,54 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-class _BrokerBytes:
-    """The broker's ``$SYS`` byte counters, as a subscriber sees them."""
+class _SecureFleet:
+    """The fleet as ``fleet broker config``, ``fleet identities add`` and ``fleet devices
+    add`` set it up: a CA, a certificate per identity, the broker's configuration."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, work: Path, devices: list[str]) -> None:
+        self.work, self.devices = work, devices
+        self.port = free_port()
+        pki = work / "pki"
+        ca = FleetCA.open(pki, create=True)
+        settings = BrokerSettings(out=work / "broker", hosts=["127.0.0.1"], port=self.port, password_port=None,
+                                  plugin=find_plugin(None))
+        ensure_server_cert(ca, pki, settings.hosts)
+        store = Store.open(work / "fleet.db")
+        try:
+            now = time.time()
+            ensure_admin(store, ca, pki, now)
+            issued = [enrol(store, ca, "fleet", "manager", now=now), enrol(store, ca, "operator", "operator", now=now),
+                      *(enrol(store, ca, d, "device", now=now) for d in devices)]
+            keys = Keyring(work / "keys").pinned()
+            for i in issued:
+                write_bundle(work / "bundles", i, host="127.0.0.1", port=self.port, ca_pem=ca.pem, keys=keys)
+            store.put_identities([i.identity for i in issued])
+            write_config(settings, store, pki)
+        finally:
+            store.close()
+        self.conf = (settings.out / "mosquitto.conf").read_text()
+
+    def tls(self, name: str, where: Path | None = None) -> Tls:
+        d = where or self.work / "bundles" / name
+        return Tls(str(d / "ca.crt"), str(d / f"{name}.crt"), str(d / f"{name}.key"))
+
+    def manager_args(self) -> list[str]:
+        t = self.tls("fleet")
+        return ["--identity", "fleet", "--tls-ca", t.ca, "--tls-cert", t.cert, "--tls-key", t.key]
+
+    def credentials(self) -> dict[str, Credentials]:
+        return {d: read_credentials(self.work / "bundles" / d) for d in self.devices}
+
+
+class _BrokerBytes:
+    """The broker's ``$SYS`` byte counters, as a subscriber sees them (the fleet's
+    administrator may read them on the secure broker)."""
+
+    def __init__(self, port: int, tls: Tls | None = None) -> None:
         self._sys: dict[str, int] = {}
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=ADMIN if tls else "")
+        if tls is not None:
+            self._client.tls_set_context(client_context(tls.ca, tls.cert, tls.key))
         self._client.on_message = lambda c, u, m: self._sys.__setitem__(m.topic, int(m.payload))
         self._client.connect("127.0.0.1", port)
         self._client.subscribe([("$SYS/broker/bytes/received", 0), ("$SYS/broker/bytes/sent", 0)])
@@ -167,13 +232,13 @@ class _BrokerBytes:
 class _Manager:
     """``fleet serve`` as its own process, its log in a file."""
 
-    def __init__(self, work: Path, port: int, max_transfers: int) -> None:
+    def __init__(self, work: Path, port: int, max_transfers: int, extra: list[str]) -> None:
         self.db = work / "fleet.db"
         self.log = work / "fleet.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleet", "serve", "--db", str(self.db), "--broker", f"127.0.0.1:{port}",
-             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5"],
+             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5", *extra],
             stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
         _wait(self._subscribed, 30, "fleet serve to subscribe")
         self._store: Store | None = None

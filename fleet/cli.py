@@ -249,15 +249,6 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
 def _cmd_devices_list(args: argparse.Namespace) -> int:
     with _reading(args.db) as store:
         devices = store.devices()
-        enrolled = {i.name: i for i in store.identities("device")}
-    seen = {d["id"] for d in devices}
-    for name, i in enrolled.items():  # enrolled, never connected
-        if name not in seen:
-            devices.append({"id": name, "state": None, "site": i.site, "line": i.line, "runtime": None,
-                            "models": {}, "status_at": None, "first_seen": None, "last_seen": None, "events": 0})
-    devices.sort(key=lambda d: d["id"])
-    for d in devices:
-        d["enrolment"] = enrolled[d["id"]].state if d["id"] in enrolled else None
     if args.json:
         print(json.dumps(devices, indent=2))
         return 0

@@ -24,7 +24,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.core.contract import DEFAULT_PREFIX, ContractError, RpcRequest, Topics, decode_rpc_response, encode
-from edge.core.errors import ConfigError
 from edge.core.tls import client_context, refusal
 
 from .errors import OpError

@@ -43,6 +43,7 @@ from edge.core.contract import (
 )
 from edge.core.link import Link, LinkSettings
 from edge.core.logs import fields
+
 from .ingest import Ingest
 from .keyring import Keyring
 from .registry import Registry

@@ -117,6 +117,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     b.add_argument("--pumps", type=int, default=2, help="simulator threads")
     b.add_argument("--ingest-batches", type=int, default=5, help="outbox batches per device in the ingest phase")
     b.add_argument("--ingest-events", type=int, default=20, help="events per batch")
+    b.add_argument("--secure", action="store_true",
+                   help="the fleet set up for a plant: its own CA, a certificate per device, TLS and the generated "
+                        "broker ACL (the benchmark makes them, so it takes no --tls-* files)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_rollout)
 
@@ -505,7 +508,8 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
 
     result = run_rollout_bench(devices=args.devices, model=args.model, health_window_s=duration(args.health_window),
                                max_transfers=args.max_transfers, pumps=args.pumps,
-                               ingest_batches=args.ingest_batches, ingest_events=args.ingest_events)
+                               ingest_batches=args.ingest_batches, ingest_events=args.ingest_events,
+                               secure=args.secure)
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0 if result.get("state") == "completed" else 1
 

@@ -454,6 +454,7 @@ class Engine:
         if (target.ids is None) == (target.tags is None):
             raise OpError("bad_request", "the target is either device ids or tags, not both or neither")
         known = self.store.device_states()
+        revoked = {i.name for i in self.store.identities("device") if i.state == "revoked"}
         if target.ids is not None:
             ids = list(dict.fromkeys(target.ids))
             bad = [d for d in ids if not re.fullmatch(ID_PATTERN, d)]
@@ -461,13 +462,17 @@ class Engine:
             if bad or unknown:
                 raise OpError("not_found" if not bad else "bad_request",
                               f"unknown devices: {', '.join((bad or unknown)[:10])}")
+            if revoked & set(ids):
+                raise OpError("bad_request", f"revoked devices cannot take a rollout: "
+                                             f"{', '.join(sorted(revoked & set(ids))[:10])}")
             chosen = ids
         else:
             tags = target.tags or {}
             extra = set(tags) - set(TAG_KEYS)
             if extra or not tags:
                 raise OpError("bad_request", f"tags are {' and '.join(TAG_KEYS)}; got {sorted(tags) or 'none'}")
-            chosen = sorted(d for d, s in known.items() if all(s.get(k) == v for k, v in tags.items()))
+            chosen = sorted(d for d, s in known.items()
+                            if d not in revoked and all(s.get(k) == v for k, v in tags.items()))
         if not chosen:
             raise OpError("empty_target", f"the target matches no known device: {target.model_dump(exclude_none=True)}")
         # online devices first, so the canary is a device that can answer now

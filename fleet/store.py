@@ -418,8 +418,15 @@ class Store:
             return [r[0] for r in self._conn.execute(sql, args)]
 
     def devices(self) -> list[dict[str, Any]]:
-        """The device registry, by id."""
-        return [d.model_dump(exclude={"state_since"}) for d in self._devices()]
+        """The device registry, by id: every device seen or enrolled, with its enrolment
+        (``enrolled``, ``revoked``, or None for a device seen but never enrolled)."""
+        enrolled = {i.name: i for i in self.identities("device")}
+        devices = {d.id: {**d.model_dump(exclude={"state_since"}), "enrolment": None} for d in self._devices()}
+        for name, i in enrolled.items():
+            devices.setdefault(name, {"id": name, "state": None, "site": i.site, "line": i.line, "runtime": None,
+                                      "models": {}, "status_at": None, "first_seen": None, "last_seen": None,
+                                      "events": 0})["enrolment"] = i.state
+        return [devices[k] for k in sorted(devices)]
 
     def _devices(self) -> list[DeviceRow]:
         with self._lock:

@@ -40,6 +40,7 @@ from edge.updates.modelstore import ModelStore
 from fleet.ca import FleetCA, cert_pem, key_pem, new_key
 from fleet.cli import main as fleet_main
 from fleet.client import FleetClient, Tls
+from fleet.errors import OpError
 from fleet.upload import push_file
 
 T = C.Topics()
@@ -588,7 +589,8 @@ def test_an_operator_cannot_act_or_read_as_another_and_a_controller_reads_only_i
 # --- revocation (last: it takes cam-b away) ------------------------------------------------------------
 
 
-def test_a_revoked_device_is_refused_keeps_running_offline_and_says_why_and_its_data_stays(f, daemons, manager):
+def test_a_revoked_device_is_refused_keeps_running_offline_and_says_why_and_its_data_stays(f, daemons, manager,
+                                                                                           models):
     run = daemons["cam-b"]
     from fleet.store import Store
     store = Store.open_readonly(f.db)
@@ -616,3 +618,6 @@ def test_a_revoked_device_is_refused_keeps_running_offline_and_says_why_and_its_
                             capture_output=True, text=True, cwd=REPO, timeout=30)
     enrolment = {d["id"]: d["enrolment"] for d in json.loads(listed.stdout)}
     assert (enrolment["cam-a"], enrolment["cam-b"]) == ("enrolled", "revoked")
+    with f.client() as client, pytest.raises(OpError, match="revoked devices cannot take a rollout"):
+        client.call("rollouts.start", {"kind": "model", "name": models[TINY]["name"], "version": models[TINY]["version"],
+                                       "slot": SLOT, "target": {"ids": ["cam-a", "cam-b"]}})

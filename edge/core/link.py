@@ -309,7 +309,7 @@ class Link:
         self._awaiting_connack = False
         if reason.is_failure:
             self.counters.connect_failures += 1
-            self.counters.last_error = f"refused: {reason}"
+            self.counters.last_error = self._paho_error = f"refused: {reason}"  # what the lost link says next
             log.error("mqtt connect refused", extra=fields(client=self.settings.client_id, reason=str(reason),
                                                            username=self.settings.username))
             return

@@ -105,15 +105,6 @@ def _read(path: Path) -> bytes:
         raise KeyFileError(f"cannot read key {path}: {exc.strerror or exc}") from None
 
 
-def load_public_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
-    """The pinned verification keys in ``paths``, in order, each once."""
-    keys: dict[str, Ed25519PublicKey] = {}
-    for path in paths:
-        key = load_public_key(path)
-        keys.setdefault(key_id(key), key)
-    return list(keys.values())
-
-
 Signed = TypeVar("Signed", Artifact, Desired)
 Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey]
 
