@@ -1,4 +1,4 @@
-"""The ``edge`` command: run the daemon, check models and configs, benchmark."""
+"""The edge command: run the daemon, check models and configs, benchmark."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run the camera daemon")
     run.add_argument("--config", required=True, type=Path, help="device config (YAML)")
-    run.add_argument("--results", type=Path, help="append per-frame results as JSON lines ('-' = stdout)")
-    run.add_argument("--log-format", choices=("json", "human"), help="override logging.format")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--results", type=Path,
+                     help="append per-frame results as JSON lines to this file ('-': stdout)")
+    run.add_argument("--log-format", choices=("json", "human"), help="default: the config's logging.format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="default: the config's logging.level")
     run.set_defaults(func=_cmd_run)
 
     stats = sub.add_parser("stats", parents=[common], help="show a running daemon's counters")
@@ -43,13 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", parents=[common], help="run a model on images and print the results")
     _model_args(infer)
     infer.add_argument("--json", action="store_true", help="one JSON document per image")
-    infer.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    infer.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, BMP)")
     infer.set_defaults(func=_cmd_infer)
 
     config = sub.add_parser("config", parents=[common], help="check a config or print its schema")
     config_sub = config.add_subparsers(metavar="ACTION")
     check = config_sub.add_parser("check", parents=[common], help="validate a config file")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the device config (YAML)")
     check.set_defaults(func=_cmd_config_check)
     schema = config_sub.add_parser("schema", parents=[common], help="print the config JSON Schema")
     schema.set_defaults(func=_cmd_config_schema)
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", parents=[common], help="check a decision policy")
     policy_sub = policy.add_subparsers(metavar="ACTION")
     policy_check = policy_sub.add_parser("check", parents=[common], help="validate a policy file")
-    policy_check.add_argument("file", type=Path)
+    policy_check.add_argument("file", type=Path, help="the policy (YAML)")
     policy_check.set_defaults(func=_cmd_policy_check)
 
     models = sub.add_parser("models", parents=[common], help="the models the device holds, by slot")
@@ -68,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     models_list.set_defaults(func=_cmd_models_list)
     models_rollback = models_sub.add_parser("rollback", parents=[common],
                                             help="make a slot's previous model the active one")
-    models_rollback.add_argument("slot")
+    models_rollback.add_argument("slot", help="the model slot, as named under models: in the config")
     models_rollback.add_argument("--config", required=True, type=Path, help="device config (agent.state_dir)")
     models_rollback.set_defaults(func=_cmd_models_rollback)
 
@@ -131,18 +133,36 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
 
 
+def _checked_config(path: Path):
+    """The config at ``path`` with every file it names in place and its policy valid, or
+    ConfigError / PolicyError (exit 2: systemd does not restart a daemon whose config must
+    be fixed first)."""
+    from edge.config import load_config, missing_files
+    from edge.decide.policy import load_policy
+
+    cfg = load_config(path)
+    problems = missing_files(cfg)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    if cfg.decisions.policy is not None:
+        load_policy(cfg.decisions.policy)
+    return cfg
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edge.config import load_config
     from edge.core.logs import setup_logging
     from edge.daemon import Daemon, open_results
 
-    cfg = load_config(args.config)
+    cfg = _checked_config(args.config)
+    try:
+        sink, stream = open_results(args.results)
+    except OSError as exc:
+        raise UsageError(f"--results {args.results}: cannot open: {exc.strerror or exc}") from None
     setup_logging(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until there is a daemon to reload
-    sink, stream = open_results(args.results)
     try:
         daemon = Daemon(cfg, sink)
         signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
@@ -168,11 +188,16 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snap, indent=2))
         return 0
-    print(f"{path} ({time.time() - snap['at']:.0f} s old), alive={snap['liveness']['alive']}")
+    alive = "alive" if snap["liveness"]["alive"] else f"NOT alive ({snap['liveness']['stuck']} stuck invokes)"
+    print(f"{path} ({time.time() - snap['at']:.0f} s old), {alive}")
+    if snap.get("models"):
+        print("models: " + ", ".join(f"{slot} {name}" for slot, name in sorted(snap["models"].items())))
     for cam in snap["cameras"]:
-        print(f"\n{cam['camera']}: {cam['state']}, budget {cam['budget_ms']} ms, captured {cam['captured']}, "
-              f"processed {cam['processed']} ({cam['processed_fps']} fps), superseded {cam['superseded']}, "
-              f"dropped {cam['dropped']}, deadline misses {cam['deadline_misses']}, age {cam['age_ms']}")
+        dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(cam["dropped"].items()))
+        age = " / ".join(f"{k} {v:.0f} ms" for k, v in cam["age_ms"].items()) or "-"
+        print(f"\n{cam['camera']}: {cam['state']}, budget {cam['budget_ms']:g} ms, captured {cam['captured']}, "
+              f"processed {cam['processed']} ({cam['processed_fps']:g} fps), superseded {cam['superseded']}, "
+              f"dropped {dropped or 0}, deadline misses {cam['deadline_misses']}, age {age}")
         print(f"  {'task':<16}{'runs':>8}{'forced':>8}{'budget':>8}{'period':>8}{'trigger':>8}{'motion':>8}"
               f"{'est ms':>9}{'p95 ms':>9}")
         for name, t in cam["tasks"].items():
@@ -227,12 +252,7 @@ def _describe(path: Path, prediction) -> str:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from edge.config import load_config, missing_files
-
-    cfg = load_config(args.file)
-    problems = missing_files(cfg)
-    if problems:
-        raise ConfigError(f"{args.file}: " + "; ".join(problems))
+    cfg = _checked_config(args.file)
     print(f"{args.file}: ok ({len(cfg.cameras)} camera(s), {len(cfg.models)} model(s))")
     return 0
 
@@ -304,7 +324,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from edge.bench.pipeline import run_bench
 
     if args.model is None or args.source is None:
-        raise UsageError("edge bench [pipeline] needs --model and --source")
+        raise UsageError("edge bench [pipeline] needs --model and --source; the other scenarios are "
+                         "scheduler, outbox and alerts (edge bench --help)")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
     report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,

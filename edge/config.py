@@ -534,7 +534,8 @@ def _message(err: Any) -> str:
 
 
 def missing_files(cfg: DeviceConfig) -> list[str]:
-    """``key: file not found`` for each model, manifest or media path that does not exist."""
+    """``key: file not found`` for each model, manifest or media path that does not exist,
+    and for a stats or heartbeat file whose directory does not."""
     problems = []
     for slot, model in cfg.models.items():
         for key, path in (("path", model.path), ("manifest", model.manifest)):
@@ -544,6 +545,9 @@ def missing_files(cfg: DeviceConfig) -> list[str]:
         path = getattr(cam.source, "path", None)
         if path is not None and not path.exists():
             problems.append(f"cameras[{i}].source.path: not found: {path}")
+    for key, path in (("stats_file", cfg.runtime.stats_file), ("heartbeat_file", cfg.runtime.heartbeat_file)):
+        if path is not None and not path.parent.is_dir():
+            problems.append(f"runtime.{key}: directory not found: {path.parent}")
     if cfg.decisions.policy is not None and not cfg.decisions.policy.exists():
         problems.append(f"decisions.policy: file not found: {cfg.decisions.policy}")
     for key, path in cfg.agent.pinned() if cfg.agent is not None else []:

@@ -312,6 +312,7 @@ class Daemon:
     def report(self) -> None:
         """The stats line (one record per camera) and, if configured, the stats file."""
         snap = self.scheduler.snapshot()
+        snap["models"] = {slot: model.name for slot, model in self.executors[0].models.items()}
         snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
         if self.outbox is not None and self.sync is not None:  # both or neither
             snap["outbox"], snap["sync"] = self.outbox.stats(), self.sync.stats()

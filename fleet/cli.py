@@ -1,4 +1,4 @@
-"""The ``fleet`` command: run the manager's ingest, read its events and devices."""
+"""The fleet command: the manager, its registry and rollouts, and the operator CLI."""
 
 from __future__ import annotations
 
@@ -59,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="an identity allowed to operate the fleet (repeatable; default: operator)")
     serve.add_argument("--max-transfers", type=_positive, default=64,
                        help="artifact downloads served at once (default 64)")
-    serve.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines")
-    serve.add_argument("--log-format", choices=("json", "human"), default="json")
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines (default 10)")
+    serve.add_argument("--log-format", choices=("json", "human"), default="json", help="log line format")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                       help="least severe level logged")
     serve.set_defaults(func=_cmd_serve)
 
     events = sub.add_parser("events", parents=[common], help="stored device events")
@@ -77,13 +78,14 @@ def _parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", parents=[common], help="the device registry")
     devices_sub = devices.add_subparsers(metavar="ACTION")
-    listing = devices_sub.add_parser("list", parents=[common], help="every known device")
-    _db_arg(listing)
-    listing.add_argument("--json", action="store_true", help="a JSON array")
+    listing = devices_sub.add_parser("list", parents=[common, _rpc_parent()],
+                                     help="every known device, its state, tags and models (via the broker)")
+    listing.add_argument("--db", type=Path,
+                         help="read this fleet store directly instead (offline: no broker or manager needed)")
     listing.set_defaults(func=_cmd_devices_list)
     show = devices_sub.add_parser("show", parents=[common, _rpc_parent()],
                                   help="a device's desired and reported state and its rollout jobs (via the broker)")
-    show.add_argument("device")
+    show.add_argument("device", help="the device id")
     show.set_defaults(func=operate.cmd_devices_show)
     admin.add_device_commands(devices_sub, common)
 
@@ -247,8 +249,11 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
 
 
 def _cmd_devices_list(args: argparse.Namespace) -> int:
-    with _reading(args.db) as store:
-        devices = store.devices()
+    if args.db is not None:
+        with _reading(args.db) as store:
+            devices = store.devices()
+    else:
+        devices = operate.call(args, "devices.list")
     if args.json:
         print(json.dumps(devices, indent=2))
         return 0

@@ -1,5 +1,5 @@
 """The operator's commands: keys, models, policies, rollouts, devices, the simulator
-and the rollout benchmark. All but ``keys init`` reach the manager through the broker."""
+and the rollout benchmark. All but `keys init` reach the manager through the broker."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from edge.core.errors import UsageError
 
 from .client import FleetClient
+from .errors import OpError
 from .upload import push_file
 
 WATCH_POLL_S = 0.5
@@ -26,7 +28,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     keys_sub = keys.add_subparsers(metavar="ACTION")
     init = keys_sub.add_parser("init", parents=[common], help="make an Ed25519 key pair (never overwrites)")
     init.add_argument("--dir", type=Path, default=Path("fleet-keys"), help="where (default ./fleet-keys)")
-    init.add_argument("--json", action="store_true")
+    init.add_argument("--json", action="store_true", help="the key paths as JSON")
     init.set_defaults(func=cmd_keys_init)
     for action, helptext in (("rotate", "make the next signing key (nothing signs with it yet)"),
                              ("switch", "sign with the next key, once every device pins it"),
@@ -47,7 +49,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
         group = sub.add_parser(plural, parents=[common], help=f"the {kind} registry")
         group_sub = group.add_subparsers(metavar="ACTION")
         push = group_sub.add_parser("push", parents=[common, rpc], help=f"validate, upload and sign a {kind}")
-        push.add_argument("file", type=Path)
+        push.add_argument("file", type=Path, help=f"the {kind} file")
         push.add_argument("--name", help=f"{kind} name" + (" (default: the manifest's)" if kind == "model" else ""))
         push.add_argument("--version", help=f"{kind} version (default: the {'manifest' if kind == 'model' else 'document'}'s)")
         if kind == "model":
@@ -57,14 +59,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
         listing.add_argument("--name", help="only this name")
         listing.set_defaults(func=cmd_list, kind=kind)
         show = group_sub.add_parser("show", parents=[common, rpc], help=f"a {kind}'s versions, or one (NAME@VERSION)")
-        show.add_argument("ref", metavar="NAME[@VERSION]")
+        show.add_argument("ref", metavar="NAME[@VERSION]", help=f"the {kind}, or one version of it")
         show.set_defaults(func=cmd_show, kind=kind)
 
     rollout = sub.add_parser("rollout", parents=[common], help="staged rollouts of models and policies")
     r_sub = rollout.add_subparsers(metavar="ACTION")
     start = r_sub.add_parser("start", parents=[common, rpc], help="start a staged rollout")
-    start.add_argument("ref", metavar="NAME@VERSION")
-    start.add_argument("--kind", choices=("model", "policy"), default="model")
+    start.add_argument("ref", metavar="NAME@VERSION", help="the model or policy version to roll out")
+    start.add_argument("--kind", choices=("model", "policy"), default="model", help="what to roll out")
     start.add_argument("--slot", help="the model slot on the devices (models only)")
     start.add_argument("--target", required=True, help="device ids (cam-1,cam-2) or tags (site=plant-a,line=3)")
     start.add_argument("--canary", type=int, default=1, help="devices in the canary stage (default 1; 0: none)")
@@ -81,46 +83,47 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
                              ("status", "a rollout's progress (or every rollout)"),
                              ("watch", "live progress per stage until the rollout settles")):
         p = r_sub.add_parser(action, parents=[common, rpc], help=helptext)
-        p.add_argument("id", nargs="?" if action == "status" else None)
+        p.add_argument("id", nargs="?" if action == "status" else None,
+                       help="the rollout id" + (" (default: every rollout)" if action == "status" else ""))
         if action == "abort":
-            p.add_argument("--reason")
+            p.add_argument("--reason", help="why, kept with the rollout")
         if action == "rollback":
             p.add_argument("--device", help="only this device")
         p.set_defaults(func=cmd_rollout, action=action)
 
     sim = sub.add_parser("simulate", parents=[common, rpc], help="run N simulated devices in this process")
-    sim.add_argument("--devices", type=int, required=True)
+    sim.add_argument("--devices", type=int, required=True, help="how many devices")
     sim.add_argument("--public-key", type=Path, required=True, action="append",
                      help="a key the devices pin (fleet.pub; repeatable)")
     sim.add_argument("--bundles", type=Path, help="each device's credential from its bundle, DIR/<id>/ "
                                                   "(`fleet devices add ID... --out DIR`); without it: anonymous")
-    sim.add_argument("--slot", default="detector")
+    sim.add_argument("--slot", default="detector", help="the model slot the devices run")
     sim.add_argument("--runs", metavar="NAME@VERSION", help="what the devices run at start (with --runs-file)")
     sim.add_argument("--runs-file", type=Path, help="the file of --runs (for its sha256)")
-    sim.add_argument("--id-prefix", default="sim")
+    sim.add_argument("--id-prefix", default="sim", help="device ids start with this")
     sim.add_argument("--health-window", default="1s", help="each device's own watch before it commits")
     sim.add_argument("--fail-verify", type=float, default=0, metavar="PCT", help="percent whose download is corrupted")
     sim.add_argument("--unhealthy", type=float, default=0, metavar="PCT", help="percent that roll back as unhealthy")
     sim.add_argument("--offline-mid-download", type=float, default=0, metavar="PCT",
                      help="percent that drop off halfway through a download")
     sim.add_argument("--offline-for", default="5s", help="how long they stay away")
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seed", type=int, default=0, help="picks which devices get each fault")
     sim.set_defaults(func=cmd_simulate)
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     b_sub = bench.add_subparsers(metavar="WHAT")
     b = b_sub.add_parser("rollout", parents=[common], help="a staged rollout to N simulated devices, measured")
-    b.add_argument("--devices", type=int, default=1000)
+    b.add_argument("--devices", type=int, default=1000, help="simulated devices")
     b.add_argument("--model", type=Path, help="the model to roll out (default ../shared/models/yolov8n_full_integer_quant-b.tflite)")
-    b.add_argument("--health-window", default="2s")
-    b.add_argument("--max-transfers", type=int, default=64)
+    b.add_argument("--health-window", default="2s", help="the rollout's health window")
+    b.add_argument("--max-transfers", type=int, default=64, help="the manager's --max-transfers")
     b.add_argument("--pumps", type=int, default=2, help="simulator threads")
     b.add_argument("--ingest-batches", type=int, default=5, help="outbox batches per device in the ingest phase")
     b.add_argument("--ingest-events", type=int, default=20, help="events per batch")
     b.add_argument("--secure", action="store_true",
                    help="the fleet set up for a plant: its own CA, a certificate per device, TLS and the generated "
                         "broker ACL (the benchmark makes them, so it takes no --tls-* files)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="the results as one JSON document")
     b.set_defaults(func=cmd_bench_rollout)
 
 
@@ -137,6 +140,12 @@ def _client(args: argparse.Namespace) -> FleetClient:
                        password=os.environ.get("FLEET_MQTT_PASSWORD"), timeout=args.timeout, tls=tls_from(args))
 
 
+def call(args: argparse.Namespace, op: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to the manager through the broker, with the command's connection options."""
+    with _client(args) as client:
+        return client.call(op, body)
+
+
 def _ref(value: str, *, version_required: bool) -> tuple[str, str | None]:
     name, at, version = value.partition("@")
     if not name or (at and not version) or (version_required and not version):
@@ -146,7 +155,7 @@ def _ref(value: str, *, version_required: bool) -> tuple[str, str | None]:
 
 
 def duration(value: str) -> float:
-    """``90``, ``90s``, ``5m``, ``1h``, ``1.5s`` → seconds."""
+    """90, 90s, 5m, 1h, 1.5s → seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
     if not m:
         raise UsageError(f"expected a duration like 30s, 5m or 1h, got {value!r}")
@@ -486,6 +495,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                 runs=load_running(args.runs, args.runs_file) if args.runs else None,
                                 health_window_s=duration(args.health_window), faults=faults,
                                 credentials=credentials))
+    _reachable(host, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -501,6 +511,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps({"online": sim.online(), "jobs": states}), flush=True)
     sim.stop()
     return 0
+
+
+def _reachable(host: str, port: int) -> None:
+    """OpError (exit 1) naming the broker when nothing accepts a connection there."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise OpError("unavailable", f"cannot reach the broker at {host}:{port}: {exc.strerror or exc}") from None
 
 
 def cmd_bench_rollout(args: argparse.Namespace) -> int:

@@ -120,6 +120,7 @@ class Operations:
             "rollouts.list": Op(NoArgs, lambda a, by, now: [
                 {k: v for k, v in engine.status(r).items() if k not in ("stages", "failures")}
                 for r in sorted(engine.rollouts.values(), key=lambda r: r.seq)]),
+            "devices.list": Op(NoArgs, lambda a, by, now: engine.store.devices()),
             "devices.show": Op(DeviceArgs, lambda a, by, now: engine.device_view(a.id)),
         }
 

@@ -72,6 +72,17 @@ def test_yolov8n_b_finds_kites_and_persons(yolo_b):
                for d in prediction.detections)
 
 
+def test_without_opencvs_batched_nms_the_same_detections_come_out(yolo_b, monkeypatch):
+    """OpenCV before 4.7 (Debian 12's python3-opencv, for 32-bit Raspberry Pi OS) has no
+    NMSBoxesBatched; the fallback must give the same boxes, classes apart."""
+    frame = image("kite_and_cold.jpg")
+    batched, _ = yolo_b.predict(frame)
+    monkeypatch.delattr(cv2.dnn, "NMSBoxesBatched", raising=False)  # already absent before 4.7
+    plain, _ = yolo_b.predict(frame)
+    assert len({d.label for d in batched.detections}) >= 2
+    assert plain.detections == batched.detections
+
+
 def test_the_other_quantization_agrees_on_the_dogs():
     prediction, _ = load(YOLO_A).predict(image("pets.jpg"))
     assert [d.label for d in prediction.detections].count("dog") == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -31,8 +32,8 @@ class LocalMosquitto:
         self.port = port or free_port()
         base = conf if conf is not None else (f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                                               "persistence false\nset_tcp_nodelay true\n")
-        # started as root, mosquitto would drop to its own user, who cannot read a private temp dir
-        user = "user root\n" if os.geteuid() == 0 else ""
+        # started as root, mosquitto would drop to its own user, which cannot write its log here
+        user = f"user {getpass.getuser()}\n" if os.geteuid() == 0 else ""
         conf_path = workdir / "mosquitto.conf"
         conf_path.write_text(f"{base}\nlog_dest file {workdir / 'mosquitto.log'}\nmax_queued_messages 100000\n"
                              f"{user}{extra_conf}")
@@ -43,15 +44,19 @@ class LocalMosquitto:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._proc
+
     def __enter__(self) -> "LocalMosquitto":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def start(self) -> "LocalMosquitto":
-        """Start it and wait until it listens."""
-        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, **popen: Any) -> "LocalMosquitto":
+        """Start it (``popen``: more arguments for subprocess.Popen) and wait until it listens."""
+        self._proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

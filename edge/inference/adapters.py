@@ -112,6 +112,23 @@ def _classifier(m: Manifest, outputs: Sequence[TensorInfo], _size: tuple[int, in
     return decode
 
 
+def nms_by_class(xywh: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, score: float, iou: float,
+                 top_k: int) -> np.ndarray:
+    """Indices of the boxes (x, y, w, h) that survive class-aware NMS.
+
+    OpenCV has a batched NMS from 4.7 on; older builds (Debian 12's and Raspberry Pi OS's
+    4.6) get the same result from the plain one, each class's boxes shifted far enough
+    apart that boxes of two classes never overlap."""
+    batched = getattr(cv2.dnn, "NMSBoxesBatched", None)
+    if batched is not None:
+        picked = batched(xywh.tolist(), scores.tolist(), class_ids.tolist(), score, iou, top_k=top_k)
+    else:
+        shifted = xywh.copy()
+        shifted[:, :2] += (class_ids * (xywh[:, :2].max() + xywh[:, 2:].max() + 1))[:, None]
+        picked = cv2.dnn.NMSBoxes(shifted.tolist(), scores.tolist(), score, iou, top_k=top_k)
+    return np.asarray(picked, dtype=np.int64).reshape(-1)
+
+
 def _yolov8(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -> Decoder:
     tensor = outputs[0]
     width, height = size
@@ -131,10 +148,7 @@ def _yolov8(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -
         class_ids = class_scores[:, keep].argmax(axis=0)
         cx, cy, w, h = dequantize(out[:4, keep], tensor) * np.array([[width], [height], [width], [height]])
         xywh = np.stack([cx - w / 2, cy - h / 2, w, h], axis=1)
-        picked = cv2.dnn.NMSBoxesBatched(
-            xywh.tolist(), scores.tolist(), class_ids.tolist(), t.score, t.iou, top_k=t.max_detections
-        )
-        picked = np.asarray(picked, dtype=np.int64).reshape(-1)
+        picked = nms_by_class(xywh, scores, class_ids, t.score, t.iou, t.max_detections)
         if picked.size == 0:
             return Prediction("yolov8")
         picked = picked[np.argsort(-scores[picked], kind="stable")][: t.max_detections]
