@@ -33,17 +33,17 @@ def add_device_commands(devices_sub: Any, common: argparse.ArgumentParser) -> No
     """``fleet devices add`` and ``fleet devices revoke``."""
     add = devices_sub.add_parser("add", parents=[common, _admin()],
                                  help="enrol devices: a credential each, a bundle each, the broker updated")
-    add.add_argument("names", nargs="+", metavar="ID")
+    add.add_argument("names", nargs="+", metavar="ID", help="device ids (one safe topic level each)")
     add.add_argument("--site", help="the device's site (default: default); its alerts go under it")
     add.add_argument("--line", help="the device's line (default: default)")
-    add.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable)")
+    add.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag (repeatable; default none)")
     add.add_argument("--keys", type=Path, default=Path(DEFAULT_KEYS),
                      help=f"the signing keys' directory: its public keys go into the bundle (default {DEFAULT_KEYS})")
     _enrol_args(add)
     add.set_defaults(func=cmd_enrol, role="device")
     rev = devices_sub.add_parser("revoke", parents=[common, _admin()],
                                  help="take a device's credential away (its stored data stays)")
-    rev.add_argument("names", nargs="+", metavar="ID")
+    rev.add_argument("names", nargs="+", metavar="ID", help="the devices to revoke")
     rev.set_defaults(func=cmd_revoke)
 
 
@@ -53,14 +53,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> Any:
     ids = sub.add_parser("identities", parents=[common], help="broker identities: managers, operators, controllers")
     ids_sub = ids.add_subparsers(metavar="ACTION")
     add = ids_sub.add_parser("add", parents=[common, _admin()], help="enrol an identity: a credential and a bundle")
-    add.add_argument("names", nargs="+", metavar="NAME")
-    add.add_argument("--role", required=True, choices=("operator", "controller", "manager"))
+    add.add_argument("names", nargs="+", metavar="NAME", help="identity names (letters, digits, '.', '_', '-')")
+    add.add_argument("--role", required=True, choices=("operator", "controller", "manager"),
+                     help="what it may do on the broker (see README: Security)")
     add.add_argument("--site", help="a controller's site (it reads that site's alerts)")
     add.add_argument("--line", help="a controller's line within --site (it reads only that line's alerts)")
     _enrol_args(add)
     add.set_defaults(func=cmd_enrol, tag=[], keys=None)
     rev = ids_sub.add_parser("revoke", parents=[common, _admin()], help="take an identity's credential away")
-    rev.add_argument("names", nargs="+", metavar="NAME")
+    rev.add_argument("names", nargs="+", metavar="NAME", help="the identities to revoke")
     rev.set_defaults(func=cmd_revoke)
 
     broker = sub.add_parser("broker", parents=[common], help="the fleet's Mosquitto")
@@ -89,7 +90,7 @@ def _admin() -> argparse.ArgumentParser:
                    help=f"the CA's directory (default $FLEET_PKI or {DEFAULT_PKI})")
     p.add_argument("--broker", type=_address, help="where to reach the running broker (default: the first --host "
                                                    "and --port of `fleet broker config`)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as JSON")
     return p
 
 

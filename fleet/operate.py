@@ -36,7 +36,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
                              ("list", "the keys and their states")):
         p = keys_sub.add_parser(action, parents=[common], help=helptext)
         p.add_argument("--dir", type=Path, default=Path("fleet-keys"), help="the keys (default ./fleet-keys)")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="the result as JSON")
         if action == "retire":
             p.add_argument("name", help="the previous key's name (fleet keys list)")
         if action == "switch":
