@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from edge.core.errors import UsageError
-from edge.core.files import replace_file
+from edge.core.files import fsync_dir
 
 from .ca import cert_pem, key_pem
 from .identities import Issued
@@ -75,8 +75,13 @@ def write_bundle(out: Path, issued: Issued, *, host: str, port: int, ca_pem: byt
         if issued.password is not None:
             env["FLEET_MQTT_PASSWORD"] = issued.password
         files[ENV] = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
-    for name, data in files.items():
-        replace_file(where / name, data, mode=0o600)
+    for name, data in files.items():  # new files, each on disk before the bundle is said written
+        fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+    fsync_dir(where)
+    fsync_dir(where.parent)
     return where
 
 
