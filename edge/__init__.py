@@ -2,7 +2,7 @@
 
 One package per stage of the data flow, imports pointing down it (docs/architecture.md):
 ``core`` → ``config`` → ``capture``, ``inference`` → ``schedule`` → ``sync`` →
-``decide``, ``updates`` → ``daemon`` → ``bench`` → ``cli``. The fleet imports
+``observe`` → ``decide``, ``updates`` → ``daemon`` → ``bench`` → ``cli``. The fleet imports
 ``edge.core``, and to validate what it signs the manifest and model loader of
 ``edge.inference`` and the policy parser of ``edge.decide``; ``edge`` never imports ``fleet``.
 """

@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, BMP)")
     infer.set_defaults(func=_cmd_infer)
 
+    baseline = sub.add_parser("baseline", parents=[common],
+                              help="record a model's results on known-good video: the drift baseline")
+    _model_args(baseline)
+    baseline.add_argument("--source", required=True, type=Path, help="a video the site trusts")
+    baseline.add_argument("--every", type=int, default=1, help="use every Nth frame (default 1)")
+    baseline.add_argument("--max-frames", type=int, help="stop after this many frames")
+    baseline.add_argument("--policy", type=Path, help="decision policy whose unsure band counts (default 0.25-0.5)")
+    baseline.add_argument("--write", action="store_true", help="write it into the manifest instead of printing it")
+    baseline.set_defaults(func=_cmd_baseline)
+
     config = sub.add_parser("config", parents=[common], help="check a config or print its schema")
     config_sub = config.add_subparsers(metavar="ACTION")
     check = config_sub.add_parser("check", parents=[common], help="validate a config file")
@@ -102,13 +112,15 @@ def _parser() -> argparse.ArgumentParser:
     outbox.add_argument("--workdir", type=Path, help="keep the outbox, fleet store and broker files here")
     alerts = bench_sub.add_parser("alerts", parents=[common],
                                   help="capture-to-alert latency at a real subscriber against invoke()")
-    alerts.add_argument("--model", required=True, type=Path, help=".tflite file (a person detector)")
-    alerts.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
-    alerts.add_argument("--source", required=True, type=Path, help="a video with people, looped at its own pace")
-    alerts.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
-    alerts.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    _daemon_bench_args(alerts, model=".tflite file (a person detector)",
+                       source="a video with people, looped at its own pace", seconds=20.0)
     alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
+    observe = bench_sub.add_parser("observe", parents=[common],
+                                   help="cost of the quality measures and of a scrape a second, against the budget")
+    _daemon_bench_args(observe, model=".tflite file", source="a video, looped at its own pace (720p: the budget "
+                       "the README quotes)", seconds=10.0)
+    observe.set_defaults(func=_cmd_bench_observe)
     decode = bench_sub.add_parser("decode", parents=[common],
                                   help="the contract's strict decoder against plain pydantic on an outbox batch")
     decode.add_argument("--events", type=int, default=500, help="events in the batch (default 500)")
@@ -124,6 +136,14 @@ def _pipeline_bench_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--threads", type=int, help="interpreter threads (default: core count)")
     p.add_argument("--source", required=required, type=Path, help="a video file")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per loop (default 20)")
+
+
+def _daemon_bench_args(p: argparse.ArgumentParser, *, model: str, source: str, seconds: float) -> None:
+    p.add_argument("--model", required=True, type=Path, help=model)
+    p.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
+    p.add_argument("--source", required=True, type=Path, help=source)
+    p.add_argument("--seconds", type=float, default=seconds, help=f"how long to run (default {seconds:g})")
+    p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -204,7 +224,29 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             k = t["skips"]
             print(f"  {name:<16}{t['runs']:>8}{t['forced']:>8}{k['budget']:>8}{k['period']:>8}{k['trigger']:>8}"
                   f"{k['motion']:>8}{t['estimate_ms']:>9.2f}{t['latency_ms'].get('p95', 0):>9.2f}")
+        for line in _observe_lines(cam):
+            print(line)
     return 0
+
+
+def _observe_lines(cam: dict) -> list[str]:
+    """A camera's picture measures and each task's last drift window, for ``edge stats``."""
+    lines = []
+    q = cam.get("quality")
+    if q:
+        lines.append(f"  picture: brightness {q['brightness']:.0f}, contrast {q['contrast']:.1f}, "
+                     f"sharpness {q['sharpness']:.0f}, flat {q['flat']:.2f}")
+    for task, d in cam.get("drift", {}).items():
+        head = (f"  drift {task} ({d['model']} {d['model_version']}): window {d['window']}, {d['frames']} frames, "
+                f"{d['detections_per_frame']:.2f} results/frame, unsure {d['unsure_share']:.2f}")
+        if d.get("learned"):
+            lines.append(f"{head}; became the baseline")
+        elif "psi" in d:
+            lines.append(f"{head}; against the {d['baseline']} baseline: psi {d['psi']:.3f}, "
+                         f"class shift {d['class_shift']:.3f}, detections x{d.get('detections_ratio', 0):.2f}")
+        else:
+            lines.append(f"{head}; no baseline yet")
+    return lines
 
 
 def _load_model(args: argparse.Namespace):
@@ -235,6 +277,40 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         else:
             print(_describe(path, prediction))
     return status
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from edge.config import HealthConfig
+    from edge.core.logs import setup_logging
+    from edge.inference.manifest import manifest_path_for
+    from edge.observe.baseline import baseline_yaml, read_frames, record_baseline, write_into_manifest
+    from edge.updates.health import band_outcome
+
+    setup_logging("human", "warning")
+    if args.every < 1 or (args.max_frames is not None and args.max_frames < 1):
+        raise UsageError("--every and --max-frames must be at least 1")
+    if args.policy is not None:
+        from edge.decide.policy import load_policy
+
+        outcome = load_policy(args.policy).outcome
+    else:
+        outcome = band_outcome(*HealthConfig().unsure_band)
+    model = _load_model(args)
+    manifest = args.manifest or manifest_path_for(args.model)
+    if args.write and not manifest.is_file():
+        raise UsageError(f"--write: no manifest at {manifest} to write into (give --manifest)")
+    frames = read_frames(args.source, every=args.every, limit=args.max_frames)
+    try:
+        baseline = record_baseline(model, frames, outcome, source=args.source.name)
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None
+    if args.write:
+        write_into_manifest(manifest, baseline)
+        print(f"{manifest}: baseline of {baseline.frames} frames, {baseline.detections} results, "
+              f"{len(baseline.classes)} class(es)")
+    else:
+        print(baseline_yaml(baseline), end="")
+    return 0
 
 
 def _describe(path: Path, prediction) -> str:
@@ -325,7 +401,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.model is None or args.source is None:
         raise UsageError("edge bench [pipeline] needs --model and --source; the other scenarios are "
-                         "scheduler, outbox and alerts (edge bench --help)")
+                         "scheduler, outbox, alerts, decode and observe (edge bench --help)")
     if not args.source.is_file():
         raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
     report = run_bench(args.model, args.source, manifest=args.manifest, labels=args.labels,
@@ -357,6 +433,17 @@ def _cmd_bench_alerts(args: argparse.Namespace) -> int:
 
     report = run_alerts_bench(args.model, args.source, manifest=args.manifest, seconds=args.seconds,
                               threads=args.threads)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench_observe(args: argparse.Namespace) -> int:
+    from edge.bench.observe import run_observe_bench
+
+    if not args.source.is_file():
+        raise SourceError(f"cannot open video {str(args.source)!r}: no such file")
+    report = run_observe_bench(args.model, args.source, manifest=args.manifest, threads=args.threads,
+                               seconds=args.seconds)
     print(json.dumps(report, indent=2))
     return 0
 

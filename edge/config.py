@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -302,7 +303,8 @@ class OutboxConfig(_Strict):
 
     path: ConfigPath = Path("/var/lib/edgecam/outbox.db")
     max_rows: int = Field(default=1_000_000, gt=0)
-    max_bytes: int = Field(default=512 * 1024 * 1024, ge=64 * 1024, description="sum of stored event sizes")
+    max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024,
+                           description="the outbox's files on disk: database, WAL, WAL index and reserve")
     synchronous: Literal["normal", "full"] = Field(
         default="normal", description="normal: a commit survives a process kill; full: also a power cut")
     handoff: int = Field(default=10_000, gt=0, description="events waiting for the writer; beyond, append drops")
@@ -388,7 +390,6 @@ class AgentConfig(_Strict):
     crash_loop: CrashLoopConfig = CrashLoopConfig()
     download: DownloadConfig = DownloadConfig()
 
-
     @model_validator(mode="after")
     def _some_key(self) -> "AgentConfig":
         if not self.public_keys and self.public_key is None:
@@ -399,6 +400,56 @@ class AgentConfig(_Strict):
         """Every pinned key file with the key that names it."""
         named = [(f"public_keys[{i}]", p) for i, p in enumerate(self.public_keys)]
         return named + ([("public_key", self.public_key)] if self.public_key is not None else [])
+
+
+class MetricsConfig(_Strict):
+    """Prometheus exposition on ``http://{listen}/metrics`` (see edge/observe/metrics.py)."""
+
+    listen: str = Field(description="host:port to serve /metrics on, e.g. 127.0.0.1:9108 ([::1]:9108 for IPv6)")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        listen_address(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return listen_address(self.listen)
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as a pair; ValueError saying what is wrong."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9_.-]+):(\d{1,5})", value)
+    if m is None:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9108)")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 < int(port) <= 65535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    return host, int(port)
+
+
+class DriftConfig(_Strict):
+    """Result drift per camera and model version: windows compared with a baseline."""
+
+    enabled: bool = True
+    window_s: float = Field(default=600.0, gt=0, description="each window becomes one drift event")
+    min_frames: int = Field(default=10, gt=0, description="a shorter window (at a stop) is not reported")
+    baselines: ConfigPath | None = Field(
+        default=None, description="JSON file keeping learned baselines across restarts; unset: relearned")
+
+
+class QualityConfig(_Strict):
+    """Image quality and tamper measures on a small grey copy of the frames."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=1.0, gt=0, description="measure a camera's frame at most this often")
+    width: int = Field(default=160, ge=32, le=1280, description="width of the grey copy measured")
+
+
+class ObserveConfig(_Strict):
+    drift: DriftConfig = DriftConfig()
+    quality: QualityConfig = QualityConfig()
 
 
 class DeviceConfig(_Strict):
@@ -413,6 +464,8 @@ class DeviceConfig(_Strict):
     outbox: OutboxConfig = OutboxConfig()
     agent: AgentConfig | None = Field(default=None, description="model updates from the fleet")
     decisions: DecisionsConfig = DecisionsConfig()
+    metrics: MetricsConfig | None = Field(default=None, description="without it no /metrics is served")
+    observe: ObserveConfig = ObserveConfig()
 
     @model_validator(mode="after")
     def _agent_needs_mqtt(self) -> "DeviceConfig":

@@ -20,9 +20,9 @@ import numpy as np
 
 from edge.capture.sources import Source, make_source
 from edge.capture.thread import CaptureThread
-from edge.config import CameraConfig, DeviceConfig, SchedulerConfig
+from edge.config import CameraConfig, DeviceConfig, HealthConfig, SchedulerConfig
 from edge.core.contract import Topics
-from edge.core.errors import EdgeError
+from edge.core.errors import ConfigError, EdgeError
 from edge.core.files import replace_file
 from edge.core.logs import fields
 from edge.core.signing import sha256_file
@@ -30,7 +30,11 @@ from edge.decide.alerts import AlertPublisher
 from edge.decide.engine import DecisionEngine
 from edge.decide.policy import load_policy, parse_policy
 from edge.decide.snapshots import SnapshotLimits, SnapshotStore
+from edge.inference.manifest import BaselineError
 from edge.inference.model import Model
+from edge.observe.drift import ModelRef
+from edge.observe.metrics import MetricsServer, Sources
+from edge.observe.observer import Observer
 from edge.schedule.liveness import Liveness
 from edge.schedule.planner import CostModel
 from edge.schedule.scheduler import CameraRunner, Executor, Result, Scheduler, Sink
@@ -71,7 +75,8 @@ def open_results(path: Path | None) -> tuple[ResultWriter | None, IO[str] | None
     return ResultWriter(stream), stream
 
 
-def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: Source | None = None) -> CameraRunner:
+def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: Source | None = None,
+                on_image: Any = None) -> CameraRunner:
     """A camera's capture thread and planner, ready for a scheduler."""
     capture = CaptureThread(
         cfg.id,
@@ -80,6 +85,7 @@ def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: So
         frozen_after_s=cfg.frozen_after_s,
         backoff=cfg.reopen,
         on_frame=wake,
+        on_image=on_image,
     )
     return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile))
 
@@ -103,6 +109,16 @@ class Daemon:
     """Everything ``edge run`` starts, in dependency order, and stops in reverse."""
 
     def __init__(self, cfg: DeviceConfig, sink: Sink | None = None) -> None:
+        # first: a port already taken must fail the start at once, not leave a daemon without metrics
+        self.metrics = MetricsServer(cfg.metrics.address) if cfg.metrics is not None else None
+        try:
+            self._start_up(cfg, sink)
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
+
+    def _start_up(self, cfg: DeviceConfig, sink: Sink | None) -> None:
         self.cfg = cfg
         rt = cfg.runtime
         self.rt = RuntimeOptions(rt.num_threads, rt.delegate.library if rt.delegate else None,
@@ -121,18 +137,23 @@ class Daemon:
             self.outbox = Outbox.open(cfg.outbox, cfg.device.id)
             self.recorder = Recorder(self.outbox)
             self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models)
-        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake()) for cam in cfg.cameras]
+        self.observer = self._observer()  # its callbacks read the decisions engine, made below, lazily
+        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake(), on_image=self.observer.picture(cam.id))
+                        for cam in cfg.cameras]
         self.reload_requested = threading.Event()  # SIGHUP: read the policy file again
         self._decisions_setup()
         self.health = self._health_watch()
         # decisions first: an alert must not wait for the results file or the outbox
         self.scheduler = Scheduler(self.cameras, self.executors,
-                                   fan_out([self.decisions, sink, self.recorder, self.health]))
+                                   fan_out([self.decisions, sink, self.recorder, self.health, self.observer]))
         if self.health is not None:
             self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)
         self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
         self.agent = self._make_agent()
+        self._closed: set[str] = set()  # cameras whose source ended and whose windows are closed
+        if self.metrics is not None:
+            self.metrics.attach(self._metric_sources())
         if self.outbox is not None:
             for slot, name in models.items():
                 self.outbox.append(model_event("loaded", slot, self.executors[0].models[slot].manifest.version,
@@ -157,6 +178,57 @@ class Daemon:
         if policy is not None:
             log.info("policy loaded", extra=fields(version=policy.version, rules=len(policy.rules),
                                                    source=str(d.policy)))
+
+    # --- observe (edge/observe) ---------------------------------------------------------------------
+
+    def _observer(self) -> Observer:
+        self._slot_of = {(cam.id, t.name): t.model for cam in self.cfg.cameras for t in cam.effective_tasks()}
+        self._refs: dict[str, tuple[Model, ModelRef]] = {}
+        self._band = band_outcome(*(self.cfg.agent.health if self.cfg.agent else HealthConfig()).unsure_band)
+        tasks = {cam.id: [t.name for t in cam.effective_tasks()] for cam in self.cfg.cameras}
+        return Observer(self.cfg.observe, tasks, model_of=self._model_ref, outcome=self._outcome,
+                        healthy=self._baseline_ok, record=self.outbox.append if self.outbox is not None else None)
+
+    def _model_ref(self, camera: str, task: str) -> ModelRef | None:
+        """The model serving the task now (executor 0's), as drift keys its windows."""
+        slot = self._slot_of.get((camera, task))
+        model = self.executors[0].models.get(slot) if slot is not None else None
+        if model is None:
+            return None
+        ref = self._refs.get(slot)
+        if ref is None or ref[0] is not model:
+            m = model.manifest
+            ref = self._refs[slot] = (model, ModelRef(m.name, m.version, m.baseline))
+        return ref[1]
+
+    def _baseline_ok(self, camera: str, task: str) -> bool:
+        """A window may become the baseline: the picture is fine and the model is not on trial."""
+        if not self.decisions.camera_ok(camera):
+            return False
+        if self.store is None:
+            return True
+        s = self.store.load().slots.get(self._slot_of[(camera, task)])
+        return s is None or s.active is None or s.active.committed
+
+    def _close_ended(self) -> None:
+        """Close the drift windows of cameras whose source ended, once their last frame is done."""
+        for camera in self.cameras:
+            if camera.cfg.id not in self._closed and camera.capture.ended and not camera.busy:
+                self._closed.add(camera.cfg.id)
+                self.observer.close(camera.cfg.id)
+
+    def _metric_sources(self) -> Sources:
+        d = self.cfg.device
+        return Sources(
+            device={"id": d.id, "site": d.site, "line": d.line}, cameras=self.cameras, scheduler=self.scheduler,
+            models=lambda: {slot: (m.manifest.name, m.manifest.version) for slot, m in self.executors[0].models.items()},
+            decisions=self.decisions.stats, observer=self.observer,
+            outbox=self.outbox.stats if self.outbox is not None else None,
+            oldest_unsynced=self.outbox.oldest_recorded_at if self.outbox is not None else None,
+            sync=self.sync.stats if self.sync is not None else None,
+            alerts=self.alerts.stats if self.alerts is not None else None,
+            agent=self.agent.stats if self.agent is not None else None,
+            alert_states=self.decisions.device_alerts)
 
     def _model_version(self, camera: str, task: str) -> str | None:
         for runner in self.cameras:
@@ -214,19 +286,16 @@ class Daemon:
                                               committed=entry.committed))
         return model
 
+    def _outcome(self, label: str, score: float) -> str:
+        """Unsure is the decisions policy's outcome when one is in force, else the agent's score band."""
+        policy = self.decisions.policy  # the policy in force now, if any
+        return policy.outcome(label, score) if policy is not None else self._band(label, score)
+
     def _health_watch(self) -> HealthWatch | None:
-        """Per-slot result statistics for the agent's health window. Unsure is the decisions
-        policy's outcome when one is in force, else the config's score band."""
+        """Per-slot result statistics for the agent's health window."""
         if self.cfg.agent is None:
             return None
-        slot_of = {(cam.id, t.name): t.model for cam in self.cfg.cameras for t in cam.effective_tasks()}
-        band = band_outcome(*self.cfg.agent.health.unsure_band)
-
-        def outcome(label: str, score: float) -> str:
-            policy = self.decisions.policy  # the policy in force now, if any
-            return policy.outcome(label, score) if policy is not None else band(label, score)
-
-        return HealthWatch(slot_of, outcome)
+        return HealthWatch(self._slot_of, self._outcome)
 
     def _make_agent(self) -> Agent | None:
         if self.store is None or self.health is None:
@@ -245,8 +314,11 @@ class Daemon:
         if stored is not None:
             return stored
         spec = self.cfg.models[slot]
-        model = Model.load(spec.path, manifest=spec.manifest, num_threads=self.rt.num_threads,
-                           delegate=self.rt.delegate, delegate_options=self.rt.delegate_options)
+        try:
+            model = Model.load(spec.path, manifest=spec.manifest, num_threads=self.rt.num_threads,
+                               delegate=self.rt.delegate, delegate_options=self.rt.delegate_options)
+        except BaselineError as exc:
+            raise ConfigError(f"models.{slot}.manifest: {exc}") from None
         log.info(
             "model loaded",
             extra=fields(slot=slot, model=model.name, task=model.manifest.task,
@@ -282,6 +354,8 @@ class Daemon:
                     self.reload_requested.clear()
                     self.reload_policy()
                 self.decisions.poll_health({c.cfg.id: c.capture.stats().state.value for c in self.cameras})
+                self._close_ended()
+                self.decisions.poll_observe(self.observer.snapshot())
                 if time.monotonic() >= next_stats:
                     self.report()
                     next_stats += interval
@@ -296,6 +370,10 @@ class Daemon:
             self.scheduler.join(1.0)
             for camera in started:
                 camera.capture.stop(timeout=max(0.1, stopping + 1.2 - time.monotonic()))
+            if self.scheduler.done:  # no executor is still inside a frame: close what they left open
+                for camera in self.cameras:
+                    self.observer.close(camera.cfg.id)
+                self.decisions.poll_observe(self.observer.snapshot())
             self.report()
             if self.alerts is not None:
                 self.alerts.stop(timeout=0.3)
@@ -305,6 +383,8 @@ class Daemon:
                 self.sync.stop(timeout=0.3)
             if self.outbox is not None:
                 self.outbox.close(timeout=max(0.2, stopping + 1.8 - time.monotonic()))
+            if self.metrics is not None:
+                self.metrics.stop()
             reason = "signal" if stop.is_set() else "sources ended"
             log.info("stopped", extra=fields(reason=reason, stop_s=round(time.monotonic() - stopping, 3)))
         return 0
@@ -312,6 +392,9 @@ class Daemon:
     def report(self) -> None:
         """The stats line (one record per camera) and, if configured, the stats file."""
         snap = self.scheduler.snapshot()
+        observed = self.observer.snapshot().to_dict()
+        for camera in snap["cameras"]:
+            camera.update(observed.get(camera["camera"], {}))
         snap["models"] = {slot: model.name for slot, model in self.executors[0].models.items()}
         snap["liveness"] = {"alive": self.liveness.alive, "stuck": self.liveness.stuck}
         if self.outbox is not None and self.sync is not None:  # both or neither

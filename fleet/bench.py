@@ -52,27 +52,32 @@ PREVIOUS_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-a.tflite"
 
 
 def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: float, max_transfers: int, pumps: int,
-                      ingest_batches: int, ingest_events: int, secure: bool = False,
-                      timeout_s: float = 900.0) -> dict[str, Any]:
+                      ingest_batches: int, ingest_events: int, timeout_s: float = 900.0, managers: int = 1,
+                      db: str | None = None, secure: bool = False) -> dict[str, Any]:
     model = model or DEFAULT_MODEL
     manifest_file = REPO / "models" / model.with_suffix(".yaml").name
     for path in (model, manifest_file, PREVIOUS_MODEL):
         if not path.is_file():
             raise UsageError(f"needs {path}")
+    if managers < 1 or (managers > 1 and not (db or "").startswith("postgresql")):
+        raise UsageError("several managers share a PostgreSQL store: --managers N --db postgresql://...")
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     init_keys(work / "keys")
     ids = SimSettings(host="", port=0, count=devices, public_key=[]).device_ids()
     t0 = time.monotonic()
-    fleet = _SecureFleet(work, ids) if secure else None
+    db = db or str(work / "fleet.db")
+    fleet = _SecureFleet(work, ids, db, managers) if secure else None
     enrol_s = time.monotonic() - t0
     # $SYS counters every second
     broker = (LocalMosquitto(work / "mosquitto", "sys_interval 1\n", conf=fleet.conf, port=fleet.port) if fleet
               else LocalMosquitto(work, extra_conf="sys_interval 1\n"))
     manager = sim = counters = None
+    others: list[_Manager] = []
     try:
         broker.start()
         counters = _BrokerBytes(broker.port, fleet.tls(ADMIN, work / "pki") if fleet else None)
-        manager = _Manager(work, broker.port, max_transfers, fleet.manager_args() if fleet else [])
+        manager, *others = [_Manager(work, broker.port, max_transfers, db, i, fleet.manager_args(i) if fleet else [])
+                            for i in range(managers)]
         with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60,
                          tls=fleet.tls("operator") if fleet else None) as client:
             pushed = {}
@@ -136,7 +141,9 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             "broker_bytes_sent": sys_after[1] - sys_before[1],
             "artifact_bytes_served": stats["chunk_bytes"],
             "manager_cpu_s_rollout": round(cpu_rollout, 1),
-            "manager_peak_rss_mb": round(manager.peak_rss_mb(), 1),
+            "manager_peak_rss_mb": round(max(m.peak_rss_mb() for m in (manager, *others)), 1),
+            "managers": managers,
+            "store": "postgresql" if manager.db.startswith("postgresql") else "sqlite",
             "broker_cpu_s_rollout": round(broker_cpu, 1),
             "simulator_cpu_s_rollout": round(sim_cpu, 1),
             "status_ingest_per_s": round(devices / statuses_s, 1),
@@ -150,8 +157,9 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
     finally:
         if sim is not None:
             sim.stop()
-        if manager is not None:
-            manager.stop()
+        for m in (*others, manager):
+            if m is not None:
+                m.stop()
         if counters is not None:
             counters.stop()
         broker.stop()
@@ -173,7 +181,7 @@ class _SecureFleet:
     """The fleet as ``fleet broker config``, ``fleet identities add`` and ``fleet devices
     add`` set it up: a CA, a certificate per identity, the broker's configuration."""
 
-    def __init__(self, work: Path, devices: list[str]) -> None:
+    def __init__(self, work: Path, devices: list[str], db: str, managers: int) -> None:
         self.work, self.devices = work, devices
         self.port = free_port()
         pki = work / "pki"
@@ -181,11 +189,12 @@ class _SecureFleet:
         settings = BrokerSettings(out=work / "broker", hosts=["127.0.0.1"], port=self.port, password_port=None,
                                   plugin=find_plugin(None))
         ensure_server_cert(ca, pki, settings.hosts)
-        store = Store.open(work / "fleet.db")
+        store = Store.open(db)
         try:
             now = time.time()
             ensure_admin(store, ca, pki, now)
-            issued = [enrol(store, ca, "fleet", "manager", now=now), enrol(store, ca, "operator", "operator", now=now),
+            issued = [*(enrol(store, ca, f"fleet-{i}", "manager", now=now) for i in range(managers)),
+                      enrol(store, ca, "operator", "operator", now=now),
                       *(enrol(store, ca, d, "device", now=now) for d in devices)]
             keys = Keyring(work / "keys").pinned()
             for i in issued:
@@ -200,9 +209,9 @@ class _SecureFleet:
         d = where or self.work / "bundles" / name
         return Tls(str(d / "ca.crt"), str(d / f"{name}.crt"), str(d / f"{name}.key"))
 
-    def manager_args(self) -> list[str]:
-        t = self.tls("fleet")
-        return ["--identity", "fleet", "--tls-ca", t.ca, "--tls-cert", t.cert, "--tls-key", t.key]
+    def manager_args(self, index: int) -> list[str]:
+        t = self.tls(f"fleet-{index}")
+        return ["--identity", f"fleet-{index}", "--tls-ca", t.ca, "--tls-cert", t.cert, "--tls-key", t.key]
 
     def credentials(self) -> dict[str, Credentials]:
         return {d: read_credentials(self.work / "bundles" / d) for d in self.devices}
@@ -232,14 +241,17 @@ class _BrokerBytes:
 class _Manager:
     """``fleet serve`` as its own process, its log in a file."""
 
-    def __init__(self, work: Path, port: int, max_transfers: int, extra: list[str]) -> None:
-        self.db = work / "fleet.db"
-        self.log = work / "fleet.log"
+    def __init__(self, work: Path, port: int, max_transfers: int, db: str, index: int, identity: list[str]) -> None:
+        """``identity``: the arguments that make it connect as an enrolled manager."""
+        self.db = db
+        self.log = work / f"fleet-{index}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet", "serve", "--db", str(self.db), "--broker", f"127.0.0.1:{port}",
-             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5", *extra],
+            [sys.executable, "-m", "fleet", "serve", "--db", db, "--broker", f"127.0.0.1:{port}",
+             "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5",
+             "--artifacts", str(work / f"artifacts-{index}"), *(identity or ["--client-id", f"fleet-bench-{index}"])],
             stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
+        self._leader = index == 0  # started first, it takes the lease
         _wait(self._subscribed, 30, "fleet serve to subscribe")
         self._store: Store | None = None
 
@@ -247,7 +259,7 @@ class _Manager:
         if self.proc.poll() is not None:
             raise EdgeError(f"fleet serve exited: {self.log.read_text()[-500:]}")
         text = self.log.read_text()
-        return '"control subscribed"' in text and '"ingest subscribed"' in text
+        return ('"control subscribed"' in text or not self._leader) and '"ingest subscribed"' in text
 
     def online(self) -> int:
         if self._store is None:

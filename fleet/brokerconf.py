@@ -105,13 +105,15 @@ def rights(identity: IdentityRow, topics: Topics) -> list[dict[str, Any]]:
         d = f"{p}/dev/{identity.name}"
         send = [f"{d}/status", f"{d}/outbox", f"{d}/reported", f"{d}/job/+", f"{d}/artifact/get",
                 f"{p}/alerts/{identity.site}/{identity.line}/#"]
-        subscribe = receive = [f"{d}/desired", f"{d}/ack", f"{d}/artifact/+"]
+        # the managers' "ingest online" announcement: every device's, so not its own topic
+        subscribe = receive = [f"{d}/desired", f"{d}/ack", f"{d}/artifact/+", topics.ingest_online()]
     elif identity.role == "manager":
         reads = [topics.all_status(), topics.all_reported(), topics.all_jobs(), topics.all_artifact_gets(),
                  topics.all_rpc()]
         literal = [topics.shared_outbox(SHARE_GROUP), *reads]
         receive = [f"{p}/dev/+/outbox", *reads]
-        send = [f"{p}/dev/+/ack", f"{p}/dev/+/desired", f"{p}/dev/+/artifact/+", f"{p}/fleet/reply/#"]
+        send = [f"{p}/dev/+/ack", f"{p}/dev/+/desired", f"{p}/dev/+/artifact/+", f"{p}/fleet/reply/#",
+                topics.ingest_online()]
     elif identity.role == "operator":
         send = [topics.rpc(identity.name)]
         subscribe = receive = [f"{p}/fleet/reply/{identity.name}/#"]

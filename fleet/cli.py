@@ -43,18 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the manager: ingest device outboxes")
-    serve.add_argument("--db", required=True, type=Path, help="the fleet store (SQLite; created if missing)")
+    serve.add_argument("--db", required=True,
+                       help="the fleet store: a SQLite path (created if missing) or postgresql://USER@HOST/DB")
     serve.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "localhost:1883"), type=_broker,
                        help="host:port (default $FLEET_BROKER or localhost:1883)")
     serve.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
     serve.add_argument("--identity", help="the manager's broker identity (`fleet identities add NAME --role "
-                                          "manager`): the control link connects as NAME, the ingest as NAME~ingest")
+                                          "manager`): the control link connects as NAME, the job inbox as NAME~jobs and the "
+                                          "ingest as NAME~ingest")
     serve.add_argument("--client-id", help="MQTT client id without --identity (default fleet-<host>-<pid>-<random>)")
     serve.add_argument("--username", help="broker user without --identity; the password is read from "
                                           "$FLEET_MQTT_PASSWORD")
     tls_args(serve)
     serve.add_argument("--keys", type=Path, help="directory with the signing key fleet.key (`fleet keys init`)")
-    serve.add_argument("--artifacts", type=Path, help="where artifact bytes are kept (default <db>.artifacts)")
+    serve.add_argument("--artifacts", type=Path,
+                       help="where artifact bytes are kept (default <db>.artifacts, or ./fleet-artifacts for a URL)")
+    serve.add_argument("--failover", type=float, default=10.0, metavar="SECONDS",
+                       help="how soon another manager takes over from one that died (default 10)")
     serve.add_argument("--operator", action="append", metavar="IDENTITY",
                        help="an identity allowed to operate the fleet (repeatable; default: operator)")
     serve.add_argument("--max-transfers", type=_positive, default=64,
@@ -64,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                        help="least severe level logged")
     serve.set_defaults(func=_cmd_serve)
+
+    database = sub.add_parser("db", parents=[common], help="the fleet store's schema, and moving it")
+    db_sub = database.add_subparsers(metavar="ACTION")
+    upgrade = db_sub.add_parser("upgrade", parents=[common], help="bring the store's schema up to date")
+    _db_arg(upgrade)
+    upgrade.set_defaults(func=_cmd_db_upgrade)
+    current = db_sub.add_parser("current", parents=[common],
+                                help="the store's schema version, this code's, and who runs the rollouts")
+    _db_arg(current)
+    current.add_argument("--json", action="store_true", help="machine-readable output")
+    current.set_defaults(func=_cmd_db_current)
+    copy = db_sub.add_parser("copy", parents=[common], help="copy every row of one store into another")
+    copy.add_argument("--from", dest="source", required=True, help="the store to copy (path or URL)")
+    copy.add_argument("--to", dest="target", required=True, help="the store to fill (path or URL; created)")
+    copy.add_argument("--artifacts", type=Path,
+                      help="artifact bytes to carry along (default <from>.artifacts when --from is a path)")
+    copy.set_defaults(func=_cmd_db_copy)
 
     events = sub.add_parser("events", parents=[common], help="stored device events")
     events_sub = events.add_subparsers(metavar="ACTION")
@@ -80,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     devices_sub = devices.add_subparsers(metavar="ACTION")
     listing = devices_sub.add_parser("list", parents=[common, _rpc_parent()],
                                      help="every known device, its state, tags and models (via the broker)")
-    listing.add_argument("--db", type=Path,
+    listing.add_argument("--db",
                          help="read this fleet store directly instead (offline: no broker or manager needed)")
     listing.set_defaults(func=_cmd_devices_list)
     show = devices_sub.add_parser("show", parents=[common, _rpc_parent()],
@@ -139,7 +161,8 @@ def tls_from(args: argparse.Namespace) -> "Tls | None":
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", type=Path, default=Path(DEFAULT_DB), help=f"the fleet store (default {DEFAULT_DB}, or $FLEET_DB)")
+    p.add_argument("--db", default=DEFAULT_DB,
+                   help=f"the fleet store, a path or URL (default {DEFAULT_DB}, or $FLEET_DB)")
 
 
 def _broker(value: str) -> tuple[str, int]:
@@ -163,6 +186,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.stats_interval <= 0:
         raise UsageError("--stats-interval must be > 0")
+    if not 1.0 <= args.failover <= 3600:
+        raise UsageError("--failover must be between 1 and 3600 seconds")
     host, port = args.broker
     try:
         Topics(args.prefix)
@@ -179,11 +204,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     manager = Manager(ManagerSettings(
         db=args.db, host=host, port=port, prefix=args.prefix, artifacts=args.artifacts, keys=args.keys,
         operators=operators, client_id=args.client_id, username=args.username,
-        password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers, identity=args.identity,
-        use_tls=tls is not None, tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None,
-        tls_key=tls.key if tls else None))
+        password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers,
+        failover_s=args.failover, identity=args.identity, use_tls=tls is not None, tls_ca=tls.ca if tls else None,
+        tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None))
     manager.start()
-    log.info("serving", extra={"fields": {"db": str(args.db), "broker": f"{host}:{port}", "prefix": args.prefix,
+    log.info("serving", extra={"fields": {"db": manager.store.name, "broker": f"{host}:{port}", "prefix": args.prefix,
                                           "operators": sorted(operators), "signing": args.keys is not None,
                                           "identity": args.identity, "tls": tls is not None}})
     try:
@@ -198,8 +223,93 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # --- reads --------------------------------------------------------------------------------------
 
 
+# --- the store's schema ----------------------------------------------------------------------
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from .store import Store
+    from .store.engine import describe, parse_url
+
+    name = describe(parse_url(args.db))
+    before = _revision_or_none(args.db)
+    store = Store.open(args.db)
+    after = store.revision()
+    store.close()
+    if before == after:
+        print(f"{name}: schema {after}, up to date")
+    else:
+        print(f"{name}: schema {before or 'none'} -> {after}")
+    return 0
+
+
+def _revision_or_none(db: str) -> str | None:
+    from .store import Store, StoreError
+
+    try:
+        store = Store.open_readonly(db)
+    except StoreError as exc:
+        if "no fleet store here" in str(exc) or "no schema" in str(exc):
+            return None
+        raise
+    try:
+        return store.revision()
+    finally:
+        store.close()
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from .store.engine import head
+    from .store.lease import Lease
+
+    with _reading(args.db) as store:
+        revision = store.revision()
+        lease = Lease(store, "", duration_s=0).state() if revision == head() else None
+    doc = {"db": store.name, "schema": revision, "code": head(), "up_to_date": revision == head(),
+           "leader": lease["holder"] if lease and lease["expires_at"] > lease["now"] else None,
+           "lease_epoch": lease["epoch"] if lease else None}
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    state = "up to date" if doc["up_to_date"] else f"older than this code's {doc['code']}: `fleet db upgrade`"
+    print(f"{doc['db']}: schema {revision} ({state})")
+    print(f"rollouts run by: {doc['leader'] or 'no manager holds the lease'}")
+    return 0
+
+
+def _cmd_db_copy(args: argparse.Namespace) -> int:
+    from .store import Store
+    from .store.copy import copy_store
+    from .store.engine import is_sqlite, parse_url
+
+    source_url = parse_url(args.source)
+    artifacts = args.artifacts
+    if artifacts is None and is_sqlite(source_url):
+        artifacts = Path(f"{source_url.database}.artifacts")
+    if str(parse_url(args.target)) == str(source_url):
+        raise UsageError("--from and --to name the same store")
+    source = Store.open(args.source)  # a store of an older schema is brought up to date first
+    target = Store.open(args.target)
+    try:
+        done = copy_store(source, target, artifacts=artifacts,
+                          progress=lambda table, rows: print(f"\r{table}: {rows} rows", end="", file=sys.stderr))
+        print(file=sys.stderr)
+        events = (source.count_events(), target.count_events())
+    finally:
+        source.close()
+        target.close()
+    print(f"copied {source.name} -> {target.name}: " + ", ".join(f"{t} {n}" for t, n in done.rows.items()))
+    missing = events[0] - events[1]
+    for table, keys in done.refused.items():
+        print(f"not copied, {table}: {len(keys)} rows the target refuses: {', '.join(keys[:5])}", file=sys.stderr)
+    if missing > 0:
+        print(f"fleet: error: {missing} of {events[0]} events are not in the target", file=sys.stderr)
+        return 1
+    print(f"events: {events[0]} in the source, {events[1]} in the target")
+    return 0
+
+
 @contextlib.contextmanager
-def _reading(db: Path) -> Iterator["Store"]:
+def _reading(db: str) -> Iterator["Store"]:
     """The store for a read command; rows it skips are one warning line on stderr a read."""
     from edge.core.logs import HumanFormatter
 

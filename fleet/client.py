@@ -29,6 +29,7 @@ from edge.core.tls import client_context, refusal
 from .errors import OpError
 
 CONNECT_TIMEOUT_S = 5.0
+RESEND_S = 4.0  # a request unanswered this long is sent again (the manager may have changed)
 TAKEN_OVER = 142  # MQTT 5 reason code: another client connected with this client id
 
 
@@ -147,17 +148,22 @@ class FleetClient:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self._reply_topic
         props.CorrelationData = key
-        self._client.publish(self._request_topic, encode(request), qos=1, properties=props)
+        body = encode(request)
+        self._client.publish(self._request_topic, body, qos=1, properties=props)
         deadline = time.monotonic() + (timeout or self.timeout)
+        resend = time.monotonic() + RESEND_S
         with self._cond:
             while key not in self._answers:
                 if self._failure is not None:
                     raise OpError("unavailable", self._failure)
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     raise OpError("timeout", f"no answer to {op} within {timeout or self.timeout:g}s: is "
                                              f"`fleet serve` running on this broker and prefix {self.topics.prefix}?")
-                self._cond.wait(left)
+                if now >= resend:  # the same id: a manager that already did it answers from its store
+                    self._client.publish(self._request_topic, body, qos=1, properties=props)
+                    resend = now + RESEND_S
+                self._cond.wait(min(deadline, resend) - now)
             payload = self._answers.pop(key)
         try:
             response = decode_rpc_response(payload)

@@ -29,7 +29,8 @@ from .ca import FleetCA, PrivateKey, new_key, serial_hex
 from .store import IdentityRow, Store
 
 ROLES = ("device", "manager", "operator", "controller", "admin")
-LINKS: dict[str, tuple[str | None, ...]] = {"device": (None, "agent", "alerts"), "manager": (None, "ingest")}
+# a manager: its control link (while it holds the lease), its job inbox and its ingest
+LINKS: dict[str, tuple[str | None, ...]] = {"device": (None, "agent", "alerts"), "manager": (None, "jobs", "ingest")}
 ADMIN = "fleet-admin"  # the identity that changes the broker's ACL on the fleet's behalf
 PW_ITERATIONS = 101  # mosquitto_passwd's default; the passwords are 192 random bits, not words
 PW_SALT_BYTES = 12

@@ -9,7 +9,11 @@ topic. A batch that breaks the contract is counted under its reason, logged, and
 neither stored nor acked; nothing a device sends can stop the manager.
 
 The manager's session is clean: a manager that is down must not keep a share of the
-batches queued for itself. Devices keep their rows and send them again.
+batches queued for itself (a broker gives an offline member of a shared subscription
+its turn all the same). Devices keep their rows and send them again: once the
+subscriptions are live the ingest says so on ``{p}/fleet/ingest/online``, and every
+device sends its unacknowledged batches again at once, instead of after its ack
+timeout. So a broker or manager restart costs no stall, whichever side is back first.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import logging
 import os
 import secrets
 import socket
-import sqlite3
 import time
 from dataclasses import replace
 from typing import Any
@@ -30,6 +33,7 @@ from edge.core.contract import (
     SHARE_GROUP,
     Ack,
     ContractError,
+    IngestOnline,
     Topics,
     decode_batch,
     decode_status,
@@ -38,7 +42,7 @@ from edge.core.contract import (
 from edge.core.link import Link, LinkSettings
 from edge.core.logs import fields
 
-from .store import Store
+from .store import DatabaseError, Store
 
 log = logging.getLogger("fleet.ingest")
 
@@ -63,6 +67,7 @@ class Ingest:
             client_id=client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         settings = replace(settings, clean_start=True, session_expiry_s=0, backoff_initial_s=backoff_initial_s,
                            backoff_max_s=backoff_max_s, max_inflight=100)
+        self.client_id = settings.client_id
         self._link = Link(settings, self, name="ingest")
         self.subscribed = False
 
@@ -94,6 +99,9 @@ class Ingest:
         self.subscribed = True
         log.info("ingest subscribed", extra=fields(outbox=self.topics.shared_outbox(self.group),
                                                    status=self.topics.all_status()))
+        # QoS 0: only devices online now need it (one that returns later re-sends on its own)
+        online = IngestOnline(v=1, manager=self.client_id[:256], at=time.time())
+        client.publish(self.topics.ingest_online(), encode(online), qos=0)
 
     def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
@@ -120,9 +128,9 @@ class Ingest:
             stored = self.store.add_batch(batch, now)
         except ContractError as exc:
             return self._reject(exc.reason, self.topics.outbox(device), exc.detail)
-        except sqlite3.Error as exc:  # not acked: the device sends it again
+        except DatabaseError as exc:  # not acked: the device sends it again
             self._counters["store_errors"] += 1
-            log.error("store failed; batch not acked", extra=fields(device=device, error=str(exc)))
+            log.error("store failed; batch not acked", extra=fields(device=device, error=str(exc).splitlines()[0]))
             return
         k = self._counters
         k["batches"] += 1
@@ -144,9 +152,9 @@ class Ingest:
             self.store.set_status(status, time.time())
         except ContractError as exc:
             return self._reject(exc.reason, self.topics.status(device), exc.detail)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             self._counters["store_errors"] += 1
-            log.error("store failed; status not recorded", extra=fields(device=device, error=str(exc)))
+            log.error("store failed; status not recorded", extra=fields(device=device, error=str(exc).splitlines()[0]))
             return
         self._counters["statuses"] += 1
         log.info("device status", extra=fields(device=device, state=status.state, runtime=status.runtime))

@@ -123,6 +123,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     b.add_argument("--secure", action="store_true",
                    help="the fleet set up for a plant: its own CA, a certificate per device, TLS and the generated "
                         "broker ACL (the benchmark makes them, so it takes no --tls-* files)")
+    b.add_argument("--managers", type=int, default=1, help="`fleet serve` processes sharing the store (default 1)")
+    b.add_argument("--db", help="the store they share (default a SQLite file in the run's temp dir; "
+                                "several managers need postgresql://...)")
     b.add_argument("--json", action="store_true", help="the results as one JSON document")
     b.set_defaults(func=cmd_bench_rollout)
 
@@ -527,7 +530,7 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
     result = run_rollout_bench(devices=args.devices, model=args.model, health_window_s=duration(args.health_window),
                                max_transfers=args.max_transfers, pumps=args.pumps,
                                ingest_batches=args.ingest_batches, ingest_events=args.ingest_events,
-                               secure=args.secure)
+                               managers=args.managers, db=args.db, secure=args.secure)
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0 if result.get("state") == "completed" else 1
 

@@ -8,6 +8,7 @@ bytes changes nothing, with different bytes it is refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge.core.contract import MAX_ARTIFACT_DOC_BYTES, SHA256_PATTERN, Artifact, Desired, canonical, loads
+from edge.core.logs import fields
 from edge.core.signing import SignatureError, sha256_file, sign, verify, verify_file
 from edge.decide.policy import PolicyError, parse_policy
 
@@ -108,13 +110,13 @@ class Registry:
                 verify(self.vouched, art)
             except SignatureError:
                 log.warning("artifact signed by a key the fleet no longer vouches for; left as it is",
-                            extra={"fields": {"name": art.name, "version": art.version, "sha256": art.sha256}})
+                            extra=fields(name=art.name, version=art.version, sha256=art.sha256))
                 continue
             new = sign(self._key, art)
             self.store.resign_artifact(new)
             out[(art.kind, art.name, art.version)] = new
         if out:
-            log.info("artifacts signed again with the signing key", extra={"fields": {"artifacts": len(out)}})
+            log.info("artifacts signed again with the signing key", extra=fields(artifacts=len(out)))
         return out
 
     def path(self, sha256: str) -> Path:
@@ -157,7 +159,28 @@ class Registry:
                                                    " (tampered or corrupted in transit); upload discarded")
         with open(part, "rb") as f:
             os.fsync(f.fileno())
+        self.store.put_blob(sha256, part.read_bytes())  # for whichever manager runs the rollouts next
         os.replace(part, self.path(sha256))
+
+    def materialize(self) -> int:
+        """Write every artifact the store holds but this directory lacks (a manager taking
+        over from another); returns how many. Each is checked against its sha256."""
+        written = 0
+        for sha256 in self.store.blob_shas():
+            if self.has_bytes(sha256):
+                continue
+            data = self.store.blob(sha256)
+            if data is None or hashlib.sha256(data).hexdigest() != sha256:
+                log.error("stored artifact bytes do not hash to their sha256; not served", extra=fields(sha256=sha256))
+                continue
+            part = self.uploads / f"{sha256}.copy"
+            with open(part, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, self.path(sha256))
+            written += 1
+        return written
 
     # --- push -----------------------------------------------------------------------------
 

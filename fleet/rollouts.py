@@ -20,9 +20,12 @@ abort config and hawkBit's rollout groups:
   ``failed / finished >= abort_failure_pct``; devices not yet assigned are skipped and
   every assigned device is sent back to the version it ran before (job ``<id>-rb``).
 
-The engine runs on the manager's control thread only; its state is in memory and
-every change is written to the store (``flush``) before the desired states it made
-are published. On a restart it loads the store and carries on.
+The engine runs on the leading manager's control thread only; its state is in memory
+and every change is written to the store (``flush``) before the desired states it made
+are published. Job statuses reach it through the store, where every manager's control
+link puts them (:meth:`Engine.judge`), so a status sent while the leader changes is not
+lost. On a restart, or in the manager that takes the lease over, it loads the store and
+carries on.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from edge.core.logs import fields
 from .desired import DesiredBook, desired_row, load_desired, load_reported, reported_row
 from .errors import OpError
 from .registry import Registry
-from .store import Loader, Store, load_job
+from .store import Fence, JobRow, Loader, Store, load_job
 
 log = logging.getLogger("fleet.rollouts")
 
@@ -198,7 +201,8 @@ class Engine:
             self.executions[e.rollout][e.device] = e
         self.counters = Counters()
         self._rows: dict[tuple[str, str], dict[str, Any]] = {}
-        self._jobs: list[dict[str, Any]] = []
+        self._judged: set[int] = set()  # job rows judged here, marked so in the store at the next flush
+        self._answers: list[dict[str, Any]] = []
         for doc in self.book.all():  # after a key switch: the artifacts as the registry signs them now
             fresh = self._current(doc)
             if fresh != doc:
@@ -234,24 +238,36 @@ class Engine:
         self._rows[("desired", device)] = desired_row(doc)
         return doc
 
-    def flush(self) -> list[Desired]:
-        """Commit what changed; returns the desired states now safe to publish."""
-        if self._rows or self._jobs:
+    def flush(self, fence: Fence | None = None) -> list[Desired]:
+        """Commit what changed (under ``fence``: LeaseLost once another manager leads);
+        returns the desired states now safe to publish."""
+        if self._rows or self._judged or self._answers:
             writes: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for (table, _), row in self._rows.items():
                 writes[table].append(row)
-            writes["jobs"] = self._jobs
-            self.store.commit(dict(writes), ROW_LOADERS)
-            self._rows, self._jobs = {}, []
+            self.store.commit(dict(writes), ROW_LOADERS, judged=self._judged, answers=self._answers, fence=fence)
+            self._rows, self._judged, self._answers = {}, set(), []
         return self.book.take_unpublished()
+
+    def answered(self, identity: str, request_id: str, response: str, now: float) -> None:
+        """Keep an answer to a request that changed something, committed with the change."""
+        self._answers.append({"identity": identity, "id": request_id, "response": response, "at": now})
 
     # --- what devices say --------------------------------------------------------------------
 
-    def on_job(self, status: JobStatus, now: float) -> None:
+    def judge(self, pending: list[tuple[int, JobRow]], now: float) -> None:
+        """Job statuses as the store holds them (any manager may have stored them), each once."""
+        for rowid, status in pending:
+            if rowid in self._judged:
+                continue
+            self._judged.add(rowid)
+            if status.state not in JOB_STATES:  # a row no device could have sent
+                self._reject("schema", f"{status.device} job {status.job}: state {status.state!r}")
+                continue
+            self.on_job(status, now)
+
+    def on_job(self, status: JobStatus | JobRow, now: float) -> None:
         self.counters.jobs += 1
-        self._jobs.append({"device": status.device, "job": status.job, "slot": status.slot,
-                           "sha256": status.sha256, "state": status.state, "reason": status.reason,
-                           "at": status.at, "received_at": now})
         revert = status.job.endswith(REVERT_SUFFIX)
         rid = status.job[:-len(REVERT_SUFFIX)] if revert else status.job
         r = self.rollouts.get(rid)

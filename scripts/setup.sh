@@ -1,7 +1,7 @@
 # Shared set-up for scripts/test and scripts/demo: sourced, not run. Idempotent: each
 # step does nothing when its work is already done, so running either again is quick.
 #   need_apt PKG...   install Debian packages that are missing (as root, or through sudo)
-#   ensure_venv       .venv with the package and its test extras installed
+#   ensure_venv       .venv (or another DIR) with the package and its test extras installed
 #   fetch_models      models and sample media, from ../shared when it is there, else by URL
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,17 +28,21 @@ need_apt() {
 }
 
 ensure_venv() {
+    # ensure_venv [DIR [PIP_SPEC...]]: DIR (default .venv) with the package, its test
+    # extras and any further specs (e.g. a pinned runtime) installed
+    local venv="${1:-$REPO/.venv}"
+    shift $(( $# > 0 ? 1 : 0 ))
     need_apt python3-venv
-    if [ ! -x "$REPO/.venv/bin/python" ]; then
-        python3 -m venv "$REPO/.venv"
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
     fi
-    # pip skips what is installed already; the stamp skips pip when pyproject is unchanged
-    local stamp="$REPO/.venv/.edgecam-installed"
-    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
-        echo "installing edgecam and its dependencies into $REPO/.venv" >&2
-        "$REPO/.venv/bin/python" -m pip install --quiet --upgrade pip
-        "$REPO/.venv/bin/python" -m pip install --quiet -e "$REPO[test]"
-        touch "$stamp"
+    # pip skips what is installed already; the stamp skips pip when pyproject and the specs are unchanged
+    local stamp="$venv/.edgecam-installed"
+    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$*" ]; then
+        echo "installing edgecam and its dependencies into $venv${*:+ (with $*)}" >&2
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        "$venv/bin/python" -m pip install --quiet -e "$REPO[test]" "$@"
+        echo "$*" > "$stamp"
     fi
 }
 

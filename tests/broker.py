@@ -122,7 +122,7 @@ class Broker:
 class FleetProcess:
     """`fleet serve` as a real process, its JSON log collected from stderr."""
 
-    def __init__(self, db: Path, broker: Broker, *extra: str) -> None:
+    def __init__(self, db: Path | str, broker: Broker, *extra: str) -> None:
         self.db = db
         self.lines: list[dict] = []
         self.proc = subprocess.Popen(

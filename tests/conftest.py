@@ -106,3 +106,42 @@ def broker(tmp_path):
     b = Broker(tmp_path / "mosquitto").start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One private PostgreSQL cluster for the session (tests/postgres.py); skips without it."""
+    from postgres import Postgres
+
+    pg = Postgres().start()
+    yield pg
+    pg.remove()
+
+
+ENGINES = ["sqlite", "postgresql"]
+both_engines = pytest.mark.parametrize("fleet_db", ENGINES, indirect=True)  # a test run on each engine
+
+
+@pytest.fixture
+def fleet_db(request, tmp_path) -> str:
+    """A fleet store's location: a SQLite path (the default), or with ``@both_engines`` also
+    a fresh database in the session's PostgreSQL cluster."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return str(tmp_path / "fleet.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+def db_rows(db: str, sql: str, *args) -> list[tuple]:
+    """Rows of a query on a fleet store of either engine (``?`` placeholders)."""
+    import sqlalchemy as sa
+
+    from fleet.store.engine import create, parse_url
+
+    parts = sql.split("?")
+    text = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))
+    engine = create(parse_url(db), readonly=True, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(text), {f"p{i}": a for i, a in enumerate(args)})]
+    finally:
+        engine.dispose()

@@ -93,6 +93,7 @@ FRAME = np.full((360, 640, 3), 90, np.uint8)
 RT = RuntimeOptions(num_threads=2)
 
 
+@pytest.mark.runtime
 def test_smoke_test_passes_a_good_model_and_names_what_is_wrong_with_bad_ones():
     ok = smoke_test(shared_path(YOLO), manifest(YOLO), FRAME, budget_ms=5000, factor=1, invokes=2, rt=RT)
     assert ok.invokes == 2 and 0 < ok.latency_ms < ok.limit_ms

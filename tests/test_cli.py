@@ -134,15 +134,7 @@ def test_results_into_a_missing_directory_is_a_clear_error(tmp_path, capsys):
     assert_one_line_error(err, f"--results {tmp_path / 'no' / 'r.jsonl'}: cannot open: No such file or directory")
 
 
-def test_garbage_model_file(tmp_path, capsys):
-    garbage = tmp_path / "garbage.tflite"
-    garbage.write_bytes(os.urandom(4096))
-    config = write_config(tmp_path, video_source(), model_path=garbage)
-    code, err = run_main(capsys, "run", "--config", str(config))
-    assert code == 1
-    assert_one_line_error(err, "not a valid TFLite model")
-
-
+@pytest.mark.runtime
 def test_model_with_an_unresolved_custom_op(tmp_path, capsys):
     config = write_config(tmp_path, video_source(), model="models/broken/model_invoking_error.tflite",
                           manifest=manifest_for("mobilenet_v2_1.0_224_quant.tflite"))
@@ -151,6 +143,7 @@ def test_model_with_an_unresolved_custom_op(tmp_path, capsys):
     assert_one_line_error(err, "unresolved custom op 'fake-op-double'")
 
 
+@pytest.mark.runtime
 def test_manifest_that_does_not_match_the_tensors(tmp_path, capsys):
     config = write_config(tmp_path, video_source(), manifest=manifest_for("mobilenet_v2_1.0_224_quant.tflite"))
     code, err = run_main(capsys, "run", "--config", str(config))
@@ -185,6 +178,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in stderr and "not a valid TFLite model" in stderr
 
 
+@pytest.mark.runtime
 def test_edge_infer_prints_the_top_class(capsys):
     model = "models/mobilenet_v2_1.0_224_quant.tflite"
     code = main(["infer", "--model", str(shared_path(model)), "--manifest", str(manifest_for(model)),
@@ -195,6 +189,7 @@ def test_edge_infer_prints_the_top_class(capsys):
     assert out.splitlines()[1].split(maxsplit=1)[1] == "military uniform"
 
 
+@pytest.mark.runtime
 def test_edge_infer_json_for_several_images(capsys):
     images = [shared_path("media/images/pets.jpg"), shared_path("media/images/kite_and_cold.jpg")]
     code = main(["infer", "--json", "--model", str(shared_path(YOLO_B)), "--manifest", str(manifest_for(YOLO_B)),
@@ -205,6 +200,7 @@ def test_edge_infer_json_for_several_images(capsys):
     assert {"kite", "person"} <= {d["label"] for d in docs[1]["detections"]}
 
 
+@pytest.mark.runtime
 def test_edge_infer_on_an_unreadable_image_fails_but_reports_the_rest(tmp_path, capsys):
     model = "models/mobilenet_v2_1.0_224_quant.tflite"
     code = main(["infer", "--model", str(shared_path(model)), "--manifest", str(manifest_for(model)),

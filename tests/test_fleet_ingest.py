@@ -12,6 +12,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 from broker import REPO, Broker, FleetProcess, wait_until
+from conftest import both_engines, db_rows
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.config import Backoff, DeviceInfo, MqttConfig, OutboxConfig
@@ -48,8 +49,8 @@ class Listener:
 
 
 @pytest.fixture
-def fleet(tmp_path, broker):
-    store = Store.open(tmp_path / "fleet.db")
+def fleet(fleet_db, broker):
+    store = Store.open(fleet_db)
     ingest = Ingest(store, host=broker.host, port=broker.port)
     ingest.start()
     wait_until(lambda: ingest.subscribed, 10, "the ingest's subscriptions")
@@ -77,6 +78,7 @@ def batch(device: str, n: int = 3, batch_id: str | None = None) -> tuple[str, by
     return batch_id, contract.batch_body(device, batch_id, time.time(), wire(device, events))
 
 
+@both_engines
 def test_bad_batches_are_rejected_counted_and_never_stored_or_acked(fleet, listener):
     good_id, good = batch("cam-1")
     _, foreign = batch("cam-2")
@@ -109,6 +111,7 @@ def test_bad_batches_are_rejected_counted_and_never_stored_or_acked(fleet, liste
     assert listener.acks == [(TOPICS.ack("cam-1"), {"v": 1, "device": "cam-1", "batches": [good_id]})]
 
 
+@both_engines
 def test_a_batch_sent_again_changes_nothing_but_is_acked_again(fleet, listener):
     batch_id, body = batch("cam-1", n=5)
     listener.publish(TOPICS.outbox("cam-1"), body)
@@ -119,15 +122,17 @@ def test_a_batch_sent_again_changes_nothing_but_is_acked_again(fleet, listener):
     assert fleet.store.events(limit=10) == before, "the copy changed nothing, not even received_at"
     assert (fleet.stats()["stored"], fleet.stats()["duplicates"]) == (5, 5)
     assert fleet.store.devices()[0]["events"] == 5
+    wait_until(lambda: len(listener.acks) == 2, 5, "the second ack at the device")  # counted when sent
     assert [a[1]["batches"] for a in listener.acks] == [[batch_id], [batch_id]]
 
 
-def test_the_registry_follows_retained_statuses(broker, listener, tmp_path):
+@both_engines
+def test_the_registry_follows_retained_statuses(broker, listener, fleet_db):
     status = contract.Status(v=1, device="cam-9", state="online", at=time.time(), runtime="0.1.0",
                              site="s", line="l", models={"detector": "v2"})
     listener.publish(TOPICS.status("cam-9"), contract.encode(status), retain=True)
     listener.publish(TOPICS.status("cam-8"), contract.encode(status), retain=True)  # names cam-9: refused
-    store = Store.open(tmp_path / "fleet.db")
+    store = Store.open(fleet_db)
     ingest = Ingest(store, host=broker.host, port=broker.port)
     ingest.start()  # started after the statuses: it gets them because they are retained
     try:
@@ -164,6 +169,29 @@ def test_two_managers_split_the_batches_through_the_shared_subscription(broker, 
             store.close()
 
 
+def test_two_managers_on_one_postgresql_store_each_event_once(broker, listener, postgres):
+    url = postgres.new_database()
+    stores = [Store.open(url) for _ in range(2)]
+    ingests = [Ingest(s, host=broker.host, port=broker.port) for s in stores]
+    for ingest in ingests:
+        ingest.start()
+    try:
+        wait_until(lambda: all(i.subscribed for i in ingests), 10, "both subscriptions")
+        sent = [batch("cam-1", n=5) for _ in range(30)]
+        for _, body in sent + sent:  # every batch twice: a device that re-sends what was not acked in time
+            listener.publish(TOPICS.outbox("cam-1"), body)
+        wait_until(lambda: sum(i.stats()["batches"] for i in ingests) == 60, 15, "every copy, acked")
+        stats = [i.stats() for i in ingests]
+        assert all(s["batches"] for s in stats), f"each manager took a share: {[s['batches'] for s in stats]}"
+        assert sum(s["stored"] for s in stats) == 150 and sum(s["duplicates"] for s in stats) == 150
+        assert db_rows(url, "SELECT count(*), count(DISTINCT id) FROM events") == [(150, 150)]
+        assert db_rows(url, "SELECT events FROM devices WHERE id = ?", "cam-1") == [(150,)]
+    finally:
+        for ingest, store in zip(ingests, stores):
+            ingest.stop()
+            store.close()
+
+
 # --- the CLI, as real processes -----------------------------------------------------------------
 
 
@@ -172,9 +200,10 @@ def fleet_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=REPO)
 
 
-def test_fleet_serve_stores_what_a_device_syncs_and_the_cli_reads_it(tmp_path, broker):
-    db = tmp_path / "fleet.db"
-    serve = FleetProcess(db, broker)
+@both_engines
+def test_fleet_serve_stores_what_a_device_syncs_and_the_cli_reads_it(tmp_path, broker, fleet_db):
+    db = fleet_db
+    serve = FleetProcess(db, broker, "--artifacts", str(tmp_path / "artifacts"))
     outbox = Outbox.open(OutboxConfig(path=tmp_path / "outbox.db", ack_timeout_s=2), "cam-1")
     sync = Sync(MqttConfig(host=broker.host, port=broker.port, reconnect=Backoff(initial_s=0.1, max_s=1)),
                 DeviceInfo(id="cam-1", site="plant-a", line="3"), outbox, models={"detector": "8.1.42-b"})
@@ -255,3 +284,39 @@ def test_an_empty_store_lists_nothing_politely(tmp_path):
     Store.open(tmp_path / "fleet.db").close()
     assert fleet_cli("devices", "list", "--db", str(tmp_path / "fleet.db")).stdout == "no devices yet\n"
     assert fleet_cli("events", "tail", "--db", str(tmp_path / "fleet.db")).stdout == ""
+
+
+def test_postgresql_restarted_mid_ingest_loses_nothing_stores_nothing_twice(tmp_path, broker, postgres):
+    url = postgres.new_database()
+    managers = [FleetProcess(url, broker, "--client-id", f"fleet-{i}", "--artifacts", str(tmp_path / "a"))
+                for i in range(2)]
+    outbox = Outbox.open(OutboxConfig(path=tmp_path / "outbox.db", ack_timeout_s=1, batch_events=20), "cam-1")
+    sync = Sync(MqttConfig(host=broker.host, port=broker.port, reconnect=Backoff(initial_s=0.1, max_s=1)),
+                DeviceInfo(id="cam-1", site="plant-a", line="3"), outbox, models={})
+    try:
+        for m in managers:
+            m.wait_for("ingest subscribed")
+        sync.start()
+        ids = []
+        for i in range(600):
+            event = E.health_snapshot("c0", {"i": i})
+            outbox.append(event)
+            ids.append(event.id)
+            if i == 200:
+                postgres.stop()  # mid-ingest: what reaches the managers now cannot be stored
+            if i == 400:
+                postgres.start()
+            time.sleep(0.005)
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] == 0, 60, "every event acked")
+        stored = [i for (i,) in db_rows(url, "SELECT id FROM events")]
+        assert len(stored) == len(set(stored)) == 600 and set(stored) == set(ids)
+        assert all(m.proc.poll() is None for m in managers), "no manager exited"
+        stats = [m.last_stats() for m in managers]
+        assert sum(s.get("store_errors", 0) for s in stats) > 0, "the restart was felt, and survived"
+    finally:
+        sync.stop()
+        outbox.close()
+        for m in managers:
+            m.stop()
+        if postgres.proc is None:
+            postgres.start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from broker import REPO, FleetProcess, wait_until
-from conftest import manifest_for, shared_path
+from conftest import db_rows, manifest_for, shared_path
 
 from edge.core import contract
 from edge.core.signing import init_keys, load_private_key, load_public_key, sign, verify
@@ -102,14 +101,6 @@ def rollout_args(**kw) -> dict:
 def fleet_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO)
-
-
-def db_rows(db: Path, sql: str, *args) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
 
 
 # --- keys and the registry ---------------------------------------------------------------------------------
@@ -345,7 +336,7 @@ def test_a_staged_rollout_to_50_devices_completes_and_desired_meets_reported(tmp
         assert stats["transfers_max_active"] <= MAX_TRANSFERS < 25, "never more downloads at once than allowed"
         assert stats["transfers_max_waiting"] > 0, "the rest of the wave waited its turn"
         assert stats["chunk_errors"] == {} and stats["busy"] == 0
-        late_jobs = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ?", late, rid)]
+        late_jobs = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ? ORDER BY rowid", late, rid)]
         assert late_jobs[-2:] == ["active", "committed"]
         assert sim.devices[dropper].offline_used and sim.devices[dropper].online
         (since,) = db_rows(db, "SELECT state_since FROM devices WHERE id = ?", dropper)[0]
@@ -418,7 +409,7 @@ def test_a_manager_restarted_mid_rollout_carries_on_and_rollback_sends_devices_b
             plant_a = [d for d in sim.devices if sim.devices[d].site == "plant-a"]
             assert all(sim.running(d) == models["b"]["sha256"] for d in plant_a)
             for d in plant_a:  # each device ran the job exactly once, restart or not
-                states = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ?", d, rid)]
+                states = [s for (s,) in db_rows(db, "SELECT state FROM jobs WHERE device = ? AND job = ? ORDER BY rowid", d, rid)]
                 assert states.count("active") == 1 and states.count("committed") == 1, (d, states)
             assert all(sim.running(d) == models["a"]["sha256"] for d in sim.devices if d not in plant_a)
 
@@ -628,3 +619,65 @@ def test_the_signing_key_rotates_without_a_day_a_device_cannot_verify(tmp_path, 
         assert err.value.code == "invalid_artifact" and "signature" in str(err.value)
     finally:
         again.stop()
+
+
+# --- several managers on one PostgreSQL store ----------------------------------------------------------
+
+
+def test_the_lease_holder_killed_mid_rollout_twice_and_another_manager_finishes_it(tmp_path, broker, keys, postgres):
+    url = postgres.new_database()
+    failover = 3.0
+
+    def manager(i: int) -> FleetProcess:
+        return FleetProcess(url, broker, "--keys", str(keys), "--operator", "operator", "--client-id", f"fleet-{i}",
+                            "--artifacts", str(tmp_path / f"artifacts-{i}"), "--failover", str(failover))
+
+    managers = [manager(i) for i in range(3)]
+    sim = None
+    try:
+        def leader() -> FleetProcess | None:
+            live = [m for m in managers if m.proc.poll() is None and m.last_stats().get("leader")]
+            assert len(live) <= 1, "never two leaders"
+            return live[0] if live else None
+
+        wait_until(leader, 30, "a leader")
+        with FleetClient(broker.host, broker.port, identity="operator", timeout=60) as client:
+            b = push_model(client, B)
+            push_model(client, A)
+            sim = simulate(broker, keys, 8)
+            registered(url, 8)
+            rid = client.call("rollouts.start", rollout_args(target={"ids": sorted(sim.devices)}, canary=1,
+                                                             waves=[25, 50, 100], health_window_s=1.0))["id"]
+            took = []
+            for stage in (1, 2):  # kill -9 the lease holder mid-rollout, twice in a row
+                wait_until(lambda: client.call("rollouts.status", {"id": rid})["stage"] >= stage, 60, f"stage {stage}")
+                dead = leader()
+                dead.proc.kill()
+                dead.proc.wait()
+                killed = time.monotonic()
+                successor = wait_until(lambda: (m := leader()) is not None and m is not dead and m, 10 * failover,
+                                       "another manager to take the lease")
+                took.append(time.monotonic() - killed)
+                assert successor.wait_for("lease acquired")["rollouts_active"] == 1
+            status = client.call("rollouts.status", {"id": rid})  # answered by the third leader
+            done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] == "completed"
+                              and s, 90, "the rollout to complete under the third leader")
+        assert status["stage"] >= 2 and done["counts"] == {"succeeded": 8}
+        assert all(sim.running(d) == b["sha256"] for d in sim.devices)
+        for device in sim.devices:  # assigned once, the job run once, whichever manager led
+            states = [s for (s,) in db_rows(url, "SELECT state FROM jobs WHERE device = ? AND job = ? ORDER BY rowid",
+                                            device, rid)]
+            assert states.count("active") == 1 and states.count("committed") == 1, (device, states)
+        stages = db_rows(url, "SELECT stage, count(*) FROM executions WHERE rollout = ? AND state = 'succeeded'"
+                              " GROUP BY stage ORDER BY stage", rid)
+        assert stages == [(0, 1), (1, 1), (2, 2), (3, 4)], "no stage skipped"
+        assert db_rows(url, "SELECT count(*) FROM jobs WHERE pending") == [(0,)], "every status judged"
+        (epoch,) = db_rows(url, "SELECT epoch FROM leases")[0]
+        assert epoch >= 3, "two takeovers at least (a leader starved of CPU for its renewal steps down too)"
+        print(f"takeover after kill -9: {', '.join(f'{t:.1f}s' for t in took)} (--failover {failover:g})")
+        assert all(t < 3 * failover for t in took)
+    finally:
+        if sim:
+            sim.stop()
+        for m in managers:
+            m.stop()

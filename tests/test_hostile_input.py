@@ -458,6 +458,7 @@ def test_bad_bodies_on_every_device_topic_are_counted_by_reason_and_the_daemon_s
         desired = C.Desired(v=1, device="cam-dev", version=10**12, at=time.time(),
                             models={"det": C.Assignment(artifact=art, job="r0009")}).model_dump()
         header = C.ChunkHeader(v=1, sha256=SHA, offset=0, total=3, request="q1").model_dump()
+        online = C.IngestOnline(v=1, manager="fleet-x", at=time.time()).model_dump()
         acks_bad = {
             "non_finite": [put(ack, "v", "NaN"), put(ack, "v", "1e999"), put(ack, "v", "-Infinity")],
             "bad_version": variants(ack, "v", ("true", "1.0")),
@@ -470,6 +471,12 @@ def test_bad_bodies_on_every_device_topic_are_counted_by_reason_and_the_daemon_s
                        put(desired, "models.det.artifact.size", str(2**40)), put(desired, "version", "1.5e12")],
             "oversized": [put(desired, "models.det.artifact.manifest.pad", json.dumps("x" * C.MAX_DESIRED_BYTES))],
         }
+        online_bad = {
+            "non_finite": [put(online, "at", "NaN"), put(online, "at", "1e999")],
+            "bad_version": variants(online, "v", ("true", "1.0")),
+            "schema": [put(online, "at", "-1"), put(online, "manager", '""')],
+            "oversized": [put(online, "manager", json.dumps("x" * C.MAX_INGEST_ONLINE_BYTES))],
+        }
         chunks_bad = {
             "non_finite": [put(header, "offset", "NaN") + b"\nabc", put(header, "total", "1e999") + b"\nabc"],
             "bad_version": [put(header, "v", "1.0") + b"\nabc"],
@@ -478,15 +485,20 @@ def test_bad_bodies_on_every_device_topic_are_counted_by_reason_and_the_daemon_s
             "malformed_json": [b"x" * 2000],
         }
         publisher.send(T.ack("cam-dev"), acks_bad)
+        publisher.send(T.ingest_online(), online_bad)
         publisher.send(T.desired("cam-dev"), desired_bad)
         publisher.send(T.artifact("cam-dev", SHA), chunks_bad)
 
-        total = {"sync": sum(merged(acks_bad).values()), "agent": sum(merged(desired_bad, chunks_bad).values())}
-        wait_until(lambda: (sum(device_stats(tmp_path)["sync"]["acks_rejected"].values()) >= total["sync"]
+        total = {"sync": sum(merged(acks_bad, online_bad).values()),
+                 "agent": sum(merged(desired_bad, chunks_bad).values())}
+        sync_rejected = lambda: sum(sum(device_stats(tmp_path)["sync"][k].values())  # noqa: E731
+                                    for k in ("acks_rejected", "ingest_online_rejected"))
+        wait_until(lambda: (sync_rejected() >= total["sync"]
                             and sum(device_stats(tmp_path)["agent"]["rejected"].values()) >= total["agent"]), 15,
                    "every bad body counted")
         stats = device_stats(tmp_path)
         assert stats["sync"]["acks_rejected"] == merged(acks_bad)
+        assert stats["sync"]["ingest_online_rejected"] == merged(online_bad)
         assert stats["agent"]["rejected"] == merged(desired_bad, chunks_bad)
         assert stats["agent"]["desired"] == 0 and stats["agent"]["jobs"] == {}, "nothing was acted on"
         acked = stats["sync"]["acked_batches"]

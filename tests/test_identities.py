@@ -103,9 +103,11 @@ def test_rights_are_exactly_what_each_role_needs(store, ca):
         f"{p}/dev/cam-1/status", f"{p}/dev/cam-1/outbox", f"{p}/dev/cam-1/reported", f"{p}/dev/cam-1/job/+",
         f"{p}/dev/cam-1/artifact/get", f"{p}/alerts/plant-a/3/#"])
     assert acl(dev, "subscribePattern") == acl(dev, "publishClientReceive") == sorted(
-        [f"{p}/dev/cam-1/desired", f"{p}/dev/cam-1/ack", f"{p}/dev/cam-1/artifact/+"])
+        [f"{p}/dev/cam-1/desired", f"{p}/dev/cam-1/ack", f"{p}/dev/cam-1/artifact/+", T.ingest_online()])
     assert acl(dev, "subscribeLiteral") == []
-    assert T.shared_outbox() in acl(mgr, "subscribeLiteral")
+    assert T.shared_outbox() in acl(mgr, "subscribeLiteral") and T.all_jobs() in acl(mgr, "subscribeLiteral")
+    assert T.ingest_online() in acl(mgr, "publishClientSend"), "only a manager announces its ingest"
+    assert connections(mgr) == ["fleet", "fleet~jobs", "fleet~ingest"], "one client id per link of a manager"
     assert acl(op, "publishClientSend") == [T.rpc("alice")]
     assert acl(op, "subscribePattern") == [f"{p}/fleet/reply/alice/#"]
     assert acl(plc, "publishClientSend") == [] and acl(plc, "subscribePattern") == [f"{p}/alerts/plant-a/3/#"]

@@ -60,7 +60,7 @@ def test_the_file_is_wal_with_the_documented_synchronous_level(tmp_path):
     try:
         assert outbox._write.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert outbox._write.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert outbox._write.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert outbox._write.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         outbox.close()
     full = open_outbox(tmp_path, synchronous="full")
@@ -182,15 +182,24 @@ def test_when_only_alerts_are_left_the_oldest_alerts_go(tmp_path):
         outbox.close()
 
 
-def test_the_byte_cap_evicts_too(tmp_path):
-    cap = 100_000
+def test_the_byte_cap_counts_every_file_the_outbox_keeps(tmp_path):
+    cap = 1 << 20
     outbox = open_outbox(tmp_path, max_bytes=cap)
+    largest = 0
     try:
-        append_all(outbox, (detection(i) for i in range(600)))
+        for start in range(0, 12_000, 1000):
+            append_all(outbox, (detection(i) for i in range(start, start + 1000)))
+            files = {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.name.startswith("outbox.db")}
+            largest = max(largest, sum(files.values()))
         stats = outbox.stats()
-        assert stats["bytes"] <= cap and stats["evicted"] > 0
+        assert stats["evicted"] > 0 and stats["write_errors"] == 0
+        assert largest <= cap, f"{largest} bytes on disk against a cap of {cap}: {files}"
+        assert set(files) == {"outbox.db", "outbox.db-wal", "outbox.db-shm", "outbox.db-reserve"}
+        assert stats["file_bytes"] == sum(files.values())
         with sqlite3.connect(tmp_path / "outbox.db") as c:
             assert c.execute("SELECT sum(size), count(*) FROM events").fetchone() == (stats["bytes"], stats["rows"])
+        kept = [e["payload"]["frame"] for e in drain(outbox) if e["kind"] == "detection_summary"]
+        assert kept == list(range(12_000 - len(kept), 12_000)), "the oldest went"
     finally:
         outbox.close()
 
@@ -287,5 +296,36 @@ def test_a_failed_commit_keeps_its_events_and_succeeds_later(tmp_path):
     try:
         assert outbox.flush(timeout=15)
         assert [e["id"] for e in drain(outbox)] == [e.id for e in made]
+    finally:
+        outbox.close()
+
+
+def test_an_outbox_of_schema_1_is_rekeyed_in_chunks_keeping_rows_and_order(tmp_path, monkeypatch):
+    import sqlite_utils
+
+    from edge.core.db import connect, migrate
+    from edge.sync import outbox as module
+
+    conn = connect(tmp_path / "outbox.db")
+    migrate(conn, module.MIGRATIONS[:1], name="v1")  # a file written by the previous release
+    made = [health(0), detection(1), alert(2), detection(3), health(4)]
+    db = sqlite_utils.Database(conn)
+    for seq, e in enumerate(made, start=1):
+        body = contract.event_json(id=e.id, seq=seq, kind=e.kind.value, device="dev-1", camera=e.camera,
+                                   captured_at=e.captured_at, recorded_at=e.recorded_at, priority=e.priority,
+                                   payload_json=e.payload_json)
+        db["events"].insert({"seq": seq, "id": e.id, "kind": e.kind.value, "priority": e.priority,
+                             "size": len(body), "body": body})
+    db["outbox_state"].update(1, {"last_seq": 5, "rows": 5, "bytes": sum(r["size"] for r in db["events"].rows)})
+    conn.close()
+
+    monkeypatch.setattr(module, "UPGRADE_CHUNK", 2)  # several chunks, as for a big file
+    outbox = open_outbox(tmp_path)
+    try:
+        assert outbox._write.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert outbox.stats()["rows"] == 5
+        assert [e["id"] for e in drain(outbox)] == [made[i].id for i in (2, 1, 3, 0, 4)]
+        append_all(outbox, [detection(9)])
+        assert max(r[0] for r in rows(tmp_path)) == 6, "seq goes on from the old file's"
     finally:
         outbox.close()

@@ -152,6 +152,33 @@ def test_bad_acks_are_counted_and_ignored_and_delete_nothing(tmp_path, broker):
         outbox.close()
 
 
+def test_a_flood_of_ingest_announcements_resends_each_batch_once_and_bad_ones_are_counted(tmp_path, broker):
+    outbox = open_outbox(tmp_path, ack_timeout_s=30)  # no re-send but the announcements' own
+    sync = Sync(mqtt_cfg(broker), DEVICE, outbox)
+    client = raw_client(broker)
+    topic = contract.Topics().ingest_online()
+    try:
+        for e in mixed(5000):
+            outbox.append(e)
+        sync.start()
+        wait_until(lambda: sync.stats()["inflight"] == 4, 10, "a full window, with no fleet to ack it")
+        good = contract.encode(contract.IngestOnline(v=1, manager="fleet-a", at=time.time()))
+        for body in [good] * 30 + [b"{not json", b'{"v": 2, "manager": "m", "at": 1}', b'{"v": 1, "at": 1}']:
+            client.publish(topic, body, qos=1).wait_for_publish(5)
+        wait_until(lambda: sync.stats()["ingest_online"] == 30, 10, "every announcement heard")
+        wait_until(lambda: sync.stats()["resent"] >= 4, 5, "the window sent again")
+        time.sleep(1.5)  # more than the spacing: a second round would show by now
+        stats = sync.stats()
+        assert stats["resent"] == 4, "thirty announcements, each batch sent again once"
+        assert stats["ingest_online_rejected"] == {"malformed_json": 1, "bad_version": 1, "schema": 1}
+        assert sync.connected
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        sync.stop()
+        outbox.close()
+
+
 def test_while_the_fleet_is_down_rows_stay_and_are_resent_then_drain_once(tmp_path, broker):
     outbox = open_outbox(tmp_path, ack_timeout_s=1.0)
     sync = Sync(mqtt_cfg(broker), DEVICE, outbox)
@@ -209,6 +236,78 @@ def test_a_30s_broker_outage_stalls_nothing_loses_nothing_duplicates_nothing(tmp
     ids = store_ids(tmp_path / "fleet.db")
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(committed)
     assert len(committed) == producer.made
+
+
+def test_after_each_of_ten_broker_restarts_the_backlog_drains_at_once_whichever_side_returns_first(
+        tmp_path, broker):
+    from gate import Gate
+
+    window = 4
+    device_link, manager_link = Gate(broker.host, broker.port), Gate(broker.host, broker.port)
+    store = Store.open(tmp_path / "fleet.db")
+    ingest = Ingest(store, host=manager_link.host, port=manager_link.port, backoff_initial_s=0.1, backoff_max_s=0.5)
+    # the ack timeout is 30 s, as deployed: it is the stall this test must not see
+    outbox = open_outbox(tmp_path, ack_timeout_s=30, batch_events=20, window=window)
+    committed: list[str] = []
+    outbox.add_listener(lambda events: committed.extend(e.id for e in events))
+    sync = Sync(MqttConfig(host=device_link.host, port=device_link.port, keepalive_s=5,
+                           reconnect=Backoff(initial_s=0.1, max_s=0.5)), DEVICE, outbox)
+    producer = Producer(outbox, rate=400)
+
+    def device_back() -> bool:
+        return sync.connected and sync.stats()["connects"] > connects[0]
+
+    def manager_back() -> bool:
+        return ingest.subscribed and ingest.stats()["connects"] > connects[1]
+
+    waits: dict[str, list[float]] = {"device first": [], "manager first": []}
+    try:
+        ingest.start()
+        wait_until(lambda: ingest.subscribed, 10, "the ingest's subscriptions")
+        sync.start()
+        producer.start()
+        wait_until(lambda: sync.stats()["acked_batches"] > 5, 15, "sync under way")
+        for restart in range(10):
+            order = "device first" if restart % 2 == 0 else "manager first"
+            # the manager's link fails first: the device's window fills with batches that reach no one
+            manager_link.close()
+            wait_until(lambda: sync.stats()["inflight"] == window, 10, "a full window in flight")
+            broker.stop()
+            device_link.close()
+            connects = (sync.stats()["connects"], ingest.stats()["connects"])
+            broker.start()
+            if order == "device first":
+                resent = sync.stats()["resent"]
+                device_link.open()
+                wait_until(device_back, 10, "the device back")
+                # it sends its window again at once; no manager is subscribed yet to hear it
+                wait_until(lambda: sync.stats()["resent"] >= resent + window, 5, "the window sent again")
+                manager_link.open()
+                wait_until(manager_back, 10, "the manager back")
+            else:
+                manager_link.open()
+                wait_until(manager_back, 10, "the manager back")
+                device_link.open()
+                wait_until(device_back, 10, "the device back")
+            both_back, acked = time.monotonic(), sync.stats()["acked_batches"]
+            wait_until(lambda: sync.stats()["acked_batches"] > acked, 5,
+                       f"restart {restart + 1} ({order}): the backlog to start draining")
+            waits[order].append(time.monotonic() - both_back)
+        producer.stop()
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] == 0, 60, "the backlog to drain")
+        ids = store.event_ids(DEVICE.id)
+    finally:
+        producer.stop()
+        sync.stop()
+        outbox.close()
+        ingest.stop()
+        store.close()
+        device_link.close()
+        manager_link.close()
+    print({order: f"max {max(w):.2f} s, mean {sum(w) / len(w):.2f} s" for order, w in waits.items()})
+    assert len(ids) == len(set(ids)), "an event stored twice"
+    assert set(ids) == set(committed) and len(committed) == producer.made, "an event lost"
+    assert producer.refused == 0
 
 
 class Producer:

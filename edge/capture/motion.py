@@ -8,6 +8,19 @@ import numpy as np
 from edge.config import MotionConfig
 
 
+def small_grey(frame: np.ndarray, width: int, *, presample: bool = False) -> np.ndarray:
+    """A grey copy of a BGR frame ``width`` pixels wide, by area averaging.
+
+    ``presample`` first takes every k-th pixel down to twice the width: an eighth of
+    the cost at 720p (area averaging reads every pixel), for measures that tolerate
+    some aliasing."""
+    h, w = frame.shape[:2]
+    size = (width, max(1, round(h * width / w)))
+    if presample and w > 2 * width:
+        frame = cv2.resize(frame, (2 * size[0], 2 * size[1]), interpolation=cv2.INTER_NEAREST)
+    return cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
+
+
 class MotionDetector:
     """Says whether a frame differs from the previous one by more than noise.
 
@@ -22,10 +35,7 @@ class MotionDetector:
         self.moving = 0
 
     def __call__(self, frame: np.ndarray) -> bool:
-        h, w = frame.shape[:2]
-        small = cv2.resize(frame, (self.cfg.width, max(1, round(h * self.cfg.width / w))),
-                           interpolation=cv2.INTER_AREA)
-        grey = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+        grey = cv2.GaussianBlur(small_grey(frame, self.cfg.width), (5, 5), 0)
         previous, self._previous = self._previous, grey
         self.frames += 1
         if previous is None or previous.shape != grey.shape:

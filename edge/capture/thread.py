@@ -117,15 +117,19 @@ class CaptureThread:
         backoff: Backoff,
         clock: Callable[[], float] = time.monotonic,
         on_frame: Callable[[], None] | None = None,
+        on_image: Callable[[np.ndarray, float, float], None] | None = None,
     ) -> None:
         """``clock`` times ages (stale, frozen, last_frame_age_s); sleeps always use real time.
 
         ``on_frame`` is called on the capture thread after each new frame, so one
-        consumer can wait on several cameras at once.
+        consumer can wait on several cameras at once. ``on_image(image, captured_at,
+        captured_mono)`` sees each frame on the capture thread before any consumer can
+        (the picture's quality is watched whatever the inference load).
         """
         self.camera = camera
         self.source = source
         self._on_frame = on_frame
+        self._on_image = on_image
         self._stale_after_s = stale_after_s
         self._frozen_after_s = frozen_after_s
         self._backoff = backoff
@@ -340,6 +344,8 @@ class CaptureThread:
                 self._end_of_stream()
                 return
             frozen_for = self._frozen_for(image, now)
+            if self._on_image is not None:
+                self._on_image(image, wall, mono)
             if not self._put(image, wall, mono, now):
                 return
             if frozen_for is not None:

@@ -34,6 +34,7 @@ MAX_BATCH_BYTES = 1024 * 1024
 MAX_ACK_BATCHES = 64
 MAX_ACK_BYTES = 8 * 1024
 MAX_STATUS_BYTES = 16 * 1024
+MAX_INGEST_ONLINE_BYTES = 1024
 MAX_DESIRED_BYTES = 256 * 1024  # a manifest carries its labels inline
 MAX_REPORTED_BYTES = 64 * 1024
 MAX_JOB_BYTES = 8 * 1024
@@ -59,7 +60,14 @@ MAX_INT = 2**63 - 1
 CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy", "not_assigned")
 CHUNK_BUSY_RETRY_S = 1.0
 
-EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction")
+EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift")
+
+# Alert events. A rule's own: present, cleared, every, entered, left, crossed. Raised by
+# the device about itself, each on a rule of the same name with retained state (on, then
+# cleared when it recovers): camera_blind / camera_restored (rule camera_health),
+# camera_tamper and image_quality (the picture), model_drift (the model's results).
+ALERT_EVENTS = ("present", "cleared", "every", "entered", "left", "crossed", "camera_blind", "camera_restored",
+                "camera_tamper", "image_quality", "model_drift")
 
 # Reasons a body is refused; receivers count rejections under these names.
 # "non_finite": NaN, Infinity or a number beyond a float's range, anywhere in the body.
@@ -128,6 +136,11 @@ class Topics:
 
     def job(self, device: str, job: str) -> str:
         return f"{self.prefix}/dev/{_level(device)}/job/{_level(job)}"
+
+    def ingest_online(self) -> str:
+        """Where a manager's ingest says it has just subscribed (QoS 0, not retained);
+        devices then send their unacknowledged batches again at once."""
+        return f"{self.prefix}/fleet/ingest/online"
 
     def artifact_get(self, device: str) -> str:
         """Where ``device`` asks for chunks. The device is a topic level, so the broker's
@@ -257,6 +270,16 @@ class Status(_Body):
     site: str | None = None
     line: str | None = None
     models: dict[str, str] = {}
+
+
+class IngestOnline(_Body):
+    """``{p}/fleet/ingest/online``: a manager's ingest (re)subscribed to the devices'
+    batches. Batches a device sent before may have reached no subscriber (a broker
+    restart, a manager restart): it sends its unacknowledged ones again now."""
+
+    v: Version
+    manager: str = Field(min_length=1, max_length=256)  # its MQTT client id, for the logs
+    at: Time
 
 
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
@@ -420,7 +443,9 @@ class Alert(_Body):
     ``captured_at`` is when the frame was taken, ``published_at`` when this message left
     the device; ``delayed`` says it waited for the broker. ``box`` is normalised
     (x1, y1, x2, y2 in 0..1). ``state`` is a level rule's new state (True on, False
-    cleared); edge events (entered, left, crossed, every) leave it None.
+    cleared); edge events (entered, left, crossed, every) leave it None. ``values`` are
+    the measures behind a device alert (``{"brightness": 3.2}``, ``{"psi": 0.41}``);
+    ``detail`` names the ones that failed.
     """
 
     v: Version
@@ -428,7 +453,7 @@ class Alert(_Body):
     device: Ident
     camera: Ident
     rule: str
-    event: Literal["present", "cleared", "every", "entered", "left", "crossed", "camera_blind", "camera_restored"]
+    event: Literal[ALERT_EVENTS]  # type: ignore[valid-type]
     state: bool | None = None
     label: str | None = None
     confidence: float | None = None
@@ -440,6 +465,8 @@ class Alert(_Body):
     count: Count | None = None  # objects matching now (present, every), or the rule's events so far
     counts: dict[str, Count] = {}  # the rule's events so far, by class
     detail: str | None = None
+    values: dict[str, float] = {}
+    task: str | None = None  # the camera task whose results drifted (model_drift)
     captured_at: Time
     published_at: Time
     delayed: bool = False
@@ -540,6 +567,11 @@ def decode_ack(data: bytes, *, device: str) -> Ack:
 def decode_status(data: bytes, *, device: str) -> Status:
     """A status received on ``device``'s status topic, or ContractError."""
     return _decode(Status, data, limit=MAX_STATUS_BYTES, device=device)
+
+
+def decode_ingest_online(data: bytes) -> IngestOnline:
+    """A manager's announcement that its ingest is subscribed, or ContractError."""
+    return _decode(IngestOnline, data, limit=MAX_INGEST_ONLINE_BYTES, device=None)
 
 
 def decode_desired(data: bytes, *, device: str) -> Desired:

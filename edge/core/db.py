@@ -29,8 +29,13 @@ class SchemaTooNew(Exception):
     """The file was written by a newer version that knows more migrations."""
 
 
-def connect(path: Path, synchronous: str = "normal", *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode with explicit transactions, usable from one thread at a time."""
+def connect(path: Path, synchronous: str = "normal", *, readonly: bool = False,
+            wal_bytes: int | None = None) -> sqlite3.Connection:
+    """A connection in WAL mode with explicit transactions, usable from one thread at a time.
+
+    ``wal_bytes`` bounds the WAL this connection's commits leave: it checkpoints once a
+    quarter of that is in the WAL, and cuts the file back to half of it when the WAL
+    starts over (one transaction may add the other half)."""
     if readonly:
         uri = Path(path).resolve().as_uri() + "?mode=ro"
         return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
@@ -41,8 +46,21 @@ def connect(path: Path, synchronous: str = "normal", *, readonly: bool = False) 
         conn.close()
         raise sqlite3.OperationalError(f"cannot use WAL mode (journal_mode is {mode})")
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+    if wal_bytes is None:
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+    else:
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(1, wal_bytes // 4 // page)}")
+        conn.execute(f"PRAGMA journal_size_limit={wal_bytes // 2}")
     return conn
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of space ("database or disk is full")."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
 
 
 def migrate(conn: sqlite3.Connection, steps: Sequence[Migration], *, name: str) -> int:

@@ -53,6 +53,7 @@ class AlertPublisher:
         self._states: dict[str, bytes] = {}  # latest retained state per topic, while offline
         self.counters: dict[str, int] = {"published": 0, "delayed": 0, "dropped_queue_full": 0,
                                          "publish_errors": 0, "states": 0, "connects": 0, "disconnects": 0}
+        self.by_rule: dict[str, dict[str, int]] = {}  # rule -> published, delayed, dropped
         client = new_client(settings)
         client.reconnect_delay_set(max(1, round(settings.backoff_initial_s)), max(1, round(settings.backoff_max_s)))
         client.on_connect = self._on_connect
@@ -98,6 +99,7 @@ class AlertPublisher:
                 return self._publish(alert, topic, expiry_s, delayed=False)
             if len(self._pending) == self._pending.maxlen:
                 self.counters["dropped_queue_full"] += 1
+                self._count_rule(self._pending[0][0].rule, "dropped")
                 log.error("alert queue full: oldest alert dropped", extra=fields(max=self._pending.maxlen))
             self._pending.append((alert, topic, expiry_s))
             return False
@@ -121,7 +123,16 @@ class AlertPublisher:
         if ok:
             self.counters["published"] += 1
             self.counters["delayed"] += delayed
+            self._count_rule(alert.rule, "published")
+            if delayed:
+                self._count_rule(alert.rule, "delayed")
         return ok
+
+    def _count_rule(self, rule: str, key: str) -> None:  # under self._lock
+        counts = self.by_rule.get(rule)
+        if counts is None:
+            counts = self.by_rule[rule] = {"published": 0, "delayed": 0, "dropped": 0}
+        counts[key] += 1
 
     def _raw(self, topic: str, body: bytes, *, retain: bool = False, properties: Properties | None = None) -> bool:
         if publish(self._client, topic, body, retain=retain, properties=properties) is None:
@@ -156,4 +167,5 @@ class AlertPublisher:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"connected": self._connected, "pending": len(self._pending), **self.counters}
+            return {"connected": self._connected, "pending": len(self._pending), **self.counters,
+                    "by_rule": {rule: dict(c) for rule, c in self.by_rule.items()}}

@@ -33,6 +33,9 @@ from edge.core.contract import Alert, AlertState
 from edge.core.ids import new_id
 from edge.core.logs import fields
 from edge.inference.adapters import Prediction
+from edge.observe.drift import DriftReport
+from edge.observe.observer import ObserveSnapshot
+from edge.observe.quality import QualityReading
 from edge.schedule.scheduler import Result
 from edge.sync.events import Event, alert_audit, decision
 
@@ -97,6 +100,18 @@ class _RuleState:
 
 
 @dataclass
+class _Watch:
+    """A device alert about a camera (tamper, quality, drift): on or off, and since when
+    its measures have been failing or passing."""
+
+    on: bool = False
+    bad_since: float | None = None
+    good_since: float | None = None
+    seen: Any = None  # the last reading or report judged
+    streak: int = 0  # drift windows in a row past a limit
+
+
+@dataclass
 class _Camera:
     """A camera's tracker and rule states under one policy."""
 
@@ -104,6 +119,7 @@ class _Camera:
     rules: list[_RuleState]
     blind_since: float | None = None
     blind_alerted: bool = False
+    watches: dict[str, _Watch] = field(default_factory=dict)  # camera_tamper, image_quality, model_drift/{task}
     last_unsure_event: float = float("-inf")
     outcomes: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "unsure": 0})
 
@@ -177,6 +193,7 @@ class DecisionEngine:
                 cam.rules = [kept[s.rule.name] if s.rule.name in kept and kept[s.rule.name].rule == s.rule else s
                              for s in cam.rules]
                 cam.blind_since, cam.blind_alerted, cam.outcomes = old.blind_since, old.blind_alerted, old.outcomes
+                cam.watches = old.watches
                 cameras[camera_id] = cam
             self._current = _Current(policy, cameras)  # one assignment, read once per frame
             self._count("policy_swaps")
@@ -452,22 +469,124 @@ class DecisionEngine:
                 cam.blind_since = now
             elif not blind:
                 if cam.blind_alerted:
-                    alerts.append(self._health_alert(policy, camera, "camera_restored", False, state, now))
+                    alerts.append(self._device_alert(policy, camera, "camera_health", False, now, spec.expiry_s,
+                                                      event="camera_restored", detail=state))
                 cam.blind_since, cam.blind_alerted = None, False
             if blind and not cam.blind_alerted and now - cam.blind_since >= spec.after_s:
                 cam.blind_alerted = True
-                alerts.append(self._health_alert(policy, camera, "camera_blind", True, state, cam.blind_since))
+                alerts.append(self._device_alert(policy, camera, "camera_health", True, cam.blind_since, spec.expiry_s,
+                                                  event="camera_blind", detail=state))
         return alerts
 
-    def _health_alert(self, policy: Policy, camera: str, event: str, on: bool, state: str, since: float) -> Alert:
-        now = self._clock()
-        alert = Alert(v=1, id=new_id(), device=self.device, camera=camera, rule="camera_health", event=event,
-                      state=on, detail=state, captured_at=since, published_at=now, policy_version=policy.version)
-        self._record(alert, None, self._send(alert, None, policy.camera_health.expiry_s))
+    # --- the picture and the results (edge/observe) ------------------------------------------
+
+    def poll_observe(self, snapshot: ObserveSnapshot) -> list[Alert]:
+        """Judge each camera's newest quality reading and drift window against the policy:
+        ``camera_tamper`` / ``image_quality`` once a measure has failed for ``hold_s``,
+        ``model_drift`` after ``windows`` windows past a limit; each cleared on recovery."""
+        current = self._current
+        if current is None:
+            return []
+        policy = current.policy
+        alerts: list[Alert] = []
+        for camera, obs in snapshot.cameras.items():
+            cam = self._camera(current, camera)
+            if obs.quality is not None and policy.image_quality.enabled:
+                alerts.extend(self._judge_quality(policy, camera, cam, obs.quality))
+            if policy.drift.enabled:
+                for task, report in obs.drift.items():
+                    alerts.extend(self._judge_drift(policy, camera, cam, task, report))
+        return alerts
+
+    def _judge_quality(self, policy: Policy, camera: str, cam: _Camera, reading: QualityReading) -> list[Alert]:
+        spec = policy.image_quality
+        tamper_w = cam.watches.setdefault("camera_tamper", _Watch())
+        if tamper_w.seen is reading:
+            return []
+        local = time.localtime(reading.at)
+        profile, tamper, quality = spec.limits(local.tm_hour * 60 + local.tm_min)
+        values = reading.values()
+        alerts = []
+        for rule, limits in (("camera_tamper", tamper), ("image_quality", quality)):
+            watch = cam.watches.setdefault(rule, _Watch())
+            watch.seen = reading
+            failing = limits.failing(values)
+            # a tampered camera also has a poor picture: one alert says it
+            quiet = rule == "image_quality" and tamper_w.on and not watch.on
+            change = self._hold(watch, bool(failing), reading.at, spec.hold_s, spec.clear_s)
+            if change is not None and not quiet:
+                watch.on = change
+                alerts.append(self._device_alert(
+                    policy, camera, rule, change, reading.at, spec.expiry_s,
+                    detail=",".join(failing) if change else None, values=values, profile=profile))
+            elif change is not None:
+                watch.bad_since = None  # raise it later if it outlasts the tamper
+        return alerts
+
+    @staticmethod
+    def _hold(watch: _Watch, failing: bool, at: float, hold_s: float, clear_s: float) -> bool | None:
+        """The watch's new state once the measures failed (or passed) long enough, else None."""
+        if failing:
+            watch.good_since = None
+            watch.bad_since = at if watch.bad_since is None else watch.bad_since
+            return True if not watch.on and at - watch.bad_since >= hold_s else None
+        watch.bad_since = None
+        watch.good_since = at if watch.good_since is None else watch.good_since
+        return False if watch.on and at - watch.good_since >= clear_s else None
+
+    def _judge_drift(self, policy: Policy, camera: str, cam: _Camera, task: str, report: DriftReport) -> list[Alert]:
+        watch = cam.watches.setdefault(f"model_drift/{task}", _Watch())
+        if watch.seen is report or report.baseline == "none" or report.learned:
+            return []
+        watch.seen = report
+        spec = policy.drift
+        failing = spec.failing(report.judged())
+        watch.streak = watch.streak + 1 if failing else 0
+        change = True if failing and not watch.on and watch.streak >= spec.windows else (
+            False if not failing and watch.on else None)
+        if change is None:
+            return []
+        watch.on = change
+        values = {k: v for k, v in report.judged().items() if k != "detections"}
+        return [self._device_alert(policy, camera, "model_drift", change, report.since, spec.expiry_s,
+                                   detail=",".join(failing) if change else None, values=values,
+                                   model=report.model, model_version=report.model_version, task=task)]
+
+    def _device_alert(self, policy: Policy, camera: str, rule: str, on: bool, since: float, expiry_s: int, *,
+                      event: str | None = None, profile: str | None = None, **extra: Any) -> Alert:
+        """An alert the device raises about a camera (by default event ``rule`` when on,
+        ``cleared`` when off), its audit row and the rule's retained state."""
+        alert = Alert(v=1, id=new_id(), device=self.device, camera=camera, rule=rule,
+                      event=event or (rule if on else "cleared"), state=on, captured_at=since,
+                      published_at=self._clock(), policy_version=policy.version, **extra)
+        self._record(alert, None, self._send(alert, None, expiry_s))
         if self._alerts is not None:
-            self._alerts.set_state(AlertState(v=1, device=self.device, camera=camera, rule="camera_health", on=on,
-                                              since=since, alert=alert.id, policy_version=policy.version), None)
+            self._alerts.set_state(AlertState(v=1, device=self.device, camera=camera, rule=rule, on=on, since=since,
+                                              alert=alert.id, policy_version=policy.version), None)
+        if on and rule != "camera_health":  # the capture thread has said why already
+            log.warning(rule.replace("_", " "), extra=fields(camera=camera, detail=alert.detail, values=alert.values,
+                                                             profile=profile))
         return alert
+
+    def camera_ok(self, camera: str) -> bool:
+        """Neither blind nor tampered nor a poor picture now: its results may become a baseline."""
+        current = self._current
+        cam = current.cameras.get(camera) if current is not None else None
+        if cam is None:
+            return True
+        return cam.blind_since is None and not any(
+            w.on for rule, w in cam.watches.items() if rule in ("camera_tamper", "image_quality"))
+
+    def device_alerts(self) -> dict[tuple[str, str], bool]:
+        """(camera, rule) -> on, for camera_health, camera_tamper, image_quality and model_drift."""
+        current = self._current
+        out: dict[tuple[str, str], bool] = {}
+        for camera, cam in (current.cameras.items() if current is not None else ()):
+            out[(camera, "camera_health")] = cam.blind_alerted
+            for key, watch in list(cam.watches.items()):
+                rule = key.split("/", 1)[0]
+                out[(camera, rule)] = out.get((camera, rule), False) or watch.on
+        return out
 
     def tracks(self, camera: str) -> list[Track]:
         """The camera's confirmed objects, as of its last frame."""

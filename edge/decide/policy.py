@@ -160,6 +160,112 @@ class CameraHealth(_Strict):
     expiry_s: int = Field(default=300, ge=1)
 
 
+class QualityLimits(_Strict):
+    """Bounds on the picture's measures (edge/observe/quality.py); an unset bound is not checked."""
+
+    min_brightness: float | None = Field(default=None, ge=0, le=255, description="mean grey level")
+    max_brightness: float | None = Field(default=None, ge=0, le=255)
+    min_contrast: float | None = Field(default=None, ge=0, description="standard deviation of the grey levels")
+    min_sharpness: float | None = Field(default=None, ge=0, description="variance of the Laplacian")
+    max_flat: float | None = Field(default=None, ge=0, le=1, description="share of the frame in one grey level")
+
+    def failing(self, values: dict[str, float]) -> list[str]:
+        """The measures of ``values`` out of these bounds, in a fixed order."""
+        checks = (("brightness", self.min_brightness, self.max_brightness), ("contrast", self.min_contrast, None),
+                  ("sharpness", self.min_sharpness, None), ("flat", None, self.max_flat))
+        return [name for name, low, high in checks if name in values and
+                ((low is not None and values[name] < low) or (high is not None and values[name] > high))]
+
+
+TAMPER_LIMITS = QualityLimits(min_brightness=10, max_brightness=250, min_sharpness=50, max_flat=0.9)
+QUALITY_LIMITS = QualityLimits(min_brightness=35, max_brightness=235, min_contrast=12, min_sharpness=300,
+                               max_flat=0.7)
+_CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class QualityProfile(_Strict):
+    """Bounds for part of the day (``start`` to ``end``, local time; may wrap past midnight);
+    each bound given replaces the day's, the others stay."""
+
+    name: Name
+    start: str = Field(pattern=_CLOCK, description="HH:MM")
+    end: str = Field(pattern=_CLOCK, description="HH:MM")
+    tamper: dict[str, float | None] = {}
+    quality: dict[str, float | None] = {}
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "QualityProfile":
+        for key in ("tamper", "quality"):
+            for bound, value in getattr(self, key).items():
+                if bound not in QualityLimits.model_fields:
+                    raise ValueError(f"{key}.{bound}: unknown bound (known: {', '.join(QualityLimits.model_fields)})")
+                try:
+                    QualityLimits.model_validate({bound: value})
+                except ValidationError as exc:
+                    raise ValueError(f"{key}.{bound}: {exc.errors()[0]['msg'].lower()}") from None
+        return self
+
+    def covers(self, minute: int) -> bool:
+        """Whether ``minute`` of the day (0..1439) is in this profile."""
+        start, end = (int(t[:2]) * 60 + int(t[3:]) for t in (self.start, self.end))
+        return start <= minute < end if start <= end else minute >= start or minute < end
+
+
+class ImageQuality(_Strict):
+    """``camera_tamper`` (covered, blinded, sprayed, defocused, turned to a wall) and the
+    milder ``image_quality``: a measure out of bounds for ``hold_s`` raises, every measure
+    back in bounds for ``clear_s`` clears. Both keep a retained state."""
+
+    enabled: bool = True
+    hold_s: float = Field(default=10.0, ge=0)
+    clear_s: float = Field(default=10.0, ge=0)
+    tamper: QualityLimits = TAMPER_LIMITS
+    quality: QualityLimits = QUALITY_LIMITS
+    profiles: list[QualityProfile] = Field(default=[], description="the first that covers the time of day wins")
+    expiry_s: int = Field(default=300, ge=1)
+
+    def limits(self, minute: int) -> tuple[str, QualityLimits, QualityLimits]:
+        """The profile name, tamper and quality bounds in force at ``minute`` of the day."""
+        for p in self.profiles:
+            if p.covers(minute):
+                return (p.name, self.tamper.model_copy(update=p.tamper) if p.tamper else self.tamper,
+                        self.quality.model_copy(update=p.quality) if p.quality else self.quality)
+        return "day", self.tamper, self.quality
+
+
+class DriftLimits(_Strict):
+    """``model_drift`` when a camera's results move away from their baseline for ``windows``
+    windows in a row; cleared by a window back within every limit."""
+
+    enabled: bool = True
+    max_psi: float = Field(default=0.2, gt=0, description="population stability index of the score histogram")
+    max_class_shift: float = Field(default=0.3, gt=0, description="Cohen's w of the class mix (sqrt of chi2 / n)")
+    detections_ratio: tuple[float, float] = Field(default=(0.5, 2.0), description="window / baseline a frame")
+    min_detections: int = Field(default=100, ge=1, description="a window with fewer is not judged on scores")
+    windows: int = Field(default=1, ge=1)
+    expiry_s: int = Field(default=3600, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DriftLimits":
+        low, high = self.detections_ratio
+        if not 0 <= low <= high:
+            raise ValueError("detections_ratio: must be [low, high] with 0 <= low <= high")
+        return self
+
+    def failing(self, report: dict[str, float]) -> list[str]:
+        """The measures of a window's report beyond these limits."""
+        out = []
+        if report.get("detections", 0) >= self.min_detections:
+            if report.get("psi", 0.0) > self.max_psi:
+                out.append("psi")
+            if report.get("class_shift", 0.0) > self.max_class_shift:
+                out.append("class_shift")
+        ratio = report.get("detections_ratio")
+        if ratio is not None and not self.detections_ratio[0] <= ratio <= self.detections_ratio[1]:
+            out.append("detections_ratio")
+        return out
+
+
 class Policy(_Strict):
     version: str = Field(min_length=1, max_length=64)
     default: Thresholds = Thresholds()
@@ -169,6 +275,8 @@ class Policy(_Strict):
     tracker: TrackerSpec = TrackerSpec()
     rules: list[Rule] = []
     camera_health: CameraHealth = CameraHealth()
+    image_quality: ImageQuality = ImageQuality()
+    drift: DriftLimits = DriftLimits()
     snapshot_unsure: bool = Field(default=False, description="keep a JPEG of frames with an unsure outcome")
 
     @field_validator("version", mode="before")

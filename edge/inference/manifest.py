@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.config import format_validation_error
 from edge.core.errors import ModelError
@@ -56,6 +56,39 @@ class Thresholds(_Strict):
     max_detections: int = Field(default=100, gt=0)
 
 
+class ClassBaseline(_Strict):
+    """One class's share of a baseline: how often it was seen and its score histogram."""
+
+    count: int = Field(ge=0)
+    scores: list[int] = Field(min_length=2, description="counts per equal-width score bin over [0, 1]")
+
+
+class Baseline(_Strict):
+    """What the model's results looked like on known-good video (``edge baseline``).
+
+    Drift windows on the device are compared with it from the first window on. Written
+    by ``edge baseline --model M --source VIDEO --write``; see edge/observe/drift.py.
+    """
+
+    source: str = Field(default="", description="the video it was made from")
+    frames: int = Field(gt=0)
+    bins: int = Field(ge=2, le=100, description="equal-width score bins over [0, 1]")
+    detections: int = Field(ge=0, description="scored outputs: detections, or top classes")
+    unsure: int = Field(default=0, ge=0, description="of those, unsure under the band it was made with")
+    classes: dict[str, ClassBaseline] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Baseline":
+        for label, c in self.classes.items():
+            if len(c.scores) != self.bins:
+                raise ValueError(f"classes.{label}.scores: {len(c.scores)} bins, expected bins = {self.bins}")
+            if sum(c.scores) != c.count:
+                raise ValueError(f"classes.{label}.scores: sum {sum(c.scores)} differs from count {c.count}")
+        if sum(c.count for c in self.classes.values()) != self.detections:
+            raise ValueError("detections: differs from the sum of the classes' counts")
+        return self
+
+
 class Manifest(_Strict):
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
@@ -63,10 +96,27 @@ class Manifest(_Strict):
     labels: list[str] = []
     input: InputSpec = InputSpec()
     thresholds: Thresholds = Thresholds()
+    baseline: Baseline | None = Field(default=None, description="results on known-good video, for drift")
     source: str = Field(default="file", exclude=True, description="file, or guessed from tensors")
+
+    @model_validator(mode="after")
+    def _baseline_labels(self) -> "Manifest":
+        if self.baseline is not None and self.labels:
+            unknown = sorted(set(self.baseline.classes) - set(self.labels))
+            if unknown:
+                raise ValueError(f"baseline.classes: {', '.join(map(repr, unknown[:5]))} "
+                                 f"not among the model's {len(self.labels)} labels")
+        return self
 
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)
+
+
+class BaselineError(ModelError):
+    """A manifest's drift baseline is malformed or names classes the model lacks: fix the
+    manifest (exit 2), as for a bad config."""
+
+    exit_code = 2
 
 
 def manifest_path_for(model_path: Path) -> Path:
@@ -91,7 +141,8 @@ def load_manifest(path: Path, model_dir: Path | None = None) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ModelError(f"{path}: {format_validation_error(exc)}") from None
+        message = format_validation_error(exc)
+        raise (BaselineError if message.startswith("baseline") else ModelError)(f"{path}: {message}") from None
 
 
 def read_labels(path: Path) -> list[str]:

@@ -12,6 +12,13 @@ The session is persistent (``clean_start=False`` and a session expiry), so an ac
 published while the device was briefly away is delivered when it returns. The status
 is retained: online on connect, offline by the last will if the device vanishes, or
 by the device itself on a clean stop.
+
+A batch can reach no one: the broker has no member of the fleet's shared subscription
+while a manager (re)connects, and after a broker restart the device may be back before
+any manager is. So the window in flight is sent again at once on every reconnect and
+whenever a manager's ingest announces it has subscribed (``{p}/fleet/ingest/online``),
+rather than only after ``ack_timeout_s``: whichever side is back first, the backlog
+drains as soon as both are.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import paho.mqtt.client as mqtt
 
 from edge import __version__
 from edge.config import DeviceInfo, MqttConfig
-from edge.core.contract import ContractError, Status, Topics, batch_body, decode_ack, encode
+from edge.core.contract import ContractError, Status, Topics, batch_body, decode_ack, decode_ingest_online, encode
 from edge.core.ids import new_id
 from edge.core.link import Link, LinkSettings, Will, publish
 from edge.core.logs import fields
@@ -36,13 +43,16 @@ log = logging.getLogger("edge.sync")
 
 IDLE_POLL_S = 0.05  # how often an idle link looks for new commits
 MAX_WAIT_S = 0.5
+RESEND_MIN_GAP_S = 1.0  # a manager's announcement re-sends a batch at most this often
 
 
 @dataclass
 class _InFlight:
     batch: Batch
     body: bytes
+    sent: float  # time.monotonic() it last went out
     deadline: float  # time.monotonic() after which it is sent again
+    why: str = "ack_timeout"  # what the next re-send is for, for its log line
 
 
 def link_settings(cfg: MqttConfig, device: str, link: str | None = None, *, will=None,
@@ -79,7 +89,7 @@ class Sync:
         self._inflight: dict[str, _InFlight] = {}
         self._counters: dict[str, Any] = dict(
             batches_sent=0, events_sent=0, resent=0, acked_batches=0, acked_events=0,
-            acks_unknown=0, acks_rejected={}, publish_errors=0)
+            acks_unknown=0, acks_rejected={}, publish_errors=0, ingest_online=0, ingest_online_rejected={})
         settings = link_settings(mqtt_cfg, device.id, will=self._will,
                                  max_inflight=self._cfg.window + 4)
         self._link = Link(settings, self, name="sync")
@@ -107,27 +117,27 @@ class Sync:
     def stats(self) -> dict[str, Any]:
         """Counters for the stats line."""
         return {**self._link.counters.as_dict(), "inflight": len(self._inflight),
-                **self._counters, "acks_rejected": dict(self._counters["acks_rejected"])}
+                **self._counters, "acks_rejected": dict(self._counters["acks_rejected"]),
+                "ingest_online_rejected": dict(self._counters["ingest_online_rejected"])}
 
     # --- link handler (all on the link's thread) ------------------------------------------
 
     def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
-        # subscribe every time: the broker may have lost the session (restart without persistence)
-        client.subscribe(self.topics.ack(self.device.id), qos=1)
+        # subscribe every time: the broker may have lost the session (restart without persistence);
+        # before the re-sends below, so an announcement that follows them is heard
+        client.subscribe([(self.topics.ack(self.device.id), 1), (self.topics.ingest_online(), 0)])
         self._publish_status(client, "online")
-        # paho re-sends its unacknowledged publishes itself; give the fleet a full timeout
-        deadline = time.monotonic() + self._cfg.ack_timeout_s
-        for flight in self._inflight.values():
-            flight.deadline = deadline
+        # paho re-sends only what the broker never acknowledged; what it did may have
+        # reached no manager (the broker restarted, or had no subscriber): all of it, now
+        self._resend_window("reconnect", time.monotonic())
 
     def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topics.ingest_online():
+            return self._ingest_online(message.payload)
         try:
             ack = decode_ack(message.payload, device=self.device.id)
         except ContractError as exc:
-            rejected = self._counters["acks_rejected"]
-            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
-            log.warning("ack rejected", extra=fields(reason=exc.reason, detail=exc.detail[:200],
-                                                     topic=message.topic))
+            self._rejected("acks_rejected", exc, message.topic)
             return
         for batch_id in ack.batches:
             flight = self._inflight.pop(batch_id, None)
@@ -147,9 +157,10 @@ class Sync:
         for batch_id, flight in self._inflight.items():
             if flight.deadline <= now:
                 self._publish(client, self.topics.outbox(self.device.id), flight.body)
-                flight.deadline = now + timeout
+                flight.sent, flight.deadline = now, now + timeout
                 self._counters["resent"] += 1
-                log.info("batch re-sent: no ack", extra=fields(batch=batch_id, events=flight.batch.count))
+                log.info("batch re-sent", extra=fields(batch=batch_id, events=flight.batch.count, why=flight.why))
+                flight.why = "ack_timeout"
         while len(self._inflight) < self._cfg.window:
             batch = self.outbox.next_batch(self._cfg.batch_events, self._cfg.batch_bytes)
             if batch is None:
@@ -157,7 +168,7 @@ class Sync:
             batch_id = new_id()
             body = batch_body(self.device.id, batch_id, time.time(), batch.events)
             self._publish(client, self.topics.outbox(self.device.id), body)
-            self._inflight[batch_id] = _InFlight(batch, body, now + timeout)
+            self._inflight[batch_id] = _InFlight(batch, body, now, now + timeout)
             self._counters["batches_sent"] += 1
             self._counters["events_sent"] += batch.count
         if len(self._inflight) < self._cfg.window:
@@ -170,6 +181,29 @@ class Sync:
         return [info] if info is not None else []
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _ingest_online(self, data: bytes) -> None:
+        try:
+            body = decode_ingest_online(data)
+        except ContractError as exc:
+            self._rejected("ingest_online_rejected", exc, self.topics.ingest_online())
+            return
+        self._counters["ingest_online"] += 1
+        log.info("a manager's ingest is online", extra=fields(manager=body.manager, inflight=len(self._inflight)))
+        # spaced, so a flood of announcements cannot turn into a flood of re-sends
+        self._resend_window("ingest_online", time.monotonic(), min_gap=RESEND_MIN_GAP_S)
+
+    def _resend_window(self, why: str, now: float, *, min_gap: float = 0.0) -> None:
+        """Send every batch in flight again now, or ``min_gap`` after it last went out."""
+        for flight in self._inflight.values():
+            when = max(now, flight.sent + min_gap)
+            if when < flight.deadline:
+                flight.deadline, flight.why = when, why
+
+    def _rejected(self, counter: str, exc: ContractError, topic: str) -> None:
+        rejected = self._counters[counter]
+        rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+        log.warning("message rejected", extra=fields(reason=exc.reason, detail=exc.detail[:200], topic=topic))
 
     def _status(self, state: str) -> bytes:
         d = self.device

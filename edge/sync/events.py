@@ -35,6 +35,7 @@ class Kind(str, Enum):
     HEALTH = "health"
     MODEL = "model"
     OUTBOX_EVICTION = "outbox_eviction"
+    DRIFT = "drift"
 
 
 assert tuple(k.value for k in Kind) == EVENT_KINDS, "events.Kind and contract.EVENT_KINDS differ"
@@ -45,6 +46,7 @@ PRIORITY: dict[Kind, int] = {
     Kind.HEALTH: 0,
     Kind.DETECTION_SUMMARY: 1,
     Kind.DECISION: 2,
+    Kind.DRIFT: 2,
     Kind.MODEL: 3,
     Kind.OUTBOX_EVICTION: 3,
     Kind.ALERT: 4,
@@ -264,8 +266,13 @@ def model_event(action: str, slot: str, version: str, **detail: Any) -> Event:
     return new_event(Kind.MODEL, {"action": action, "slot": slot, "version": version, **detail})
 
 
+def drift(camera: str, since: float, report: Mapping[str, Any]) -> Event:
+    """One drift window of a camera's task against its baseline (numbers only)."""
+    return new_event(Kind.DRIFT, report, camera=camera, captured_at=since)
+
+
 def eviction(reason: str, rows: int, nbytes: int, by_kind: Mapping[str, int], **detail: Any) -> Event:
-    """Rows the outbox dropped (``reason`` is ``cap`` or ``overflow``), recorded as an event."""
+    """Rows the outbox dropped (``reason`` is ``cap``, ``disk_full`` or ``overflow``), recorded as an event."""
     payload = {"reason": reason, "rows": int(rows), "bytes": int(nbytes), "by_kind": dict(by_kind), **detail}
     return new_event(Kind.OUTBOX_EVICTION, payload)
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from edge.capture.thread import Frame
+from edge.observe.baseline import scored
 from edge.schedule.scheduler import Result
 
 Outcome = Callable[[str, float], str]
@@ -100,18 +101,12 @@ class HealthWatch:
         if slot is None:
             return
         p = result.prediction
-        if p.detections:
-            scored = [(d.label, d.score) for d in p.detections]
-        elif p.classes:
-            top = max(p.classes, key=lambda c: c.score)
-            scored = [(top.label, top.score)]
-        else:
-            scored = [(k.name, k.score) for k in p.keypoints]
-        unsure = sum(self.outcome(label, score) == "unsure" for label, score in scored)
+        items = scored(p)
+        unsure = sum(self.outcome(label, score) == "unsure" for label, score in items)
         t = result.times
         sample = Sample(result.finished_at, result.frame.camera, result.model,
-                        t.preprocess_ms + t.invoke_ms + t.postprocess_ms, len(p.detections), len(scored),
-                        float(sum(score for _, score in scored)), unsure)
+                        t.preprocess_ms + t.invoke_ms + t.postprocess_ms, len(p.detections), len(items),
+                        float(sum(score for _, score in items)), unsure)
         with self._lock:
             self._samples.setdefault(slot, deque(maxlen=HISTORY)).append(sample)
             if result.crop is None:

@@ -1,0 +1,1 @@
+"""Alembic's script directory for the fleet store (``env.py``, ``versions/``)."""
