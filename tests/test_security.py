@@ -166,7 +166,7 @@ def f(tmp_path_factory) -> Fleet:
     init_keys(f.keys)
     f.admin("broker", "config", "--out", str(f.broker_dir), "--host", "127.0.0.1", "--port", str(f.port),
             "--password-port", str(f.password_port))
-    f.admin("identities", "add", "fleet", "fleet-2", "--role", "manager", "--out", str(f.bundles))
+    f.admin("identities", "add", "fleet", "fleet-b", "fleet-2", "--role", "manager", "--out", str(f.bundles))
     f.admin("identities", "add", "alice", "bob", "--role", "operator", "--out", str(f.bundles))
     f.admin("identities", "add", "plc-x", "--role", "controller", "--site", "plant-x", "--out", str(f.bundles))
     f.admin("devices", "add", "cam-a", "cam-b", "--site", "plant-a", "--line", "3", "--keys", str(f.keys),
@@ -186,15 +186,31 @@ def broker(f):
     b.stop()
 
 
+def serve(f: Fleet, broker: Broker, name: str) -> FleetProcess:
+    """`fleet serve` as the enrolled manager ``name``, on the module's store."""
+    t = f.tls(name)
+    return FleetProcess(f.db, broker, "--keys", str(f.keys), "--identity", name, "--tls-ca", t.ca,
+                        "--tls-cert", t.cert, "--tls-key", t.key, "--artifacts", str(f.root / f"artifacts-{name}"),
+                        "--failover", "3")
+
+
 @pytest.fixture(scope="module")
 def manager(f, broker):
-    t = f.tls("fleet")
-    proc = FleetProcess(f.db, broker, "--keys", str(f.keys), "--identity", "fleet", "--tls-ca", t.ca,
-                        "--tls-cert", t.cert, "--tls-key", t.key)
+    proc = serve(f, broker, "fleet")
     proc.wait_for("control subscribed")
     proc.wait_for("ingest subscribed")
     yield proc
     assert proc.stop() == 0, proc.lines[-5:]
+
+
+@pytest.fixture(scope="module")
+def start_standby(f, broker, manager):
+    """A second manager on the same store, started by the test that needs it: ingest and job
+    inbox at once, the rollouts once it holds the lease."""
+    started: list[FleetProcess] = []
+    yield lambda: started.append(serve(f, broker, "fleet-b")) or started[0]
+    for proc in started:
+        assert proc.stop() == 0, proc.lines[-5:]
 
 
 def device_config(f: Fleet, name: str) -> Path:
@@ -584,6 +600,56 @@ def test_an_operator_cannot_act_or_read_as_another_and_a_controller_reads_only_i
     finally:
         plc.close()
         x.close()
+
+
+# --- several managers ---------------------------------------------------------------------------------
+
+
+def test_a_second_manager_announces_its_ingest_takes_the_lease_and_no_one_else_can_use_its_client_ids(
+        f, daemons, manager, start_standby):
+    """Only a manager may say its ingest is online (else any client could make every device
+    send its window again), every device hears it, and the client ids of each of a
+    manager's links (NAME, NAME~jobs, NAME~ingest) are its alone."""
+    x = Raw.device(f, "cam-x")
+    try:
+        assert x.sub(T.ingest_online()) == "Granted QoS 1", "every device hears the managers"
+        heard = {n: stats(f, n)["sync"]["ingest_online"] for n in daemons}
+        standby = start_standby()
+        standby.wait_for("ingest subscribed")
+        standby.wait_for("jobs subscribed")
+        wait_until(lambda: all(stats(f, n)["sync"]["ingest_online"] > heard[n] for n in daemons), 15,
+                   "both daemons to hear the second manager's ingest")
+        said = wait_until(lambda: [m for m in x.messages if m.topic == T.ingest_online()], 10, "cam-x to hear it")
+        assert [C.decode_ingest_online(m.payload).manager for m in said] == ["fleet-b~ingest"]
+        forged = C.encode(C.IngestOnline(v=1, manager="fleet", at=time.time()))
+        assert x.pub(T.ingest_online(), forged) == "Not authorized", "a device cannot make the fleet re-send"
+        t = f.tls("bob")
+        bob = Raw(f, client_id="bob", cert=t.cert, key=t.key)
+        try:
+            assert bob.pub(T.ingest_online(), forged) == "Not authorized", "nor can an operator"
+        finally:
+            bob.close()
+        # another identity on a manager's link: a certificate names its own client id, and
+        # a password is bound to its own
+        assert x.sub(T.all_jobs()) == "Not authorized" and x.sub(T.shared_outbox()) == "Not authorized"
+        for link in ("fleet-b", "fleet-b~jobs", "fleet-b~ingest"):
+            p = Raw(f, client_id=link, username="cam-p", password=f.password("cam-p"), port=f.password_port)
+            assert p.refused and p.connack == "Not authorized", link
+            p.close()
+    finally:
+        x.close()
+    assert [line.get("msg") for line in standby.lines].count("jobs subscribed") == 1, "its links were never taken over"
+    assert not any(line.get("msg") == "lease acquired" for line in standby.lines), "one leader at a time"
+    # the leader stops: the second manager takes the lease and runs the control link as itself
+    acked = {n: stats(f, n)["sync"]["acked_batches"] for n in daemons}
+    assert manager.stop() == 0
+    standby.wait_for("lease acquired", timeout=15)
+    standby.wait_for("control subscribed")
+    with f.client() as client:
+        assert client.call("stats")["pid"] == standby.proc.pid
+        assert client.call("devices.show", {"id": "cam-a"})["reported"]["keys"]
+    wait_until(lambda: all(stats(f, n)["sync"]["acked_batches"] > acked[n] for n in daemons), 20,
+               "both daemons' batches acked by the second manager")
 
 
 # --- revocation (last: it takes cam-b away) ------------------------------------------------------------
