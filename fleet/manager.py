@@ -150,7 +150,7 @@ class Control:
     def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
         self.subscribed = False
         t = self.topics
-        client.subscribe([(t.all_reported(), 1), (t.all_jobs(), 1), (t.all_artifact_gets(), 1), (t.all_rpc(), 1)])
+        client.subscribe([(t.all_reported(), 1), (t.all_artifact_gets(), 1), (t.all_rpc(), 1)])
         # the broker may have lost its retained messages; versions make a repeat harmless
         for doc in self.engine.book.all():
             self._publish_desired(client, doc)

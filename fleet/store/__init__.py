@@ -11,5 +11,5 @@ from .engine import SchemaTooNew, StoreError
 from .rows import DeviceRow, EventRow, IdentityRow, JobRow, Loader, Skips, load_artifact, load_job
 from .store import Conflict, DatabaseError, Fence, LeaseLost, Store, Stored
 
-__all__ = ["Conflict", "DatabaseError", "DeviceRow", "EventRow", "Fence", "IdentityRow", "JobRow", "LeaseLost", "Loader",
-           "SchemaTooNew", "Skips", "Store", "StoreError", "Stored", "load_artifact", "load_job"]
+__all__ = ["Conflict", "DatabaseError", "DeviceRow", "EventRow", "Fence", "IdentityRow", "JobRow", "LeaseLost",
+           "Loader", "SchemaTooNew", "Skips", "Store", "StoreError", "Stored", "load_artifact", "load_job"]
