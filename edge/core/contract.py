@@ -75,8 +75,9 @@ REASONS = ("oversized", "malformed_json", "non_finite", "bad_version", "schema",
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a device or camera id: one safe topic level
 # A process with several MQTT connections (a device: sync, agent, alerts; a manager:
-# control, ingest) has one broker identity per connection, ``{identity}~{link}``: the
-# broker binds each client id to its identity, and no id can contain "~".
+# control, job inbox, ingest) has one broker identity per connection,
+# ``{identity}~{link}``: the broker binds each client id to its identity, and no id can
+# contain "~".
 LINK_SEPARATOR = "~"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 KEY_ID_PATTERN = r"^[0-9a-f]{16}$"  # a public key's id: the start of the sha256 of its raw bytes
