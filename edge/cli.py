@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                                   help="capture-to-alert latency at a real subscriber against invoke()")
     _daemon_bench_args(alerts, model=".tflite file (a person detector)",
                        source="a video with people, looped at its own pace", seconds=20.0)
+    alerts.add_argument("--line-protocols", action="store_true",
+                        help="also run the Sparkplug edge node, Home Assistant discovery and the command "
+                             "topic, with a Sparkplug host subscribed (default: off, alerts alone)")
     alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
     observe = bench_sub.add_parser("observe", parents=[common],
@@ -432,7 +435,7 @@ def _cmd_bench_alerts(args: argparse.Namespace) -> int:
     from edge.bench.alerts import run_alerts_bench
 
     report = run_alerts_bench(args.model, args.source, manifest=args.manifest, seconds=args.seconds,
-                              threads=args.threads)
+                              threads=args.threads, line_protocols=args.line_protocols)
     print(json.dumps(report, indent=2))
     return 0
 

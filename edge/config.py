@@ -313,6 +313,7 @@ class OutboxConfig(_Strict):
     batch_bytes: int = Field(default=256 * 1024, ge=MAX_EVENT_BYTES + BATCH_OVERHEAD, le=MAX_BATCH_BYTES)
     window: int = Field(default=4, gt=0, le=16, description="batches in flight awaiting the fleet's ack")
     ack_timeout_s: float = Field(default=30.0, gt=0, description="re-send a batch not acked this long")
+    resend_max_s: float = Field(default=900.0, gt=0, description="re-sends back off up to this interval")
 
 
 class SnapshotConfig(_Strict):
@@ -452,6 +453,41 @@ class ObserveConfig(_Strict):
     quality: QualityConfig = QualityConfig()
 
 
+class Deadband(_Strict):
+    """How much a measured value must move before Sparkplug reports it (report by exception)."""
+
+    fps: float = Field(default=0.5, ge=0, description="processed frames a second, absolute")
+    ratio: float = Field(default=0.05, ge=0, le=1, description="quality and drift measures, relative to the last sent")
+
+
+_SPARKPLUG_ID = r"^[^/#+]{1,64}$"  # one topic level, no wildcards (the specification's only rule)
+
+
+class SparkplugConfig(_Strict):
+    """A Sparkplug B edge node (``spBv1.0/{group_id}/...``): the device is the edge node,
+    each camera a device (see edge/comms/sparkplug.py)."""
+
+    group_id: str = Field(pattern=_SPARKPLUG_ID)
+    edge_node_id: str = Field(pattern=_SPARKPLUG_ID)
+    bdseq_file: ConfigPath = Field(default=Path("/var/lib/edgecam/sparkplug.json"),
+                                   description="keeps the birth/death sequence number across restarts")
+    deadband: Deadband = Deadband()
+    scan_ms: float = Field(default=100.0, ge=10, le=10000, description="how often changes are looked for")
+
+
+class HomeAssistantConfig(_Strict):
+    """Home Assistant MQTT discovery: one retained device config with an entity per rule."""
+
+    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+
+
+class CommandsConfig(_Strict):
+    """Commands from line controllers on the plain command topic (and Sparkplug DCMD)."""
+
+    state_file: ConfigPath = Field(default=Path("/var/lib/edgecam/commands.json"),
+                                   description="keeps rule controls (disabled, muted, acknowledged) across restarts")
+
+
 class DeviceConfig(_Strict):
     """The whole ``edge run`` config file."""
 
@@ -466,11 +502,19 @@ class DeviceConfig(_Strict):
     decisions: DecisionsConfig = DecisionsConfig()
     metrics: MetricsConfig | None = Field(default=None, description="without it no /metrics is served")
     observe: ObserveConfig = ObserveConfig()
+    sparkplug: SparkplugConfig | None = Field(default=None, description="a Sparkplug B edge node beside the alerts")
+    homeassistant: HomeAssistantConfig | None = Field(default=None, description="Home Assistant MQTT discovery")
+    commands: CommandsConfig | None = Field(default=None, description="rule commands from line controllers")
 
     @model_validator(mode="after")
     def _agent_needs_mqtt(self) -> "DeviceConfig":
-        if self.agent is not None and self.mqtt is None:
-            raise _KeyedError("agent", "needs `mqtt`: assignments and artifacts come through the broker")
+        why = {"agent": "assignments and artifacts come through the broker",
+               "sparkplug": "births, data and commands go through the broker",
+               "homeassistant": "discovery and states go through the broker",
+               "commands": "commands come through the broker"}
+        for key, reason in why.items():
+            if getattr(self, key) is not None and self.mqtt is None:
+                raise _KeyedError(key, f"needs `mqtt`: {reason}")
         return self
 
     @model_validator(mode="after")
@@ -588,7 +632,7 @@ def _message(err: Any) -> str:
 
 def missing_files(cfg: DeviceConfig) -> list[str]:
     """``key: file not found`` for each model, manifest or media path that does not exist,
-    and for a stats or heartbeat file whose directory does not."""
+    and for a stats, heartbeat or comms state file whose directory does not."""
     problems = []
     for slot, model in cfg.models.items():
         for key, path in (("path", model.path), ("manifest", model.manifest)):
@@ -601,6 +645,10 @@ def missing_files(cfg: DeviceConfig) -> list[str]:
     for key, path in (("stats_file", cfg.runtime.stats_file), ("heartbeat_file", cfg.runtime.heartbeat_file)):
         if path is not None and not path.parent.is_dir():
             problems.append(f"runtime.{key}: directory not found: {path.parent}")
+    for key, path in (("sparkplug.bdseq_file", cfg.sparkplug.bdseq_file if cfg.sparkplug else None),
+                      ("commands.state_file", cfg.commands.state_file if cfg.commands else None)):
+        if path is not None and not path.parent.is_dir():
+            problems.append(f"{key}: directory not found: {path.parent}")
     if cfg.decisions.policy is not None and not cfg.decisions.policy.exists():
         problems.append(f"decisions.policy: file not found: {cfg.decisions.policy}")
     for key, path in cfg.agent.pinned() if cfg.agent is not None else []:

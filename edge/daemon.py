@@ -19,7 +19,8 @@ from typing import IO, Any
 import numpy as np
 
 from edge.capture.sources import Source, make_source
-from edge.capture.thread import CaptureThread
+from edge.capture.thread import CaptureState, CaptureThread
+from edge.comms.service import LineComms
 from edge.config import CameraConfig, DeviceConfig, HealthConfig, SchedulerConfig
 from edge.core.contract import Topics
 from edge.core.errors import ConfigError, EdgeError
@@ -86,6 +87,7 @@ def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: So
         backoff=cfg.reopen,
         on_frame=wake,
         on_image=on_image,
+        remake=(lambda: make_source(cfg.source)) if source is None else None,
     )
     return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile))
 
@@ -149,8 +151,9 @@ class Daemon:
         if self.health is not None:
             self.scheduler.on_error = self.health.error
         warm_up(self.executors[0], self.cameras)
-        self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file)
+        self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file, self.cameras)
         self.agent = self._make_agent()
+        self.comms = self._line_comms()
         self._closed: set[str] = set()  # cameras whose source ended and whose windows are closed
         if self.metrics is not None:
             self.metrics.attach(self._metric_sources())
@@ -178,6 +181,14 @@ class Daemon:
         if policy is not None:
             log.info("policy loaded", extra=fields(version=policy.version, rules=len(policy.rules),
                                                    source=str(d.policy)))
+
+    def _line_comms(self) -> LineComms | None:
+        """Sparkplug, Home Assistant and the line's commands, when any is configured."""
+        cfg = self.cfg
+        if cfg.sparkplug is None and cfg.homeassistant is None and cfg.commands is None:
+            return None
+        return LineComms(cfg, self.decisions, self.cameras, self.observer.snapshot, self._model_version,
+                         audit=self.outbox.append if self.outbox is not None else None)
 
     # --- observe (edge/observe) ---------------------------------------------------------------------
 
@@ -329,11 +340,14 @@ class Daemon:
     def run(self, stop: threading.Event) -> int:
         """Run until ``stop`` is set or every source has ended; returns the exit code."""
         started: list[CameraRunner] = []
+        failure: str | None = None
         try:
             if self.sync is not None:
                 self.sync.start()
             if self.alerts is not None:
                 self.alerts.start()
+            if self.comms is not None:
+                self.comms.start()
             if self.snapshots is not None:
                 self.snapshots.start()
             for camera in self.cameras:
@@ -349,6 +363,11 @@ class Daemon:
             next_stats = time.monotonic() + interval
             while not stop.is_set() and not self.scheduler.done:
                 stop.wait(0.2)
+                failure = self._failure()
+                if failure is not None:
+                    log.critical("component failed: exiting so the service manager restarts the daemon",
+                                 extra=fields(failure=failure))
+                    break
                 self.liveness.poll()
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
@@ -375,6 +394,8 @@ class Daemon:
                     self.observer.close(camera.cfg.id)
                 self.decisions.poll_observe(self.observer.snapshot())
             self.report()
+            if self.comms is not None:  # its NDEATH says the node is going
+                self.comms.stop(timeout=0.5)
             if self.alerts is not None:
                 self.alerts.stop(timeout=0.3)
             if self.snapshots is not None:
@@ -385,9 +406,28 @@ class Daemon:
                 self.outbox.close(timeout=max(0.2, stopping + 1.8 - time.monotonic()))
             if self.metrics is not None:
                 self.metrics.stop()
-            reason = "signal" if stop.is_set() else "sources ended"
-            log.info("stopped", extra=fields(reason=reason, stop_s=round(time.monotonic() - stopping, 3)))
-        return 0
+            failure = failure or self._failure()
+            reason = "signal" if stop.is_set() else "failed" if failure else "sources ended"
+            log.info("stopped", extra=fields(reason=reason, failure=failure,
+                                             stop_s=round(time.monotonic() - stopping, 3)))
+        return 1 if failure and not stop.is_set() else 0
+
+    def _failure(self) -> str | None:
+        """The first long-lived thread that died on an error nobody caught, if any: such a
+        component cannot be restarted in place, so the daemon exits non-zero and the
+        service manager starts it afresh (a stopped source ends; a failed one is this)."""
+        failures = list(self.scheduler.failures)
+        if failures:
+            return failures[0]
+        for camera in self.cameras:
+            stats = camera.capture.stats()
+            if stats.state is CaptureState.FAILED:
+                return f"capture-{camera.cfg.id}: {stats.last_error}"
+        for name, component in (("sync", self.sync), ("agent", self.agent), ("snapshots", self.snapshots),
+                                ("comms", self.comms)):
+            if component is not None and component.failed:
+                return f"{name}: its thread ended on an error (see the log above)"
+        return None
 
     def report(self) -> None:
         """The stats line (one record per camera) and, if configured, the stats file."""
@@ -408,6 +448,8 @@ class Daemon:
             snap["decisions"]["mqtt"] = self.alerts.stats()
         if self.snapshots is not None:
             snap["decisions"]["snapshots"] = self.snapshots.stats()
+        if self.comms is not None:
+            snap["comms"] = self.comms.stats()
         if self.decisions.policy is not None:
             log.info("decision stats", extra=fields(**snap["decisions"]))
         for camera in snap["cameras"]:

@@ -367,9 +367,10 @@ def _cmd_devices_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(devices, indent=2))
         return 0
-    _print_table(("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "MODELS", "ENROLMENT"),
+    _print_table(("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "CLOCK", "MODELS",
+                  "ENROLMENT"),
                  [(d["id"], d["state"] or "unknown", d["site"] or "-", d["line"] or "-", d["runtime"] or "-",
-                   _when(d["last_seen"]), str(d["events"]),
+                   _when(d["last_seen"]), str(d["events"]), operate.skew_text(d.get("clock_skew_s")),
                    ",".join(f"{k}={v}" for k, v in sorted(d["models"].items())) or "-", d["enrolment"] or "-")
                   for d in devices], empty="no devices yet")
     return 0

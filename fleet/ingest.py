@@ -6,7 +6,9 @@ retained statuses (shared subscriptions get no retained messages), which every
 manager applies to the registry. Each batch is validated against the contract, its
 events inserted by id in one transaction, and only then acked on the device's ack
 topic. A batch that breaks the contract is counted under its reason, logged, and
-neither stored nor acked; nothing a device sends can stop the manager.
+neither stored nor acked; if it names its batch id, the device is told the batch is
+refused (so it parks it instead of re-sending it for good). Nothing a device sends can
+stop the manager.
 
 The manager's session is clean: a manager that is down must not keep a share of the
 batches queued for itself (a broker gives an offline member of a shared subscription
@@ -34,7 +36,9 @@ from edge.core.contract import (
     Ack,
     ContractError,
     IngestOnline,
+    Refusal,
     Topics,
+    batch_id_of,
     decode_batch,
     decode_status,
     encode,
@@ -61,7 +65,8 @@ class Ingest:
         self.topics = Topics(prefix)
         self.group = group
         self._counters: dict[str, Any] = dict(
-            batches=0, events=0, stored=0, duplicates=0, acks=0, statuses=0, store_errors=0, rejected={})
+            batches=0, events=0, stored=0, duplicates=0, acks=0, refusals=0, statuses=0, store_errors=0,
+            rejected={})
         settings = settings or LinkSettings(
             host=host, port=port, username=username, password=password,
             client_id=client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
@@ -127,7 +132,13 @@ class Ingest:
             batch = decode_batch(data, device=device)
             stored = self.store.add_batch(batch, now)
         except ContractError as exc:
-            return self._reject(exc.reason, self.topics.outbox(device), exc.detail)
+            self._reject(exc.reason, self.topics.outbox(device), exc.detail)
+            batch_id = batch_id_of(data)
+            if batch_id is not None:  # it would be refused every time: the device stops sending it
+                refusal = Ack(v=1, device=device, refused=[Refusal(batch=batch_id, reason=exc.reason[:64])])
+                client.publish(self.topics.ack(device), encode(refusal), qos=1)
+                self._counters["refusals"] += 1
+            return
         except DatabaseError as exc:  # not acked: the device sends it again
             self._counters["store_errors"] += 1
             log.error("store failed; batch not acked", extra=fields(device=device, error=str(exc).splitlines()[0]))

@@ -173,7 +173,7 @@ class Control:
         if device is None:
             return self._reject("schema", topic, "not a device topic")
         if topic == t.artifact_get(device):
-            return self._chunk_request(client, device, message.payload, now)
+            return self._chunk_request(client, device, message.payload, time.monotonic())
         try:
             if topic == t.reported(device) and message.payload:  # an empty retained message clears the topic
                 self.engine.on_reported(decode_reported(message.payload, device=device), now)
@@ -183,18 +183,18 @@ class Control:
     def work(self, client: mqtt.Client) -> float:
         if self.lost.is_set():
             return 1.0
-        now = time.time()
-        if now >= self._next_tick:
-            self._next_tick = now + TICK_S
+        now, mono = time.time(), time.monotonic()  # wall time for what is stored, monotonic for pacing
+        if mono >= self._next_tick:
+            self._next_tick = mono + TICK_S
             self.engine.tick(now)
-        if now >= self._next_flush:
-            self._next_flush = now + FLUSH_S
+        if mono >= self._next_flush:
+            self._next_flush = mono + FLUSH_S
             try:
                 self.engine.judge(self.store.pending_jobs(), now)
             except DatabaseError as exc:
                 log.warning("cannot read job statuses; retrying", extra=fields(error=_first_line(exc)))
             self._flush(client)
-        more = self.transfers.pump(client, now)
+        more = self.transfers.pump(client, mono)
         return 0.0 if more else min(FLUSH_S, TICK_S)
 
     def on_stop(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
@@ -229,6 +229,7 @@ class Control:
         return client.publish(self.topics.desired(doc.device), encode(self.registry.sign(doc)), qos=1, retain=True)
 
     def _chunk_request(self, client: mqtt.Client, device: str, payload: bytes, now: float) -> None:
+        """``now``: time.monotonic(), the transfers' clock."""
         topic = self.topics.artifact_get(device)
         try:
             req = decode_artifact_request(payload, self.topics, device=device)

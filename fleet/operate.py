@@ -436,6 +436,16 @@ def _watch(client: FleetClient, args: argparse.Namespace) -> int:
     return 0 if status.get("state") == "completed" else 1
 
 
+SKEW_FLAG_S = 2.0  # a device clock further off than this is flagged: its event times are suspect
+
+
+def skew_text(skew: float | None) -> str:
+    """A device's clock skew for a table: ``+0.1s``, or ``+3600.0s SKEWED`` past the threshold."""
+    if skew is None:
+        return "-"
+    return f"{skew:+.1f}s" + (" SKEWED" if abs(skew) > SKEW_FLAG_S else "")
+
+
 def cmd_devices_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         view = client.call("devices.show", {"id": args.device})
@@ -443,7 +453,8 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=2))
         return 0
     desired, reported = view["desired"], view["reported"]
-    print(f"device {view['device']}")
+    print(f"device {view['device']}" + (f"  clock {skew_text(view['clock_skew_s'])}"
+                                        if view.get("clock_skew_s") is not None else ""))
     if desired:
         print(f"  desired v{desired['version']}: " + ", ".join(
             f"{slot}={a['artifact']['name']}@{a['artifact']['version']} (job {a['job']})"

@@ -13,6 +13,8 @@ abort config and hawkBit's rollout groups:
   it had counted as a success;
 - **timed out** (only with ``job_timeout_s``): not active within that long of its
   assignment; it counts as a failure;
+- **flapping**: a device that comes back online ``FLAPS_TO_FAIL`` times while its health
+  window runs fails (its window would restart for ever, holding its stage);
 - a stage **advances** when every device in it has succeeded or failed (an offline
   device holds its stage until it returns, or until it times out; it finds its desired
   state retained either way);
@@ -26,6 +28,10 @@ are published. Job statuses reach it through the store, where every manager's co
 link puts them (:meth:`Engine.judge`), so a status sent while the leader changes is not
 lost. On a restart, or in the manager that takes the lease over, it loads the store and
 carries on.
+
+Stored times are wall time; every interval (health windows, job timeouts) is measured
+on the monotonic clock (:class:`Elapsed`), so a step of the manager's clock neither
+stalls a rollout nor passes every window at once.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Hashable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -54,6 +61,7 @@ TERMINAL = ("completed", "aborted", "rolled_back")
 REVERT_SUFFIX = "-rb"
 TAG_KEYS = ("site", "line")
 FINISHED = ("succeeded", "failed")
+FLAPS_TO_FAIL = 5  # reconnects during one health window that fail the execution
 RolloutState = Literal["running", "paused", "completed", "aborted", "rolled_back"]
 ExecutionState = Literal["pending", "skipped", "assigned", "in_progress", "active", "succeeded", "failed"]
 RevertState = Literal["pending", "done", "failed", "superseded", "impossible"]
@@ -137,6 +145,37 @@ class Rollout:
         return r
 
 
+class Elapsed:
+    """Time since wall-time stamps, measured on the monotonic clock.
+
+    A stamp is placed on the monotonic clock the first time it is seen under its key
+    (how long ago it was by the wall clock then, never less than zero); from then on
+    the time since it is monotonic time, whatever the wall clock does."""
+
+    def __init__(self, mono: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self._mono = mono
+        self._wall = wall
+        self._marks: dict[Hashable, tuple[float, float]] = {}  # key -> (stamp, monotonic time of it)
+        self._seen: set[Hashable] = set()
+
+    def since(self, key: Hashable, stamp: float) -> float:
+        self._seen.add(key)
+        mark = self._marks.get(key)
+        if mark is None or mark[0] != stamp:
+            mark = self._marks[key] = (stamp, self._mono() - max(0.0, self._wall() - stamp))
+        return self._mono() - mark[1]
+
+    def changed(self, key: Hashable, stamp: float) -> bool:
+        """Whether ``key`` was seen before with another stamp."""
+        mark = self._marks.get(key)
+        return mark is not None and mark[0] != stamp
+
+    def prune(self) -> None:
+        """Forget the keys not asked about since the last prune (finished executions)."""
+        self._marks = {k: v for k, v in self._marks.items() if k in self._seen}
+        self._seen = set()
+
+
 @dataclass
 class Execution:
     """One device in one rollout. ``state``: pending (stage not reached), skipped
@@ -190,8 +229,10 @@ class Counters:
 class Engine:
     """Rollouts, their executions and the devices' desired state; one thread only."""
 
-    def __init__(self, store: Store, registry: Registry) -> None:
+    def __init__(self, store: Store, registry: Registry, *, elapsed: Elapsed | None = None) -> None:
         self.store = store
+        self.elapsed = elapsed or Elapsed()
+        self._flaps: dict[tuple[str, str], int] = {}  # (rollout, device) -> reconnects in its health window
         self.registry = registry
         # a row that does not load is skipped (and counted by the store): never a failed start
         self.book = DesiredBook(store.load("desired", load_desired), store.load("reported", load_reported))
@@ -344,11 +385,19 @@ class Engine:
                 if e.state == "active" and e.revert is None:
                     if devices is None:
                         devices = self.store.device_states()
-                    if self._healthy(e, r, devices.get(e.device), now):
+                    health = self._health(e, r, devices.get(e.device))
+                    if health == "healthy":
                         e.state, e.finished_at = "succeeded", now
                         self._save(e, now)
+                    elif health == "flapping":
+                        e.state, e.finished_at = "failed", now
+                        e.reason = (f"flapping: back online {FLAPS_TO_FAIL} times within its "
+                                    f"{r.spec.health_window_s:g}s health window")
+                        log.warning("execution failed: device flapping", extra=fields(rollout=r.id, device=e.device))
+                        self._save(e, now)
                 elif (timeout and e.state in ("assigned", "in_progress") and e.revert is None
-                      and now - (e.assigned_at or now) > timeout):
+                      and e.assigned_at is not None
+                      and self.elapsed.since(("assigned", r.id, e.device), e.assigned_at) > timeout):
                     e.state, e.finished_at = "failed", now
                     e.reason = f"timed_out: not active within {timeout:g}s of its assignment"
                     log.warning("execution timed out", extra=fields(rollout=r.id, device=e.device))
@@ -373,13 +422,29 @@ class Engine:
                     r.state, r.reason = "completed", None
                     log.info("rollout completed", extra=fields(rollout=r.id))
                 self._save_rollout(r, now)
+        self.elapsed.prune()
 
-    @staticmethod
-    def _healthy(e: Execution, r: Rollout, device: dict[str, Any] | None, now: float) -> bool:
-        if device is None or device["state"] != "online" or e.active_at is None:
-            return False
-        since = max(e.active_at, device["since"] or 0.0)
-        return now - since >= r.spec.health_window_s
+    def _health(self, e: Execution, r: Rollout, device: dict[str, Any] | None) -> str:
+        """healthy, flapping, or waiting: online for the health window since it became
+        active and since it last came back online, both timed on the monotonic clock."""
+        if device is None or e.active_at is None:
+            return "waiting"
+        active_for = self.elapsed.since(("active", r.id, e.device), e.active_at)
+        online = ("online", r.id, e.device)
+        if device["state"] != "online":
+            self.elapsed.since(online, -1.0)  # the next online stamp is a reconnect
+            return "waiting"
+        since = device["since"] or 0.0
+        if self.elapsed.changed(online, since):
+            flaps = self._flaps[(r.id, e.device)] = self._flaps.get((r.id, e.device), 0) + 1
+            if flaps >= FLAPS_TO_FAIL:
+                self._flaps.pop((r.id, e.device), None)
+                return "flapping"
+        online_for = self.elapsed.since(online, since)
+        if min(active_for, online_for) >= r.spec.health_window_s:
+            self._flaps.pop((r.id, e.device), None)
+            return "healthy"
+        return "waiting"
 
     def _assign_stage(self, r: Rollout, now: float) -> None:
         artifact = self.store.find_artifact(r.spec.kind, r.spec.name, r.spec.version)
@@ -574,7 +639,8 @@ class Engine:
             raise OpError("not_found", f"no desired or reported state for device {device!r}")
         return {"device": device, "desired": desired.model_dump(mode="json") if desired else None,
                 "reported": reported.model_dump(mode="json") if reported else None,
-                "executions": executions, "jobs": self.store.jobs(device=device, limit=50)}
+                "executions": executions, "jobs": self.store.jobs(device=device, limit=50),
+                "clock_skew_s": self.store.clock_skew(device)}
 
 
 

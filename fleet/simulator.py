@@ -201,6 +201,8 @@ class SimDevice:
                       line=self.line, models={slot: r.version for slot, r in self.running.items()})
 
     def _publish_reported(self) -> None:
+        if self.client is None:  # offline: the reconnect publishes it
+            return
         rep = Reported(v=1, device=self.id, at=time.time(), desired_version=self.acted_version or None,
                        models=dict(self.running), previous=dict(self.previous), policy=self.policy,
                        last_change=self.last_change, keys=self.key_ids)
@@ -470,7 +472,10 @@ class Pump(threading.Thread):
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _, _, d, fn = heapq.heappop(self._timers)
-                fn()
+                try:
+                    fn()
+                except Exception:  # one device's bug must not stop every device on this pump
+                    log.exception("simulated device step failed", extra={"fields": {"device": d.id}})
             if now >= next_misc:
                 next_misc = now + MISC_EVERY_S
                 for d in self.devices:

@@ -53,7 +53,7 @@ class Transfers:
         self.max_waiting = max_waiting
         self.max_unacked_bytes = max_unacked_bytes
         self.counters = TransferCounters()
-        self._active: dict[tuple[str, str], float] = {}  # transfer → last request time
+        self._active: dict[tuple[str, str], float] = {}  # transfer → last request (monotonic)
         self._ready: deque[ArtifactRequest] = deque()
         self._waiting: OrderedDict[tuple[str, str], ArtifactRequest] = OrderedDict()
         self._cache: OrderedDict[str, bytes] = OrderedDict()
@@ -65,7 +65,7 @@ class Transfers:
         return len(self._active)
 
     def request(self, req: ArtifactRequest, now: float) -> ChunkHeader | None:
-        """Take a request; returns a ``busy`` header to send at once when it cannot wait."""
+        """Take a request (``now``: monotonic); returns a ``busy`` header to send at once when it cannot wait."""
         self.counters.requests += 1
         key = (req.device, req.sha256)
         if key in self._active or (len(self._active) < self.max_transfers and not self._waiting):
@@ -84,7 +84,7 @@ class Transfers:
     def pump(self, client: mqtt.Client, now: float) -> bool:
         """Publish answers while the broker keeps up; True if work is left."""
         self._expire(now)
-        while self._unacked and self._unacked[0][0].is_published():
+        while self._unacked and _settled(self._unacked[0][0]):
             self._unacked_bytes -= self._unacked.popleft()[1]
         while self._ready and self._unacked_bytes < self.max_unacked_bytes:
             req = self._ready.popleft()
@@ -156,3 +156,14 @@ class Transfers:
             self._active[key] = now
             self._ready.append(req)
         self.counters.max_active = max(self.counters.max_active, len(self._active))
+
+
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    """The broker acknowledged the message, or paho gave up on it (a publish during a lost
+    connection): either way it no longer takes the broker's capacity, and the device asks
+    again for a chunk that never came. paho raises for the second case on every call, so
+    without this one lost connection would stop every later chunk."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return True

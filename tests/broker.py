@@ -106,6 +106,13 @@ class Broker:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """The broker dies at once: unsaved sessions and retained messages are gone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def _log_tail(self) -> str:
         try:
             return self.log.read_text()[-500:]
@@ -122,13 +129,14 @@ class Broker:
 class FleetProcess:
     """`fleet serve` as a real process, its JSON log collected from stderr."""
 
-    def __init__(self, db: Path | str, broker: Broker, *extra: str) -> None:
+    def __init__(self, db: Path | str, broker: Broker, *extra: str, env: dict[str, str] | None = None) -> None:
         self.db = db
         self.lines: list[dict] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleet", "serve", "--db", str(db), "--broker", f"{broker.host}:{broker.port}",
              "--stats-interval", "0.5", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, **env} if env else None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -164,6 +172,13 @@ class FleetProcess:
                 self.proc.wait()
         self._reader.join(2)
         return self.proc.returncode
+
+
+def stepped_clock(path: Path) -> dict[str, str]:
+    """The environment that gives a Python daemon a wall clock the test can step: write the
+    offset in seconds to ``path`` (tests/stepclock)."""
+    path.write_text("0")
+    return {"PYTHONPATH": str(REPO / "tests" / "stepclock"), "EDGECAM_STEP_CLOCK": str(path)}
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):

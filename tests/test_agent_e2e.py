@@ -404,3 +404,47 @@ def test_a_rollout_from_the_real_fleet_manager_reaches_a_running_edge_run(tmp_pa
         assert run.stop() == 0
     finally:
         manager.stop()
+
+
+def test_a_disk_that_fills_mid_download_fails_the_job_and_the_next_desired_state_gets_its_own(tmp_path, broker, keys):
+    """A real full disk: the agent's state directory is a small tmpfs in the daemon's own mount
+    namespace, filled by another writer once the download has begun."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root, or a user namespace) for a private tmpfs")
+    key, public = keys
+    config = write_config(tmp_path, broker, public, models={"det": TINY},
+                          download={"chunk_timeout_s": 2, "backoff": {"initial_s": 0.2, "max_s": 1}, "min_free_mb": 0})
+    state, release = tmp_path / "store", tmp_path / "release"
+    state.mkdir()
+    script = (f'mount -t tmpfs -o size=5m tmpfs "{state}" && ('
+              f'while ! ls "{state}"/staging/*.part >/dev/null 2>&1; do sleep 0.02; done; '
+              f'dd if=/dev/zero of="{state}/filler" bs=64k 2>/dev/null; '
+              f'while [ ! -e "{release}" ]; do sleep 0.05; done; rm -f "{state}/filler"; touch "{release}.done") & '
+              f'exec "{sys.executable}" -m edge run --config "{config}"')
+    log = open(tmp_path / "edge.log", "w")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.DEVNULL, stderr=log, cwd=REPO)
+    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    try:
+        wait_until(lambda: peer.last_reported() or proc.poll() is not None, 60, "the device's reported state")
+        assert proc.poll() is None, (tmp_path / "edge.log").read_text()[-2000:]
+        art_b, data_b = artifact(YOLO_B, key)
+        peer.blobs[art_b.sha256] = data_b
+        peer.desire({"det": Assignment(artifact=art_b, job="full-disk")})
+        failed = final(peer, "full-disk")
+        assert failed.state == "failed" and failed.reason.startswith("disk_full"), failed
+        assert "downloading" in states(peer, "full-disk")
+
+        release.touch()  # space again; the agent is ready for the next desired state
+        wait_until(lambda: release.with_suffix(".done").exists(), 10, "the filler removed")
+        good = policy_artifact(key, "version: 9\ndefault: {accept_at: 0.2, reject_at: 0.6}\n", "9")
+        peer.blobs[good[0].sha256] = good[1]
+        peer.desire({}, policy=Assignment(artifact=good[0], job="after-full-disk"))
+        done = final(peer, "after-full-disk")
+        assert done.state == "committed", done
+        assert proc.poll() is None
+    finally:
+        peer.close()
+        proc.terminate()
+        proc.wait(30)
+        log.close()

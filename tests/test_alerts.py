@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import random
 import signal
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from broker import wait_until
 from conftest import EdgeRun, edge_run, manifest_for, shared_path
 from controller import Controller
 
+from edge.config import DeviceInfo
 from edge.core.contract import decode_alert
 from edge.decide.engine import DecisionEngine, FrameInfo
 from edge.decide.policy import parse_policy
@@ -270,3 +272,36 @@ def test_a_blind_camera_raises_an_alert_and_clears_it_when_frames_return(tmp_pat
     assert alerts[0].detail in ("reopening", "failed") and alerts[0].camera == "door"
     states = [json.loads(m.payload)["on"] for m in controller.received() if m.topic.endswith("/state/camera_health")]
     assert states[:2] == [True, False]
+
+
+def test_three_cameras_reconnecting_after_an_outage_spread_their_attempts(tmp_path, broker):
+    from edge.config import Backoff as BackoffCfg
+    from edge.config import MqttConfig
+    from edge.decide.alerts import AlertPublisher
+
+    mqtt_cfg = MqttConfig(host=broker.host, port=broker.port, keepalive_s=5,
+                          reconnect=BackoffCfg(initial_s=1.0, max_s=4.0))
+    links = [AlertPublisher.for_device(mqtt_cfg, DeviceInfo(id=f"cam-{i}", site="s", line="l"),
+                                       rng=random.Random(seed).random)
+             for i, seed in enumerate((4, 3, 8))]  # first reconnect after 1.1, 1.5 and 2.0 s
+    try:
+        for link in links:
+            link.start()
+        wait_until(lambda: all(link.connected for link in links), 10, "three alert links")
+        broker.kill()
+        wait_until(lambda: not any(link.connected for link in links), 10, "the outage seen by all")
+        broker.start()
+        back: dict[int, float] = {}
+
+        def all_back() -> bool:
+            for i, link in enumerate(links):
+                if link.connected and i not in back:
+                    back[i] = time.monotonic()
+            return len(back) == 3
+        wait_until(all_back, 20, "every link back", interval=0.01)
+        times = sorted(back.values())
+        # paho alone reconnects them in step (within milliseconds): here each waits its own delay
+        assert min(b - a for a, b in zip(times, times[1:])) > 0.2, times
+    finally:
+        for link in links:
+            link.stop(timeout=0.1)

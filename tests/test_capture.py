@@ -133,6 +133,8 @@ class Scripted:
         self.flowing.set()
         self.opens = 0
         self.reads = 0
+        self.reads_started = 0
+        self.closed = False
         self._none_on = none_on
 
     @property
@@ -144,6 +146,7 @@ class Scripted:
         self.inner.open()
 
     def read(self) -> np.ndarray | None:
+        self.reads_started += 1
         self.flowing.wait(timeout=20)
         self.reads += 1
         if self.reads in self._none_on:
@@ -151,6 +154,7 @@ class Scripted:
         return self.inner.read()
 
     def close(self) -> None:
+        self.closed = self.opens > 0
         self.inner.close()
 
 
@@ -167,10 +171,10 @@ def captures() -> Iterator[Callable[..., CaptureThread]]:
     made: list[CaptureThread] = []
 
     def make(source: Source | object, *, stale_after_s: float = 10.0, frozen_after_s: float = 30.0,
-             backoff: Backoff = FAST_BACKOFF, start: bool = True) -> CaptureThread:
+             backoff: Backoff = FAST_BACKOFF, start: bool = True, remake=None) -> CaptureThread:
         src = source if hasattr(source, "read") else make_source(source)
         capture = CaptureThread("cam0", src, stale_after_s=stale_after_s,
-                                frozen_after_s=frozen_after_s, backoff=backoff)
+                                frozen_after_s=frozen_after_s, backoff=backoff, remake=remake)
         made.append(capture)
         if start:
             capture.start()
@@ -428,6 +432,51 @@ def test_hung_read_is_stale_then_reopened(shared, captures, tmp_path, capture_lo
     assert source.opens == 2
     assert "no frame for" in (stats.last_error or "")
     assert len(messages(capture_log, "camera stale")) == 1
+
+
+def test_a_read_that_never_returns_is_abandoned_and_the_camera_carries_on_with_a_fresh_source(captures,
+                                                                                            capture_log):
+    made: list[Scripted] = []
+
+    def remake() -> Scripted:
+        made.append(Scripted(TestPatternSource(width=64, height=48, fps=50), live=True))
+        return made[-1]
+
+    hanging = remake()
+    capture = captures(hanging, stale_after_s=0.3, remake=remake)
+    assert wait_for(lambda: capture.stats().captured >= 3)
+    hanging.flowing.clear()  # a V4L2 or libcamera read that blocks for good
+    assert wait_for(lambda: hanging.reads_started > hanging.reads)
+    while capture.watch() and len(made) == 1:  # what liveness does on every poll
+        time.sleep(0.02)
+    assert len(made) == 2 and capture.watch()
+    captured = capture.stats().captured
+    assert wait_for(lambda: capture.stats().captured > captured + 5), "frames from the fresh source"
+    assert capture.stats().state is CaptureState.LIVE and made[1].opens == 1
+    assert messages(capture_log, "camera call blocked: thread abandoned, source made afresh")
+    hanging.flowing.set()  # the old call returns at last: its thread ends and closes its own source
+    assert wait_for(lambda: hanging.closed)
+    assert not made[1].closed and capture.stats().captured > captured + 5
+
+
+def test_a_read_that_never_returns_on_a_source_that_cannot_be_made_afresh_stops_liveness(captures, tmp_path):
+    from types import SimpleNamespace
+
+    from edge.config import SchedulerConfig
+    from edge.schedule.liveness import Liveness
+
+    hanging = Scripted(TestPatternSource(width=64, height=48, fps=50), live=True)
+    capture = captures(hanging, stale_after_s=0.3)
+    heartbeat = tmp_path / "heartbeat"
+    liveness = Liveness([], SchedulerConfig(), heartbeat, [SimpleNamespace(capture=capture, cfg=SimpleNamespace(id="cam0"))])
+    liveness.poll()
+    assert liveness.alive and heartbeat.exists()
+    hanging.flowing.clear()
+    assert wait_for(lambda: (liveness.poll(), not liveness.alive)[1])
+    heartbeat.unlink()
+    liveness.poll(time.monotonic() + 60)
+    assert not heartbeat.exists(), "no more pings: the supervisor restarts the daemon"
+    hanging.flowing.set()
 
 
 def test_live_source_returning_none_is_a_read_error(captures):

@@ -217,10 +217,9 @@ def parsers(prog: str):
     """Every (command words, parser) of the edge or fleet command, as run_command sees it."""
     import argparse
 
+    import edge.cli
     import fleet.cli
     from edge.core.errors import prepare_parser
-
-    import edge.cli
 
     root = (edge.cli if prog == "edge" else fleet.cli)._parser()
     prepare_parser(root)
@@ -367,8 +366,9 @@ def test_fleet_devices_list_asks_the_manager_through_the_broker_and_db_reads_off
 
 
 def test_fleet_simulate_says_when_it_cannot_reach_the_broker(tmp_path, capsys):
-    import fleet.cli
     from broker import free_port
+
+    import fleet.cli
 
     assert fleet.cli.main(["keys", "init", "--dir", str(tmp_path)]) == 0
     port = free_port()

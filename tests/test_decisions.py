@@ -234,13 +234,14 @@ def test_a_broken_policy_is_refused_naming_the_key():
 
 
 def test_camera_health_alerts_when_blind_long_enough_and_clears_when_it_sees_again():
-    now = [100.0]
+    now, step = [100.0], [0.0]
     sink = Recorder()
-    eng = DecisionEngine("dev-1", lambda cam: "t", sink, clock=lambda: now[0],
+    eng = DecisionEngine("dev-1", lambda cam: "t", sink, clock=lambda: now[0] + step[0], monotonic=lambda: now[0],
                          policy=parse_policy("version: h\ncamera_health: {after_s: 5}"))
     assert eng.poll_health({"cam-1": "live"}) == []
     now[0] = 101.0
     assert eng.poll_health({"cam-1": "stale"}) == []
+    step[0] = -60.0  # the wall clock stepped back a minute: the 5 s still run on the monotonic clock
     now[0] = 105.9
     assert eng.poll_health({"cam-1": "reopening"}) == []
     now[0] = 106.1
@@ -257,3 +258,23 @@ def test_debouncer_is_k_of_n_with_hysteresis():
     d = Debouncer(3, 5)
     flips = [d.feed(v) for v in (True, False, True, False, True, True, False, True, False, False, False)]
     assert flips == [False, False, False, False, True, False, False, False, False, True, False]
+
+
+def test_a_new_tracker_mid_run_drops_the_old_ids_rule_state_so_no_one_crosses_by_inheritance():
+    eng, sink, _ = engine()
+    feed(eng, [[det("person", 0.8, 0.6, 0.5)]] * 5)  # track 1 learns side a of the door
+    eng.set_policy(parse_policy(POLICY.replace("min_hits: 2", "min_hits: 3")))  # a new tracker, same rules
+    # someone else, standing still on side b, is the new tracker's track 1
+    feed(eng, [[det("person", 0.8, 0.1, 0.5)]] * 10, t0=1002.0)
+    assert sink.events("crossed-door") == [], "a person who never crossed the line"
+
+
+def test_a_wall_clock_step_mid_walk_does_not_age_the_track_out():
+    eng, sink, _ = engine()
+    walker = walk(0.55, 0.9, 20)
+    for i, dets in enumerate(walker):
+        step = 3600.0 if i >= 10 else 0.0  # NTP steps the wall clock an hour forward mid-walk
+        frame = FrameInfo("cam-1", 1000.0 + i * 0.1 + step, W, H, "yolov8n", "8.1.42-b", captured_mono=50.0 + i * 0.1)
+        eng.observe(frame, Prediction("detect", detections=tuple(dets)))
+    assert sink.events("entered-cell") == [("entered-cell", "entered", 1)]
+    assert sink.events("left-cell") == [], "the track was not aged out by the step"

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from broker import REPO, FleetProcess, wait_until
+from broker import REPO, FleetProcess, stepped_clock, wait_until
 from conftest import db_rows, manifest_for, shared_path
 
 from edge.core import contract
@@ -46,9 +47,9 @@ def fleet(tmp_path, broker, keys):
     proc.stop()
 
 
-def start_fleet(tmp_path: Path, broker, keys: Path) -> FleetProcess:
+def start_fleet(tmp_path: Path, broker, keys: Path, env: dict[str, str] | None = None) -> FleetProcess:
     proc = FleetProcess(tmp_path / "fleet.db", broker, "--keys", str(keys), "--operator", "operator",
-                        "--operator", "alice", "--max-transfers", str(MAX_TRANSFERS))
+                        "--operator", "alice", "--max-transfers", str(MAX_TRANSFERS), env=env)
     proc.wait_for("control subscribed")
     proc.wait_for("ingest subscribed")
     return proc
@@ -681,3 +682,66 @@ def test_the_lease_holder_killed_mid_rollout_twice_and_another_manager_finishes_
             sim.stop()
         for m in managers:
             m.stop()
+
+
+def test_the_managers_clock_stepped_an_hour_forward_and_back_health_windows_keep_their_length(tmp_path, broker, keys):
+    """Wall time for what is stored, the monotonic clock for every interval: a step of the
+    manager's clock neither passes a health window at once nor stalls the rollout."""
+    clock = tmp_path / "clock-offset"
+    fleet = start_fleet(tmp_path, broker, keys, env=stepped_clock(clock))
+    db = tmp_path / "fleet.db"
+    sim = simulate(broker, keys, 3)
+    try:
+        with FleetClient(broker.host, broker.port, identity="operator", timeout=20) as client:
+            push_model(client, B)
+            registered(db, 3)
+            status = client.call("rollouts.start", rollout_args(
+                target={"ids": sorted(sim.devices)}, canary=1, waves=[100], health_window_s=2.0, min_executed=1))
+            rid = status["id"]
+            wait_until(lambda: db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND stage = 0", rid)
+                       == [("active",)], 30, "the canary active")
+            clock.write_text("3600")  # an hour forward: the window must not pass at the next tick
+            time.sleep(1.0)
+            assert db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND stage = 0", rid) == [("active",)]
+            clock.write_text("-3600")  # two hours back: ticks and desired states must go on
+            done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                              30, "the rollout to finish after the clock went back")
+            assert done["state"] == "completed" and done["counts"] == {"succeeded": 3}, done
+    finally:
+        sim.stop()
+        fleet.stop()
+
+
+def test_a_device_whose_link_flaps_faster_than_the_health_window_fails_and_the_stage_ends(tmp_path, broker, keys,
+                                                                                           client):
+    db = tmp_path / "fleet.db"
+    push_model(client, B)
+    sim = simulate(broker, keys, 3)
+    flapper = "sim-0002"
+    stop = threading.Event()
+
+    def flap() -> None:  # back online every second: each return restarts a 3 s health window
+        while not stop.is_set():
+            sim.set_online(flapper, False)
+            stop.wait(0.4)
+            sim.set_online(flapper, True)
+            stop.wait(0.6)
+
+    try:
+        registered(db, 3)
+        status = client.call("rollouts.start", rollout_args(
+            target={"ids": sorted(sim.devices)}, canary=0, waves=[100], health_window_s=3.0, min_executed=3,
+            abort_failure_pct=50))
+        rid = status["id"]
+        wait_until(lambda: db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND device = ?", rid, flapper)
+                   == [("active",)], 30, "the flapping device active")
+        flapping = threading.Thread(target=flap, daemon=True)
+        flapping.start()
+        done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                          40, "the stage to end despite the flapping device")
+        assert done["state"] == "completed" and done["counts"] == {"succeeded": 2, "failed": 1}, done
+        assert done["failures"][0]["device"] == flapper
+        assert done["failures"][0]["reason"].startswith("flapping: back online 5 times"), done["failures"]
+    finally:
+        stop.set()
+        sim.stop()

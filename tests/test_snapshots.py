@@ -72,3 +72,18 @@ def test_an_alert_names_its_snapshot_and_the_audit_row_carries_the_hash(tmp_path
     assert row["snapshot"] == alert.snapshot
     assert row["snapshot_sha256"] == hashlib.sha256(store.path(alert.snapshot).read_bytes()).hexdigest()
     assert "image" not in audit[0].payload_json and len(audit[0].payload_json) < 2000
+
+
+def test_a_snapshot_past_its_age_is_deleted_without_a_new_write(tmp_path):
+    store = SnapshotStore(tmp_path, SnapshotLimits(max_bytes=10_000_000, max_age_s=3600), prune_every_s=0.1)
+    old, fresh = tmp_path / "old.jpg", tmp_path / "fresh.jpg"
+    for path in (old, fresh):
+        path.write_bytes(b"\xff\xd8jpeg")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    store.start()
+    try:
+        wait_until(lambda: not old.exists(), 5, "the old snapshot deleted by the timer")
+        assert fresh.exists() and store.stats()["pruned"] == 1 and store.stats()["written"] == 0
+    finally:
+        store.stop()

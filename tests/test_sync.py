@@ -456,3 +456,115 @@ def test_reconnect_delays_grow_exponentially_with_jitter_and_reset():
     assert low.next() == 0.5
     first_delays = {Backoff(1.0, 8.0).next() for _ in range(20)}  # twenty devices losing one broker
     assert len(first_delays) > 1 and all(0.5 <= d <= 1.0 for d in first_delays), "they do not retry in step"
+
+
+def outbox_watcher(broker: Broker) -> tuple[mqtt.Client, dict[str, list[float]]]:
+    """A client that notes when each batch id goes out on the device's outbox topic."""
+    seen: dict[str, list[float]] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(c, userdata, message):
+        batch = contract.decode_batch(message.payload, device=DEVICE.id).batch
+        seen.setdefault(batch, []).append(time.monotonic())
+
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.subscribe(contract.Topics().outbox(DEVICE.id), qos=1)
+    client.loop_start()
+    return client, seen
+
+
+def test_while_the_manager_stays_down_re_sends_back_off_then_drain_at_once_when_it_returns(tmp_path, broker):
+    outbox = open_outbox(tmp_path, ack_timeout_s=0.2, resend_max_s=2.0, window=2, batch_events=10)
+    sync = Sync(mqtt_cfg(broker), DEVICE, outbox)
+    watcher, seen = outbox_watcher(broker)
+    fleet = None
+    try:
+        time.sleep(0.2)  # the watcher's subscription
+        for e in mixed(40):
+            outbox.append(e)
+        sync.start()
+        time.sleep(6)
+        assert len(seen) == 2, "the window stays full while nothing is acked"
+        for batch, times in seen.items():
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            # without backoff: a send every 0.2 s, 30 in 6 s
+            assert 4 <= len(times) <= 8, (batch, gaps)
+            assert gaps[-1] > 3 * gaps[0] and max(gaps) <= 2.0 + 0.5, gaps
+        fleet = InProcessFleet(tmp_path, broker)  # its announcement re-sends the window at once
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] == 0, 10, "the backlog to drain")
+    finally:
+        watcher.loop_stop()
+        sync.stop()
+        outbox.close()
+        if fleet:
+            fleet.close()
+
+
+def test_a_batch_the_fleet_refuses_is_parked_and_the_rest_keeps_flowing(tmp_path, broker, monkeypatch):
+    import fleet.ingest as ingest_module
+
+    poison = E.health_snapshot("c0", {"from": "a newer device"})
+    real_decode = ingest_module.decode_batch
+
+    def refusing(data: bytes, *, device: str):  # a fleet that does not know one of the events
+        batch = real_decode(data, device=device)
+        if any(e.id == poison.id for e in batch.events):
+            raise contract.ContractError("unknown_kind", "an event this fleet does not know")
+        return batch
+
+    monkeypatch.setattr(ingest_module, "decode_batch", refusing)
+    fleet = InProcessFleet(tmp_path, broker)
+    outbox = open_outbox(tmp_path, ack_timeout_s=0.2, resend_max_s=60.0, window=1, batch_events=5)
+    sync = Sync(mqtt_cfg(broker), DEVICE, outbox)
+    try:
+        outbox.append(poison)
+        for e in mixed(60):
+            outbox.append(e)
+        outbox.flush()
+        sync.start()
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] <= 5, 30, "all but the refused batch")
+        stats = sync.stats()
+        assert stats["parked_batches"] == 1 and stats["parked"] == 1 and 1 <= stats["parked_events"] <= 5
+        ids = set(store_ids(tmp_path / "fleet.db"))
+        assert poison.id not in ids and len(ids) == 61 - stats["parked_events"]
+        ingest = fleet.ingest.stats()
+        assert ingest["rejected"]["unknown_kind"] == ingest["refusals"] == 1, "told once, never sent again"
+        later = mixed(20, start=100)
+        for e in later:
+            outbox.append(e)
+        wait_until(lambda: {e.id for e in later} <= set(store_ids(tmp_path / "fleet.db")), 10, "sync goes on")
+    finally:
+        sync.stop()
+        outbox.close()
+        fleet.close()
+
+
+def test_a_device_clock_an_hour_ahead_is_measured_at_ingest_within_a_second_and_flagged(tmp_path, broker,
+                                                                                        monkeypatch):
+    import edge.sync.client as client_module
+
+    fleet = InProcessFleet(tmp_path, broker)
+    ahead = DeviceInfo(id="cam-ahead", site="plant-a", line="3")
+    outbox = Outbox.open(OutboxConfig(path=tmp_path / "ahead.db", ack_timeout_s=1.0), ahead.id)
+    sync = Sync(mqtt_cfg(broker), ahead, outbox)
+    body = contract.batch_body  # the device stamps each batch as it sends it, on its own clock
+
+    def stamped_ahead(device, batch, sent_at, events):
+        return body(device, batch, sent_at + 3600.0, events)
+
+    monkeypatch.setattr(client_module, "batch_body", stamped_ahead)
+    try:
+        sync.start()
+        outbox.append(E.health_snapshot("c0", {"n": 1}))
+        wait_until(lambda: outbox.flush() and outbox.stats()["rows"] == 0, 10, "the batch acked")
+        (device,) = [d for d in fleet.store.devices() if d["id"] == ahead.id]
+        assert abs(device["clock_skew_s"] - 3600.0) < 1.0, device
+        listing = subprocess.run([sys.executable, "-m", "fleet", "devices", "list", "--db", str(tmp_path / "fleet.db")],
+                                 capture_output=True, text=True, cwd=REPO, timeout=30)
+        line = next(x for x in listing.stdout.splitlines() if x.startswith(ahead.id))
+        assert "+3600." in line and "SKEWED" in line, listing.stdout
+    finally:
+        sync.stop()
+        outbox.close()
+        fleet.close()

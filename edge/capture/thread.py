@@ -14,6 +14,13 @@ model works on fresh frames instead of an ever older backlog. Three pacing modes
 The thread watches its source: no frame for ``stale_after_s`` (STALE), identical
 frames for ``frozen_after_s`` (FROZEN) or a failed read makes it close and reopen
 the source, with exponential backoff while reopening fails.
+
+A read (or an open) that never returns cannot be interrupted: the owner's polling of
+:meth:`CaptureThread.watch` (liveness does it) abandons that thread once the call has
+blocked for ``stale_after_s`` and starts a new one on a fresh source; the old thread
+ends, closing its own source, if the call ever returns. A camera that cannot be made
+afresh, or whose fresh sources block as well, is *stuck*: liveness stops the watchdog
+pings so the service manager restarts the daemon.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .sources import Source, SourceUnsupported
 
 log = logging.getLogger(__name__)
 
+MAX_ABANDONED = 2  # threads left blocked in a source call; past this the camera is stuck
 # Frozen detection compares every 8th pixel in each direction: cheap, and sensor
 # noise still makes consecutive frames of a live, still scene differ somewhere.
 _FROZEN_STRIDE = 8
@@ -118,13 +126,15 @@ class CaptureThread:
         clock: Callable[[], float] = time.monotonic,
         on_frame: Callable[[], None] | None = None,
         on_image: Callable[[np.ndarray, float, float], None] | None = None,
+        remake: Callable[[], Source] | None = None,
     ) -> None:
         """``clock`` times ages (stale, frozen, last_frame_age_s); sleeps always use real time.
 
         ``on_frame`` is called on the capture thread after each new frame, so one
         consumer can wait on several cameras at once. ``on_image(image, captured_at,
         captured_mono)`` sees each frame on the capture thread before any consumer can
-        (the picture's quality is watched whatever the inference load).
+        (the picture's quality is watched whatever the inference load). ``remake`` makes a
+        fresh, unopened source like ``source``, for when a call into the old one never returns.
         """
         self.camera = camera
         self.source = source
@@ -134,6 +144,7 @@ class CaptureThread:
         self._frozen_after_s = frozen_after_s
         self._backoff = backoff
         self._clock = clock
+        self._remake = remake
         self._back_pressure = not source.live and not source.paced
 
         self._cond = threading.Condition()  # guards everything below
@@ -154,6 +165,10 @@ class CaptureThread:
         self._reading_since: float | None = None
         self._stale_logged = False
         self._delay = backoff.initial_s
+        self._generation = 0  # the thread of this generation owns self.source; older ones were abandoned
+        self._abandoned: list[threading.Thread] = []
+        self._abandons = 0
+        self._stuck = False
 
         # only the capture thread touches these
         self._frozen = False
@@ -186,9 +201,51 @@ class CaptureThread:
                 self._last_error = str(exc)
                 self._state = CaptureState.REOPENING
         self._thread = threading.Thread(
-            target=self._run, args=(opened,), name=f"capture-{self.camera}", daemon=True
+            target=self._run, args=(opened, 0), name=f"capture-{self.camera}", daemon=True
         )
         self._thread.start()
+
+    def watch(self) -> bool:
+        """Abandon a source call blocked past ``stale_after_s`` and carry on with a fresh
+        source; False once the camera is stuck (nothing left to try). Polled by liveness."""
+        with self._cond:
+            since = self._reading_since
+            if self._stop.is_set() or since is None or self._clock() - since <= self._stale_after_s:
+                return not self._stuck
+            self._abandoned = [t for t in self._abandoned if t.is_alive()]
+            first = False
+            if self._remake is None or len(self._abandoned) >= MAX_ABANDONED:
+                first, self._stuck = not self._stuck, True
+            else:
+                self._generation += 1
+                generation = self._generation
+                self._abandoned.append(self._thread)
+                self._abandons += 1
+                self._reading_since = None
+                self._state = CaptureState.REOPENING
+                self._last_error = f"a source call blocked for over {self._stale_after_s:g} s"
+        if self._stuck:
+            if first:
+                log.error("camera stuck: a source call never returns and the source cannot be made afresh",
+                          extra=fields(camera=self.camera, source=self.source.description,
+                                       abandoned=len(self._abandoned)))
+            return False
+        log.warning("camera call blocked: thread abandoned, source made afresh",
+                    extra=fields(camera=self.camera, source=self.source.description,
+                                 blocked_s=round(self._clock() - since, 3), abandons=self._abandons))
+        try:
+            fresh = self._remake()
+        except Exception:  # nothing to carry on with: stuck
+            log.exception("camera source cannot be made afresh", extra=fields(camera=self.camera))
+            with self._cond:
+                self._stuck = True
+            return False
+        with self._cond:
+            self.source = fresh
+        self._thread = threading.Thread(target=self._run, args=(False, generation),
+                                        name=f"capture-{self.camera}", daemon=True)
+        self._thread.start()
+        return True
 
     def get(self, timeout: float) -> Frame | None:
         """The newest frame not yet taken, waiting up to ``timeout`` s; None on timeout or once ended."""
@@ -286,40 +343,67 @@ class CaptureThread:
 
     # --- the capture thread ------------------------------------------------------------------
 
-    def _run(self, opened: bool) -> None:
+    def _run(self, opened: bool, generation: int) -> None:
+        source = self.source
         try:
-            if opened or self._reopen("open failed", self._last_error):
-                self._capture_loop()
+            cause = "blocked" if generation else "open failed"
+            if opened or self._reopen(cause, self._last_error, generation):
+                self._capture_loop(generation)
         except Exception as exc:  # a bug or an unexpected library error: report, don't hang the consumer
-            log.exception(
-                "capture thread failed", extra=fields(camera=self.camera, source=self.source.description)
-            )
-            with self._cond:
-                self._failed = True
-                self._last_error = f"{type(exc).__name__}: {exc}"
+            if self._current(generation):
+                log.exception(
+                    "capture thread failed", extra=fields(camera=self.camera, source=source.description)
+                )
+                with self._cond:
+                    self._failed = True
+                    self._last_error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._close_source()
+            if self._current(generation):
+                self._close_source()
+            else:  # abandoned: the source it blocked in is its own to close
+                _close_quietly(source, self.camera)
             with self._cond:
                 self._cond.notify_all()
 
-    def _capture_loop(self) -> None:
+    def _current(self, generation: int) -> bool:
+        with self._cond:
+            return generation == self._generation
+
+    def _blocking(self, generation: int) -> Source | None:
+        """Mark a source call as started (watch() times it); the source to call, or None if
+        this thread was abandoned meanwhile."""
+        with self._cond:
+            if generation != self._generation:
+                return None
+            self._reading_since = self._clock()
+            return self.source
+
+    def _returned(self, generation: int) -> bool:
+        """Mark the source call as done; False if this thread was abandoned while in it."""
+        with self._cond:
+            if generation != self._generation:
+                return False
+            self._reading_since = None
+            return True
+
+    def _capture_loop(self, generation: int) -> None:
         pacer = _Pacer()
         pacer.reset(self.source.fps if self.source.paced else None)
         while not self._stop.is_set():
             if self._stop.wait(pacer.wait_s()):
                 return
+            source = self._blocking(generation)
+            if source is None:
+                return
             started = self._clock()
-            with self._cond:
-                self._reading_since = started
             try:
-                image, error = self.source.read(), None
+                image, error = source.read(), None
             except SourceError as exc:
                 image, error = None, str(exc)
             finally:
                 wall, mono, now = time.time(), time.monotonic(), self._clock()
-                with self._cond:
-                    self._reading_since = None
-            if self._stop.is_set():
+                current = self._returned(generation)
+            if self._stop.is_set() or not current:
                 return
 
             if error is None and image is None and self.source.live:
@@ -335,7 +419,7 @@ class CaptureThread:
                 self._mark_stale(error, now - started)
                 cause = "stale"
             if cause is not None:
-                if not self._reopen(cause, error):
+                if not self._reopen(cause, error, generation):
                     return
                 pacer.reset(self.source.fps if self.source.paced else None)
                 continue
@@ -349,7 +433,7 @@ class CaptureThread:
             if not self._put(image, wall, mono, now):
                 return
             if frozen_for is not None:
-                if not self._reopen("frozen", f"identical frames for {frozen_for:.1f} s"):
+                if not self._reopen("frozen", f"identical frames for {frozen_for:.1f} s", generation):
                     return
                 self._sample_since = self._clock()  # give the reopened source a full period
                 pacer.reset(self.source.fps if self.source.paced else None)
@@ -441,8 +525,9 @@ class CaptureThread:
             self._delay = min(delay * 2, self._backoff.max_s)
             return delay
 
-    def _reopen(self, cause: str, error: str | None) -> bool:
-        """Close the source and open it again, backing off while that fails; False if stopped."""
+    def _reopen(self, cause: str, error: str | None, generation: int) -> bool:
+        """Close the source and open it again, backing off while that fails; False if stopped
+        (or abandoned in an open that blocked)."""
         self._close_source()
         delay = self._take_delay()
         with self._cond:
@@ -456,9 +541,14 @@ class CaptureThread:
             with self._cond:
                 self._reopens += 1
                 attempt = self._reopens
+            source = self._blocking(generation)
+            if source is None:
+                return False
             try:
-                self.source.open()
+                source.open()
             except SourceError as exc:
+                if not self._returned(generation):
+                    return False
                 self._close_source()
                 delay = self._take_delay()
                 with self._cond:
@@ -469,14 +559,20 @@ class CaptureThread:
                                  reopens=attempt, next_delay_s=delay),
                 )
                 continue
+            if not self._returned(generation):
+                return False
             log.info("camera reopened", extra=fields(camera=self.camera, source=self.source.description,
                                                      reopens=attempt))
             return True
         return False
 
     def _close_source(self) -> None:
-        try:
-            self.source.close()
-        except Exception:  # closing must never mask why we are closing
-            log.debug("closing the source failed", exc_info=True,
-                      extra=fields(camera=self.camera, source=self.source.description))
+        _close_quietly(self.source, self.camera)
+
+
+def _close_quietly(source: Source, camera: str) -> None:
+    try:
+        source.close()
+    except Exception:  # closing must never mask why we are closing
+        log.debug("closing the source failed", exc_info=True,
+                  extra=fields(camera=camera, source=source.description))

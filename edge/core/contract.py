@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic_core import from_json
 
 DEFAULT_PREFIX = "edgecam/v1"
@@ -43,6 +44,8 @@ MAX_CHUNK_HEADER_BYTES = 1024
 MAX_ARTIFACT_REQUEST_BYTES = 2 * 1024
 MAX_RPC_BYTES = 256 * 1024
 MAX_ALERT_BYTES = 16 * 1024
+MAX_COMMAND_BYTES = 2 * 1024  # a line controller's command: a handful of short fields
+MAX_SUMMARY_BYTES = 64 * 1024  # a camera's summary: every rule's state and count
 MAX_ARTIFACT_BYTES = 2**31  # a model or policy file; a FlatBuffer (TFLite) cannot be larger
 MAX_ARTIFACT_DOC_BYTES = 48 * 1024  # one artifact's description: four slots and a policy fit one desired state
 
@@ -60,7 +63,7 @@ MAX_INT = 2**63 - 1
 CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy", "not_assigned")
 CHUNK_BUSY_RETRY_S = 1.0
 
-EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift")
+EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift", "command")
 
 # Alert events. A rule's own: present, cleared, every, entered, left, crossed. Raised by
 # the device about itself, each on a rule of the same name with retained state (on, then
@@ -68,6 +71,14 @@ EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "out
 # camera_tamper and image_quality (the picture), model_drift (the model's results).
 ALERT_EVENTS = ("present", "cleared", "every", "entered", "left", "crossed", "camera_blind", "camera_restored",
                 "camera_tamper", "image_quality", "model_drift")
+
+# What a line controller may ask of a camera's rule (``Command.op``): stop evaluating it
+# (disable) or start again (enable), keep evaluating it but send none of its alerts for
+# ``minutes`` (mute) or stop doing so (unmute), or acknowledge its latest alert (ack).
+COMMAND_OPS = ("enable", "disable", "mute", "unmute", "ack")
+MAX_MUTE_MINUTES = 7 * 24 * 60  # a week: longer is "disable", and says so
+# Why a command that decoded was still refused (``CommandResult.reason``), beyond REASONS.
+COMMAND_REASONS = ("unknown_camera", "unknown_rule", "not_controllable", "nothing_to_ack", "stale_alert")
 
 # Reasons a body is refused; receivers count rejections under these names.
 # "non_finite": NaN, Infinity or a number beyond a float's range, anywhere in the body.
@@ -171,6 +182,21 @@ class Topics:
         """Retained on/off state of one rule on one camera, for a controller that reconnects."""
         return f"{self.alert(site, line, camera)}/state/{_level(rule)}"
 
+    def camera_summary(self, site: str, line: str, camera: str) -> str:
+        """Retained :class:`CameraSummary` of one camera (beside its alerts, so a
+        controller allowed to read the line's alerts reads it too)."""
+        return f"{self.alert(site, line, camera)}/summary"
+
+    def command(self, site: str, line: str, device: str) -> str:
+        """Where a line controller sends :class:`Command` bodies to ``device``. One topic
+        per device, under its site and line, so a broker ACL can confine who may write
+        it (``topic write {p}/commands/{site}/{line}/#`` for the line's controllers)."""
+        return f"{self.prefix}/commands/{_level(site)}/{_level(line)}/{_level(device)}"
+
+    def command_result(self, site: str, line: str, device: str) -> str:
+        """Where ``device`` answers each command with a :class:`CommandResult`."""
+        return f"{self.command(site, line, device)}/result"
+
     # subscriptions of the fleet manager
     def all_status(self) -> str:
         return f"{self.prefix}/dev/+/status"
@@ -252,12 +278,27 @@ class OutboxBatch(_Body):
     events: list[WireEvent] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
 
 
+class Refusal(_Body):
+    """A batch the fleet will never store, and why (the reason its ingest counts it under)."""
+
+    batch: Ulid
+    reason: str = Field(min_length=1, max_length=64)
+
+
 class Ack(_Body):
-    """``{p}/dev/{id}/ack``: batch ids whose events the fleet has committed."""
+    """``{p}/dev/{id}/ack``: batch ids whose events the fleet has committed, and batches it
+    refuses (the device stops re-sending those and keeps their rows, parked)."""
 
     v: Version
     device: str = Field(pattern=ID_PATTERN)
-    batches: list[Ulid] = Field(min_length=1, max_length=MAX_ACK_BATCHES)
+    batches: list[Ulid] = Field(default_factory=list, max_length=MAX_ACK_BATCHES)
+    refused: list[Refusal] = Field(default_factory=list, max_length=MAX_ACK_BATCHES)
+
+    @model_validator(mode="after")
+    def _names_a_batch(self) -> "Ack":
+        if not self.batches and not self.refused:
+            raise ValueError("an ack names at least one batch")
+        return self
 
 
 class Status(_Body):
@@ -490,6 +531,89 @@ class AlertState(_Body):
     policy_version: str
 
 
+class Command(_Body):
+    """``{p}/commands/{site}/{line}/{device}``: a line controller steers one rule on one
+    camera. The topic says who may send it (the broker's ACL); ``device`` must name the
+    device whose topic it arrived on. ``minutes`` goes with ``mute`` only; ``alert``
+    with ``ack`` only (without it, the rule's latest alert on the camera). ``id`` is the
+    sender's own and comes back in the :class:`CommandResult`."""
+
+    v: Version
+    device: Ident
+    camera: Ident
+    rule: Ident
+    op: Literal[COMMAND_OPS]  # type: ignore[valid-type]
+    minutes: float | None = Field(default=None, gt=0, le=MAX_MUTE_MINUTES)
+    alert: Ulid | None = None
+    id: Ident | None = None
+
+    @model_validator(mode="after")
+    def _arguments(self) -> "Command":
+        if (self.op == "mute") != (self.minutes is not None):
+            raise ValueError("minutes: needed with op mute, and with no other op")
+        if self.alert is not None and self.op != "ack":
+            raise ValueError("alert: only with op ack")
+        return self
+
+
+class CommandResult(_Body):
+    """``{p}/commands/{site}/{line}/{device}/result``: what became of a command, accepted
+    (``ok``) or refused with a reason from :data:`REASONS` or :data:`COMMAND_REASONS`."""
+
+    v: Version
+    device: Ident
+    id: Ident | None = None
+    source: Literal["mqtt", "sparkplug"]
+    camera: str | None = None
+    rule: str | None = None
+    op: str | None = None
+    ok: bool
+    reason: str | None = None
+    detail: str | None = Field(default=None, max_length=512)
+    at: Time
+    muted_until: Time | None = None
+
+
+class RuleSummary(_Body):
+    """One rule of a :class:`CameraSummary`."""
+
+    on: bool | None = None  # a level rule's state (present, every); None for object rules
+    enabled: bool = True
+    muted_until: Time | None = None
+    acknowledged: bool = False  # the rule's latest alert was acknowledged
+    count: Count = 0  # the rule's events so far (since the policy that defines it took effect)
+
+
+class CameraSummary(_Body):
+    """``{p}/alerts/{site}/{line}/{camera}/summary``, retained: the camera's health and
+    every rule's state at a glance (what Home Assistant's entities read)."""
+
+    v: Version
+    device: Ident
+    camera: Ident
+    at: Time
+    state: str  # the capture state: live, stale, frozen, reopening, ended, failed
+    ok: bool  # neither blind nor tampered
+    policy_version: str | None = None
+    model_version: str | None = None
+    rules: dict[Ident, RuleSummary] = {}
+
+
+def decode_command(data: bytes, *, device: str) -> Command:
+    """A command received on ``device``'s command topic, or ContractError."""
+    return _decode(Command, data, limit=MAX_COMMAND_BYTES, device=device)
+
+
+def decode_command_result(data: bytes) -> CommandResult:
+    """A device's answer to a command, as the controller receives it, or ContractError."""
+    return _decode(CommandResult, data, limit=MAX_COMMAND_BYTES, device=None)
+
+
+def decode_camera_summary(data: bytes) -> CameraSummary:
+    """A camera's summary as a controller receives it, or ContractError."""
+    return _decode(CameraSummary, data, limit=MAX_SUMMARY_BYTES, device=None)
+
+
 def decode_alert(data: bytes) -> Alert:
     """An alert as a line controller receives it, or ContractError."""
     return _decode(Alert, data, limit=MAX_ALERT_BYTES, device=None)
@@ -558,6 +682,19 @@ def decode_batch(data: bytes, *, device: str) -> OutboxBatch:
         if event.device != device:
             raise ContractError("wrong_device", f"events[{i}].device is {event.device!r}, not {device!r}")
     return batch
+
+
+def batch_id_of(data: bytes) -> str | None:
+    """The batch id of a body that may break the contract, if it names one plainly (so the
+    fleet can tell the device which batch it refuses); None when it does not."""
+    if len(data) > MAX_BATCH_BYTES:
+        return None
+    try:
+        body = from_json(data)
+    except ValueError:
+        return None
+    batch = body.get("batch") if isinstance(body, dict) else None
+    return batch if isinstance(batch, str) and re.fullmatch(ULID_PATTERN, batch) else None
 
 
 def decode_ack(data: bytes, *, device: str) -> Ack:

@@ -10,6 +10,7 @@ sync and the fleet's ingest are a handler on a link.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import ssl
@@ -198,6 +199,21 @@ class Link:
     @property
     def connected(self) -> bool:
         return self.counters.connected
+
+    @property
+    def failed(self) -> bool:
+        """The thread ended without being asked to (a bug): its owner must notice."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the link's thread has used so far (Linux; None elsewhere or when not running)."""
+        tid = self._thread.native_id
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields_ = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, TypeError):
+            return None
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     # --- the thread --------------------------------------------------------------------
 

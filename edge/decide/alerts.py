@@ -17,6 +17,7 @@ while offline.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from paho.mqtt.properties import Properties
 
 from edge.config import DeviceInfo, MqttConfig
 from edge.core.contract import Alert, AlertState, Topics, encode
-from edge.core.link import LinkSettings, connect_properties, new_client, publish
+from edge.core.link import Backoff, LinkSettings, connect_properties, new_client, publish
 from edge.core.logs import fields
 from edge.sync.client import link_settings
 
@@ -41,7 +42,8 @@ class AlertPublisher:
     """Publishes alerts and rule states for one device; ``start`` / ``stop``."""
 
     def __init__(self, settings: LinkSettings, device: DeviceInfo, topics: Topics, *,
-                 max_pending: int = DEFAULT_MAX_PENDING, clock: Callable[[], float] = time.time) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, clock: Callable[[], float] = time.time,
+                 rng: Callable[[], float] = random.random) -> None:
         self.device = device
         self.topics = topics
         self._settings = settings
@@ -54,11 +56,13 @@ class AlertPublisher:
         self.counters: dict[str, int] = {"published": 0, "delayed": 0, "dropped_queue_full": 0,
                                          "publish_errors": 0, "states": 0, "connects": 0, "disconnects": 0}
         self.by_rule: dict[str, dict[str, int]] = {}  # rule -> published, delayed, dropped
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng)
         client = new_client(settings)
-        client.reconnect_delay_set(max(1, round(settings.backoff_initial_s)), max(1, round(settings.backoff_max_s)))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = lambda c, userdata: self._next_delay()
         self._client = client
+        self._next_delay()
 
     @classmethod
     def for_device(cls, cfg: MqttConfig, device: DeviceInfo, **kw: Any) -> "AlertPublisher":
@@ -146,6 +150,7 @@ class AlertPublisher:
         if reason.is_failure:
             log.error("alert link refused", extra=fields(reason=str(reason)))
             return
+        self._backoff.reset()
         with self._lock:
             self._connected = True
             self.counters["connects"] += 1
@@ -158,7 +163,15 @@ class AlertPublisher:
         log.info("alert link connected", extra=fields(broker=f"{self._settings.host}:{self._settings.port}",
                                                       delayed_alerts=waiting))
 
+    def _next_delay(self) -> None:
+        """paho's own reconnect delay doubles with no jitter, so a plant's cameras would all
+        reconnect in step after an outage: give it the link's backoff (exponential, equal
+        jitter) as its next delay, after each loss and each failed attempt."""
+        delay = self._backoff.next()
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # floats work
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._next_delay()
         with self._lock:
             if self._connected and not self._stopping:
                 self.counters["disconnects"] += 1

@@ -15,6 +15,15 @@ A cooldown spaces a rule's alerts (per camera for level rules, per object for ob
 rules). Everything about a camera is touched by one executor at a time (the scheduler
 guarantees it), so per-camera state needs no lock; a policy swap replaces the policy
 and the rule states in one assignment between two frames.
+
+Line controllers steer rules per camera (:meth:`DecisionEngine.control`): disable
+(the rule is not evaluated; its state starts afresh when enabled again), mute for a
+while (evaluated, states published, alerts decided and audited but not sent), and
+acknowledge the latest alert. The controls are one mapping replaced whole, read once
+per frame, so a command takes effect between two frames. They belong to the line, not
+to a policy version: a policy swap (SIGHUP, or one the fleet assigns) keeps the
+controls of every rule the new policy still has by name, and drops those of rules it
+no longer has.
 """
 
 from __future__ import annotations
@@ -24,12 +33,13 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
-from edge.core.contract import Alert, AlertState
+from edge.core.contract import COMMAND_OPS, Alert, AlertState
+from edge.core.errors import EdgeError
 from edge.core.ids import new_id
 from edge.core.logs import fields
 from edge.inference.adapters import Prediction
@@ -46,6 +56,47 @@ from .zones import anchor, area, inside, side, within_segment
 log = logging.getLogger("edge.decisions")
 
 UNSURE_EVENT_INTERVAL_S = 1.0  # at most one unsure decision event per camera per second
+# Alerts the device raises about a camera itself: muted and acknowledged like a policy's
+# rules, never disabled (a blind camera must not go unsaid by mistake).
+DEVICE_RULES = ("camera_health", "camera_tamper", "image_quality", "model_drift")
+
+
+class ControlError(EdgeError):
+    """A rule control refused: ``reason`` is one of ``contract.COMMAND_REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class RuleControl:
+    """What the line has said about one rule on one camera."""
+
+    enabled: bool = True
+    muted_until: float | None = None  # seconds since the epoch
+    acked: str | None = None  # the id of the alert acknowledged
+
+    def muted(self, now: float) -> bool:
+        return self.muted_until is not None and now < self.muted_until
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "muted_until": self.muted_until, "acked": self.acked}
+
+
+@dataclass(frozen=True)
+class RuleStatus:
+    """One rule on one camera as the line sees it (what the comms stage exports)."""
+
+    rule: str
+    level: bool | None  # a level rule's debounced state; None for object rules and device alerts
+    events: int
+    enabled: bool
+    muted_until: float | None
+    acknowledged: bool
+    retained: bool  # the rule keeps a retained state topic (``state: true``)
+    device_rule: bool = False
 
 
 class AlertSink(Protocol):
@@ -118,6 +169,7 @@ class _Camera:
     tracker: Tracker
     rules: list[_RuleState]
     blind_since: float | None = None
+    blind_mono: float = 0.0
     blind_alerted: bool = False
     watches: dict[str, _Watch] = field(default_factory=dict)  # camera_tamper, image_quality, model_drift/{task}
     last_unsure_event: float = float("-inf")
@@ -143,6 +195,12 @@ class FrameInfo:
     model: str
     model_version: str | None
     image: np.ndarray | None = None  # kept only for snapshots
+    captured_mono: float | None = None  # monotonic capture time; None: captured_at serves for both
+
+    @property
+    def mono(self) -> float:
+        """The capture time every interval (cooldown, tracker ageing) is measured on."""
+        return self.captured_at if self.captured_mono is None else self.captured_mono
 
 
 class DecisionEngine:
@@ -159,8 +217,11 @@ class DecisionEngine:
         snapshots: SnapshotSink | None = None,
         model_version: Callable[[str, str], str | None] = lambda camera, task: None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` stamps what is published; ``monotonic`` times how long (camera health)."""
         self.device = device
+        self._monotonic = monotonic
         self._alert_topic = topics
         self._alerts = alerts
         self._audit = audit
@@ -171,7 +232,12 @@ class DecisionEngine:
         self._swap = threading.Lock()  # policy swaps against health polling; frames never wait on it
         self._count_lock = threading.Lock()
         self.counters: dict[str, Any] = {"alerts": {}, "cooldown_suppressed": 0, "policy_swaps": 0,
-                                         "snapshots_requested": 0, "snapshots_skipped": 0}
+                                         "snapshots_requested": 0, "snapshots_skipped": 0, "muted": {},
+                                         "controls": 0}
+        # (camera, rule) -> control, replaced whole under _control_lock, read once per frame
+        self._controls: Mapping[tuple[str, str], RuleControl] = {}
+        self._control_lock = threading.Lock()
+        self._last: dict[tuple[str, str], Alert] = {}  # (camera, rule) -> its latest alert
 
     # --- policy ------------------------------------------------------------------------
 
@@ -187,16 +253,35 @@ class DecisionEngine:
             cameras: dict[str, _Camera] = {}
             for camera_id, old in (self._current.cameras if self._current else {}).items():
                 cam = self._new_camera(policy, camera_id)
-                if old.tracker.settings == cam.tracker.settings:
+                same_tracker = old.tracker.settings == cam.tracker.settings
+                if same_tracker:
                     cam.tracker = old.tracker
                 kept = {s.rule.name: s for s in old.rules}
-                cam.rules = [kept[s.rule.name] if s.rule.name in kept and kept[s.rule.name].rule == s.rule else s
-                             for s in cam.rules]
+                cam.rules = [self._kept(kept[s.rule.name], same_tracker)
+                             if s.rule.name in kept and kept[s.rule.name].rule == s.rule else s for s in cam.rules]
                 cam.blind_since, cam.blind_alerted, cam.outcomes = old.blind_since, old.blind_alerted, old.outcomes
+                cam.blind_mono = old.blind_mono
                 cam.watches = old.watches
                 cameras[camera_id] = cam
             self._current = _Current(policy, cameras)  # one assignment, read once per frame
             self._count("policy_swaps")
+        names = {r.name for r in policy.rules} | set(DEVICE_RULES)
+        with self._control_lock:
+            dropped = sorted({rule for (_, rule) in self._controls if rule not in names})
+            if dropped:
+                self._controls = {k: c for k, c in self._controls.items() if k[1] in names}
+        if dropped:
+            log.warning("rule controls dropped: the new policy has no such rules",
+                        extra=fields(rules=dropped, policy=policy.version))
+
+    @staticmethod
+    def _kept(state: _RuleState, same_tracker: bool) -> _RuleState:
+        """A rule's state carried into a new policy; a new tracker numbers its objects
+        afresh, so the per-object state of the old ids must not follow (a recycled id would
+        inherit another object's side of a line)."""
+        if same_tracker:
+            return state
+        return replace(state, objects={})
 
     def _new_camera(self, policy: Policy, camera: str) -> _Camera:
         t = policy.tracker
@@ -220,7 +305,8 @@ class DecisionEngine:
             return
         h, w = result.frame.image.shape[:2]
         frame = FrameInfo(result.frame.camera, result.frame.captured_at, w, h, result.model,
-                          self._model_version(result.frame.camera, result.task), result.frame.image)
+                          self._model_version(result.frame.camera, result.task), result.frame.image,
+                          result.frame.captured_mono)
         self.observe(frame, result.prediction)
 
     def observe(self, frame: FrameInfo, prediction: Prediction) -> list[Alert]:
@@ -237,11 +323,26 @@ class DecisionEngine:
         if any(o.outcome == "unsure" for o in observations):
             self._unsure(policy, cam, frame, observations)
         # "accept" is below a class's accept_at: noise, not an object worth an id
-        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.captured_at)
+        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.mono)
         raised: list[Alert] = []
-        for state in cam.rules:
+        controls = self._controls
+        for i, state in enumerate(cam.rules):
+            control = controls.get((frame.camera, state.rule.name)) if controls else None
+            if control is not None and not control.enabled:
+                self._disabled(policy, cam, i, frame)
+                continue
             raised.extend(self._evaluate(policy, state, frame, observations, tracks, lost))
         return raised
+
+    def _disabled(self, policy: Policy, cam: _Camera, i: int, frame: FrameInfo) -> None:
+        """A disabled rule starts afresh when enabled again; a retained state that was on
+        is turned off, since the rule no longer watches (on the executor: it owns the camera)."""
+        state = cam.rules[i]
+        if state.events == 0 and not state.level.window and not state.objects:
+            return  # already fresh
+        if state.rule.state and state.level.state:
+            self._publish_state(policy, frame.camera, state.rule, False, frame.captured_at, None)
+        cam.rules[i] = _RuleState(state.rule, Debouncer(state.rule.debounce.k, state.rule.debounce.n))
 
     def _observations(self, policy: Policy, frame: FrameInfo, prediction: Prediction) -> list[Observation]:
         anchor_at = policy.tracker.anchor
@@ -294,10 +395,10 @@ class DecisionEngine:
         best = max(matching, key=lambda o: o.score, default=None)
         alerts: list[Alert] = []
         if rule.when.event == "every":
-            if state.level.state and self._cool(state, frame.captured_at):
+            if state.level.state and self._cool(state, frame.mono):
                 alerts.append(self._raise(policy, state, frame, "every", best, count=len(matching)))
         elif flipped and state.level.state:
-            if self._cool(state, frame.captured_at):
+            if self._cool(state, frame.mono):
                 alert = self._raise(policy, state, frame, "present", best, count=len(matching), on=True)
                 state.level_alert = alert.id
                 alerts.append(alert)
@@ -355,10 +456,10 @@ class DecisionEngine:
 
     def _object_alert(self, policy: Policy, state: _RuleState, obj: _ObjectState, frame: FrameInfo, event: str,
                       track: Track, **extra: Any) -> Alert | None:
-        if frame.captured_at - obj.last_alert < state.rule.cooldown_s:
+        if frame.mono - obj.last_alert < state.rule.cooldown_s:
             self._count("cooldown_suppressed")
             return None
-        obj.last_alert = frame.captured_at
+        obj.last_alert = frame.mono
         return self._raise(policy, state, frame, event, track, **extra)
 
     def _cool(self, state: _RuleState, t: float) -> bool:
@@ -396,10 +497,17 @@ class DecisionEngine:
         return alert
 
     def _send(self, alert: Alert, topic: str | None, expiry_s: int) -> bool:
-        sent = self._alerts.submit(alert, topic, expiry_s) if self._alerts is not None else False
+        self._last[(alert.camera, alert.rule)] = alert
+        control = self._controls.get((alert.camera, alert.rule))
+        muted = control is not None and control.muted(self._clock())
+        if muted:
+            self._count("muted", alert.rule)
+            sent = False
+        else:
+            sent = self._alerts.submit(alert, topic, expiry_s) if self._alerts is not None else False
         self._count("alerts", alert.rule)
         log.info("alert", extra=fields(rule=alert.rule, camera=alert.camera, alert_event=alert.event,
-                                       label=alert.label, track=alert.track, sent=sent))
+                                       label=alert.label, track=alert.track, sent=sent, muted=muted))
         return sent
 
     def _record(self, alert: Alert, topic: str | None, sent: bool, snapshot_sha256: str | None = None) -> None:
@@ -409,6 +517,9 @@ class DecisionEngine:
                   if v not in (None, {}, [])}
         if snapshot_sha256 is not None:
             detail["snapshot_sha256"] = snapshot_sha256
+        control = self._controls.get((alert.camera, alert.rule))
+        if not sent and control is not None and control.muted(self._clock()):
+            detail["muted"] = True
         self._audit(alert_audit(alert.camera, alert.captured_at, alert.rule,
                                 topic or self._alert_topic(alert.camera), sent, **detail))
 
@@ -426,9 +537,9 @@ class DecisionEngine:
                                               since=since, alert=alert, policy_version=policy.version), None)
 
     def _unsure(self, policy: Policy, cam: _Camera, frame: FrameInfo, observations: list[Observation]) -> None:
-        if self._audit is None or frame.captured_at - cam.last_unsure_event < UNSURE_EVENT_INTERVAL_S:
+        if self._audit is None or frame.mono - cam.last_unsure_event < UNSURE_EVENT_INTERVAL_S:
             return
-        cam.last_unsure_event = frame.captured_at
+        cam.last_unsure_event = frame.mono
         unsure = max((o for o in observations if o.outcome == "unsure"), key=lambda o: o.score)
         unsure_count = sum(o.outcome == "unsure" for o in observations)
         audit = self._audit
@@ -460,19 +571,20 @@ class DecisionEngine:
             return []
         policy = current.policy
         spec = policy.camera_health
+        mono = self._monotonic() if now is None else now  # how long: monotonic; since when: wall
         now = self._clock() if now is None else now
         alerts = []
         for camera, state in states.items():
             cam = self._camera(current, camera)
             blind = state in spec.states
             if blind and cam.blind_since is None:
-                cam.blind_since = now
+                cam.blind_since, cam.blind_mono = now, mono
             elif not blind:
                 if cam.blind_alerted:
                     alerts.append(self._device_alert(policy, camera, "camera_health", False, now, spec.expiry_s,
                                                       event="camera_restored", detail=state))
                 cam.blind_since, cam.blind_alerted = None, False
-            if blind and not cam.blind_alerted and now - cam.blind_since >= spec.after_s:
+            if blind and not cam.blind_alerted and mono - cam.blind_mono >= spec.after_s:
                 cam.blind_alerted = True
                 alerts.append(self._device_alert(policy, camera, "camera_health", True, cam.blind_since, spec.expiry_s,
                                                   event="camera_blind", detail=state))
@@ -567,6 +679,96 @@ class DecisionEngine:
             log.warning(rule.replace("_", " "), extra=fields(camera=camera, detail=alert.detail, values=alert.values,
                                                              profile=profile))
         return alert
+
+    # --- controls from the line (edge/comms) ----------------------------------------------
+
+    def rules_of(self, camera: str) -> list[str]:
+        """The names of the rules the policy in force applies to ``camera``."""
+        current = self._current
+        if current is None:
+            return []
+        return [r.name for r in current.policy.rules if not r.cameras or camera in r.cameras]
+
+    def control(self, camera: str, rule: str, op: str, *, minutes: float | None = None,
+                alert: str | None = None) -> RuleControl:
+        """Apply one of ``contract.COMMAND_OPS`` to ``rule`` on ``camera`` from the next
+        frame on; returns the rule's control now, or raises ControlError. The caller
+        has checked that ``camera`` is one of the device's."""
+        if op not in COMMAND_OPS:
+            raise ControlError("not_controllable", f"unknown op {op!r}")
+        device_rule = rule in DEVICE_RULES
+        if not device_rule and rule not in self.rules_of(camera):
+            raise ControlError("unknown_rule", f"the policy in force has no rule {rule!r} for camera {camera!r}")
+        if device_rule and op in ("enable", "disable"):
+            raise ControlError("not_controllable", f"{rule} is the device's own alert: mute it instead")
+        now = self._clock()
+        with self._control_lock:
+            old = self._controls.get((camera, rule), RuleControl())
+            if op == "enable":
+                new = replace(old, enabled=True)
+            elif op == "disable":
+                new = replace(old, enabled=False)
+            elif op == "mute":
+                new = replace(old, muted_until=now + float(minutes or 0) * 60)
+            elif op == "unmute":
+                new = replace(old, muted_until=None)
+            else:
+                latest = self._last.get((camera, rule))
+                if latest is None:
+                    raise ControlError("nothing_to_ack", f"{rule!r} has raised no alert on {camera!r}")
+                if alert is not None and alert != latest.id:
+                    raise ControlError("stale_alert", f"{alert} is not {rule!r}'s latest alert ({latest.id})")
+                new = replace(old, acked=latest.id)
+            self._controls = {**self._controls, (camera, rule): new}
+        self._count("controls")
+        return new
+
+    def controls(self) -> dict[tuple[str, str], RuleControl]:
+        """Every (camera, rule) the line has a control on."""
+        return dict(self._controls)
+
+    def restore_controls(self, controls: Mapping[tuple[str, str], RuleControl]) -> list[tuple[str, str]]:
+        """Controls kept from an earlier run (``edge.comms``' state file); those of rules
+        the policy in force lacks are left out and returned."""
+        current = self._current
+        names = ({r.name for r in current.policy.rules} if current is not None else set()) | set(DEVICE_RULES)
+        kept = {k: c for k, c in controls.items() if k[1] in names}
+        with self._control_lock:
+            self._controls = {**kept, **self._controls}
+        return [k for k in controls if k not in kept]
+
+    def status(self, camera: str) -> list[RuleStatus]:
+        """Every rule on ``camera`` with its state, count and controls, for the line;
+        read from another thread (each value is read whole)."""
+        current = self._current
+        cam = current.cameras.get(camera) if current is not None else None
+        controls = self._controls
+        out = []
+        states = {s.rule.name: s for s in cam.rules} if cam is not None else {}
+        for name in self.rules_of(camera):
+            s = states.get(name)
+            rule = s.rule if s is not None else next(r for r in current.policy.rules if r.name == name)
+            level = s.level.state if s is not None else False
+            out.append(self._status(camera, name, controls, retained=rule.state, events=s.events if s else 0,
+                                    level=level if rule.when.event in ("present", "every") else None))
+        on = self.device_alerts()
+        for name in DEVICE_RULES:  # always listed: what a line exports keeps one shape
+            out.append(self._status(camera, name, controls, retained=True, events=0,
+                                    level=on.get((camera, name), False), device_rule=True))
+        return out
+
+    def _status(self, camera: str, rule: str, controls: Mapping[tuple[str, str], RuleControl], *,
+                retained: bool, events: int, level: bool | None, device_rule: bool = False) -> RuleStatus:
+        c = controls.get((camera, rule), RuleControl())
+        latest = self._last.get((camera, rule))
+        now = self._clock()
+        return RuleStatus(rule, level, events, c.enabled, c.muted_until if c.muted(now) else None,
+                          latest is not None and c.acked == latest.id, retained, device_rule)
+
+    def last_alert(self, camera: str) -> Alert | None:
+        """The camera's latest alert, of any rule (sent or muted)."""
+        latest = [a for (c, _), a in list(self._last.items()) if c == camera]
+        return max(latest, key=lambda a: a.id) if latest else None
 
     def camera_ok(self, camera: str) -> bool:
         """Neither blind nor tampered nor a poor picture now: its results may become a baseline."""

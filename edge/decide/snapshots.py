@@ -4,6 +4,8 @@ Pixels never leave the device: only a snapshot's id and sha256 travel in metadat
 a technician (or a future upload on request) reads the file here. Encoding a 720p JPEG
 takes milliseconds, so it happens on the store's own thread; requests wait in a small
 bounded queue and are skipped (and counted) when it is full, never slowing inference.
+The caps are enforced after each write and on a timer, so a picture past its age goes
+even when nothing new is written.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from edge.core.logs import fields
 log = logging.getLogger("edge.snapshots")
 
 QUEUE_SIZE = 4
+PRUNE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ class SnapshotLimits:
 class SnapshotStore:
     """``dir/<id>.jpg`` files; ``start`` / ``stop``."""
 
-    def __init__(self, directory: Path, limits: SnapshotLimits) -> None:
+    def __init__(self, directory: Path, limits: SnapshotLimits, *, prune_every_s: float = PRUNE_EVERY_S) -> None:
         self.dir = directory
         self.limits = limits
+        self.prune_every_s = prune_every_s
         self._queue: queue.Queue[tuple[np.ndarray, str, Callable[[str], None]]] = queue.Queue(QUEUE_SIZE)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
@@ -55,6 +59,10 @@ class SnapshotStore:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    @property
+    def failed(self) -> bool:
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
 
     def request(self, image: np.ndarray, sid: str, done: Callable[[str], None]) -> bool:
         """Keep ``image`` as ``sid``; ``done(sha256)`` runs once it is on disk. False: skipped."""
@@ -72,19 +80,26 @@ class SnapshotStore:
         return self.dir / f"{sid}.jpg"
 
     def _run(self) -> None:
+        next_prune = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.prune_every_s
+                self._step("prune", self._prune)
             try:
-                image, sid, done = self._queue.get(timeout=0.2)
+                image, sid, done = self._queue.get(timeout=min(0.2, self.prune_every_s))
             except queue.Empty:
                 continue
-            try:
-                sha = self._write(image, sid)
-            except Exception:  # a full disk must not take the daemon down
-                self.counters["errors"] += 1
-                log.exception("snapshot failed", extra=fields(snapshot=sid))
-                continue
-            done(sha)
-            self._prune()
+            if self._step(sid, lambda: done(self._write(image, sid))):
+                self._step("prune", self._prune)
+
+    def _step(self, what: str, step: Callable[[], None]) -> bool:
+        try:
+            step()
+            return True
+        except Exception:  # a full disk, a file gone under us: counted, and the thread goes on
+            self.counters["errors"] += 1
+            log.exception("snapshot failed", extra=fields(snapshot=what))
+            return False
 
     def _write(self, image: np.ndarray, sid: str) -> str:
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.limits.jpeg_quality])
@@ -97,7 +112,14 @@ class SnapshotStore:
 
     def _prune(self) -> None:
         """Oldest first: everything past the age cap, then until under the size cap."""
-        files = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.jpg"))
+        files = []
+        for p in self.dir.glob("*.jpg"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        files.sort()
         total = sum(size for _, size, _ in files)
         horizon = time.time() - self.limits.max_age_s
         for mtime, size, path in files:

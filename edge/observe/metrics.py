@@ -129,6 +129,8 @@ class Collector:
         yield from self._histograms()
         yield _counter("edgecam_inference_errors", "Model runs that raised", [],
                        [((), s.scheduler.inference_errors)])
+        yield _counter("edgecam_sink_errors", "Results a sink (decisions, outbox, results file) failed on", [],
+                       [((), s.scheduler.sink_errors)])
         yield from self._decisions()
         if s.observer is not None:
             yield from self._observe(s.observer)

@@ -5,7 +5,9 @@ running and ``WATCHDOG=1`` at half the watchdog interval. An invoke that runs fa
 past its estimate (or past an absolute limit) is reported with its camera and model,
 and from then on the pings stop, so systemd kills and restarts the daemon: a stuck
 accelerator or driver never leaves a camera silently blind. A heartbeat file, touched
-at the same rate, serves supervisors other than systemd.
+at the same rate, serves supervisors other than systemd. Each poll also lets every
+capture thread deal with a source call that never returns (``CaptureThread.watch``); a
+camera stuck beyond that stops the pings too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from edge.config import SchedulerConfig
 from edge.core.logs import fields
 
-from .scheduler import Executor
+from .scheduler import CameraRunner, Executor
 
 log = logging.getLogger("edge.liveness")
 
@@ -53,8 +55,10 @@ def watchdog_interval_s() -> float | None:
 class Liveness:
     """Owned and polled by the daemon's main thread."""
 
-    def __init__(self, executors: list[Executor], cfg: SchedulerConfig, heartbeat: Path | None = None) -> None:
+    def __init__(self, executors: list[Executor], cfg: SchedulerConfig, heartbeat: Path | None = None,
+                 cameras: list[CameraRunner] = ()) -> None:
         self.executors = executors
+        self.cameras = list(cameras)
         self.cfg = cfg
         self.heartbeat = heartbeat
         self.alive = True
@@ -71,7 +75,7 @@ class Liveness:
         sd_notify("STOPPING=1")
 
     def poll(self, now: float | None = None) -> None:
-        """Check for stuck invokes; ping the supervisor while none is."""
+        """Check for stuck invokes and cameras; ping the supervisor while none is."""
         now = time.monotonic() if now is None else now
         for ex in self.executors:
             running = ex.running
@@ -88,6 +92,12 @@ class Liveness:
                     extra=fields(camera=running.camera, task=running.task, model=running.model,
                                  elapsed_ms=round(elapsed_ms), estimate_ms=round(running.estimate_ms, 2)),
                 )
+        for camera in self.cameras:
+            if not camera.capture.watch() and self.alive:
+                self.stuck += 1
+                self.alive = False
+                log.error("capture stuck: liveness withdrawn so the supervisor restarts the daemon",
+                          extra=fields(camera=camera.cfg.id))
         if self.alive and now >= self._next_ping:
             self._next_ping = now + self._interval
             sd_notify("WATCHDOG=1")

@@ -30,6 +30,7 @@ from .planner import CostModel, Planner, WorkItem
 
 log = logging.getLogger("edge.scheduler")
 
+SINK_LOG_EVERY_S = 60.0  # a sink failing on every frame: one traceback a minute, every error counted
 DEFAULT_BUDGET_MS = 100.0  # when neither the config nor the source gives a frame rate
 
 
@@ -183,6 +184,9 @@ class Scheduler:
         self.sink = sink
         self.on_error: Callable[[str, str, str], None] | None = None  # (camera, task, model) of a failed run
         self.inference_errors = 0
+        self.sink_errors = 0
+        self.failures: list[str] = []  # executors that died, and why: the daemon exits non-zero
+        self._sink_logged_at = -float("inf")
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._threads = [
@@ -233,6 +237,14 @@ class Scheduler:
                 raise TimeoutError(f"an executor did not take the new {slot} model within {timeout:g} s")
 
     def _run(self, executor: Executor) -> None:
+        try:
+            self._serve(executor)
+        except BaseException as exc:  # noticed by the daemon, which exits so the service manager restarts it
+            with self._cond:
+                self.failures.append(f"executor-{executor.index}: {type(exc).__name__}: {exc}")
+            log.critical("executor failed", exc_info=True, extra=fields(executor=executor.index))
+
+    def _serve(self, executor: Executor) -> None:
         while not self._stop.is_set():
             executor.apply_swaps()
             with self._cond:
@@ -319,8 +331,19 @@ class Scheduler:
         finished = time.monotonic()
         camera.task_latency[task.name].add((finished - t0) * 1e3)
         if self.sink is not None:
-            self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop))
+            try:
+                self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop))
+            except Exception:  # a sink's bug or full disk must not stop inference for every sink
+                self._sink_failed(camera.cfg.id, task.name)
         return prediction
+
+    def _sink_failed(self, camera: str, task: str) -> None:
+        """Count every sink error; log one a minute at most, with its traceback."""
+        self.sink_errors += 1
+        now = time.monotonic()
+        if now - self._sink_logged_at >= SINK_LOG_EVERY_S:
+            self._sink_logged_at = now
+            log.exception("result sink failed", extra=fields(camera=camera, task=task, sink_errors=self.sink_errors))
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and percentiles of every camera and executor."""
@@ -332,6 +355,7 @@ class Scheduler:
                 for ex in self.executors
             ],
             "inference_errors": self.inference_errors,
+            "sink_errors": self.sink_errors,
         }
 
 

@@ -19,11 +19,20 @@ any manager is. So the window in flight is sent again at once on every reconnect
 whenever a manager's ingest announces it has subscribed (``{p}/fleet/ingest/online``),
 rather than only after ``ack_timeout_s``: whichever side is back first, the backlog
 drains as soon as both are.
+
+A batch nobody acknowledges is sent again with exponential backoff and jitter, from
+``ack_timeout_s`` up to ``resend_max_s``: a manager that stays down costs a metered link
+a few re-sends an hour, not a window every ack timeout. A reconnect or an announcement
+starts the backoff afresh. A batch that goes unacknowledged while the fleet acks later
+ones, or that the fleet says it refuses (a newer event kind than it knows, say), is
+*parked*: it leaves the window, so the rest keeps flowing, its rows stay in the outbox, and it is
+offered again every ``resend_max_s``; parked batches are counted in the stats.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -44,6 +53,7 @@ log = logging.getLogger("edge.sync")
 IDLE_POLL_S = 0.05  # how often an idle link looks for new commits
 MAX_WAIT_S = 0.5
 RESEND_MIN_GAP_S = 1.0  # a manager's announcement re-sends a batch at most this often
+PARK_AFTER_SENDS = 4  # sent this often, never acked while later batches were: the fleet refuses it
 
 
 @dataclass
@@ -52,6 +62,8 @@ class _InFlight:
     body: bytes
     sent: float  # time.monotonic() it last went out
     deadline: float  # time.monotonic() after which it is sent again
+    first_sent: float = 0.0
+    sends: int = 1  # since the backoff last started afresh
     why: str = "ack_timeout"  # what the next re-send is for, for its log line
 
 
@@ -87,9 +99,13 @@ class Sync:
         self._models = dict(models or {})
         self._status_due = False
         self._inflight: dict[str, _InFlight] = {}
+        self._parked: dict[str, _InFlight] = {}  # out of the window: the fleet acks others, not these
+        self._last_ack = -float("inf")  # time.monotonic() of the last ack for a batch in flight
+        self._rng = random.Random()
         self._counters: dict[str, Any] = dict(
             batches_sent=0, events_sent=0, resent=0, acked_batches=0, acked_events=0,
-            acks_unknown=0, acks_rejected={}, publish_errors=0, ingest_online=0, ingest_online_rejected={})
+            acks_unknown=0, acks_rejected={}, publish_errors=0, ingest_online=0, ingest_online_rejected={},
+            parked_batches=0)
         settings = link_settings(mqtt_cfg, device.id, will=self._will,
                                  max_inflight=self._cfg.window + 4)
         self._link = Link(settings, self, name="sync")
@@ -114,9 +130,14 @@ class Sync:
     def connected(self) -> bool:
         return self._link.connected
 
+    @property
+    def failed(self) -> bool:
+        return self._link.failed
+
     def stats(self) -> dict[str, Any]:
         """Counters for the stats line."""
-        return {**self._link.counters.as_dict(), "inflight": len(self._inflight),
+        return {**self._link.counters.as_dict(), "inflight": len(self._inflight), "parked": len(self._parked),
+                "parked_events": sum(f.batch.count for f in list(self._parked.values())),
                 **self._counters, "acks_rejected": dict(self._counters["acks_rejected"]),
                 "ingest_online_rejected": dict(self._counters["ingest_online_rejected"])}
 
@@ -139,13 +160,18 @@ class Sync:
         except ContractError as exc:
             self._rejected("acks_rejected", exc, message.topic)
             return
+        for refusal in ack.refused:
+            flight = self._inflight.get(refusal.batch)
+            if flight is not None:
+                self._park(refusal.batch, flight, time.monotonic(), refusal.reason)
         for batch_id in ack.batches:
-            flight = self._inflight.pop(batch_id, None)
+            flight = self._inflight.pop(batch_id, None) or self._parked.pop(batch_id, None)
             if flight is None:  # a second ack after a re-send, or one for a previous process's batch
                 self._counters["acks_unknown"] += 1
                 log.info("ack for an unknown batch", extra=fields(batch=batch_id))
                 continue
             self.outbox.delete(flight.batch)
+            self._last_ack = time.monotonic()
             self._counters["acked_batches"] += 1
             self._counters["acked_events"] += flight.batch.count
 
@@ -154,13 +180,15 @@ class Sync:
         if self._status_due:
             self._publish_status(client, "online")
         timeout = self._cfg.ack_timeout_s
-        for batch_id, flight in self._inflight.items():
+        for batch_id, flight in list(self._inflight.items()):
             if flight.deadline <= now:
-                self._publish(client, self.topics.outbox(self.device.id), flight.body)
-                flight.sent, flight.deadline = now, now + timeout
-                self._counters["resent"] += 1
-                log.info("batch re-sent", extra=fields(batch=batch_id, events=flight.batch.count, why=flight.why))
-                flight.why = "ack_timeout"
+                if flight.sends >= PARK_AFTER_SENDS and self._last_ack > flight.first_sent:
+                    self._park(batch_id, flight, now, "never acked while later batches were")
+                    continue
+                self._resend(client, batch_id, flight, now)
+        for batch_id, flight in self._parked.items():
+            if flight.deadline <= now:
+                self._resend(client, batch_id, flight, now)
         while len(self._inflight) < self._cfg.window:
             batch = self.outbox.next_batch(self._cfg.batch_events, self._cfg.batch_bytes)
             if batch is None:
@@ -168,13 +196,35 @@ class Sync:
             batch_id = new_id()
             body = batch_body(self.device.id, batch_id, time.time(), batch.events)
             self._publish(client, self.topics.outbox(self.device.id), body)
-            self._inflight[batch_id] = _InFlight(batch, body, now, now + timeout)
+            self._inflight[batch_id] = _InFlight(batch, body, now, now + timeout, first_sent=now)
             self._counters["batches_sent"] += 1
             self._counters["events_sent"] += batch.count
         if len(self._inflight) < self._cfg.window:
             return IDLE_POLL_S
-        next_deadline = min(f.deadline for f in self._inflight.values())
+        next_deadline = min(f.deadline for f in [*self._inflight.values(), *self._parked.values()])
         return max(0.0, min(MAX_WAIT_S, next_deadline - now))
+
+    def _resend(self, client: mqtt.Client, batch_id: str, flight: _InFlight, now: float) -> None:
+        """Send a batch again, stamped with this send time (the fleet measures the device's
+        clock by it); the next re-send waits twice as long (with jitter), up to resend_max_s."""
+        flight.body = batch_body(self.device.id, batch_id, time.time(), flight.batch.events)
+        self._publish(client, self.topics.outbox(self.device.id), flight.body)
+        delay = min(self._cfg.resend_max_s, self._cfg.ack_timeout_s * 2 ** min(flight.sends, 30))
+        flight.sent, flight.deadline = now, now + delay * (0.5 + 0.5 * self._rng.random())
+        flight.sends += 1
+        self._counters["resent"] += 1
+        log.info("batch re-sent", extra=fields(batch=batch_id, events=flight.batch.count, why=flight.why,
+                                               sends=flight.sends, next_s=round(flight.deadline - now, 2)))
+        flight.why = "ack_timeout"
+
+    def _park(self, batch_id: str, flight: _InFlight, now: float, why: str) -> None:
+        """Out of the window, rows kept, offered again every resend_max_s."""
+        del self._inflight[batch_id]
+        flight.deadline = now + self._cfg.resend_max_s
+        self._parked[batch_id] = flight
+        self._counters["parked_batches"] += 1
+        log.warning("batch parked", extra=fields(batch=batch_id, events=flight.batch.count, why=why,
+                                                 sends=flight.sends, retry_s=self._cfg.resend_max_s))
 
     def on_stop(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
         info = self._publish_status(client, "offline")
@@ -194,11 +244,12 @@ class Sync:
         self._resend_window("ingest_online", time.monotonic(), min_gap=RESEND_MIN_GAP_S)
 
     def _resend_window(self, why: str, now: float, *, min_gap: float = 0.0) -> None:
-        """Send every batch in flight again now, or ``min_gap`` after it last went out."""
+        """Send every batch in flight again now, or ``min_gap`` after it last went out, and
+        start its backoff afresh (someone is there to ack it now)."""
         for flight in self._inflight.values():
             when = max(now, flight.sent + min_gap)
             if when < flight.deadline:
-                flight.deadline, flight.why = when, why
+                flight.deadline, flight.why, flight.sends = when, why, 0
 
     def _rejected(self, counter: str, exc: ContractError, topic: str) -> None:
         rejected = self._counters[counter]

@@ -36,6 +36,7 @@ class Kind(str, Enum):
     MODEL = "model"
     OUTBOX_EVICTION = "outbox_eviction"
     DRIFT = "drift"
+    COMMAND = "command"
 
 
 assert tuple(k.value for k in Kind) == EVENT_KINDS, "events.Kind and contract.EVENT_KINDS differ"
@@ -50,6 +51,7 @@ PRIORITY: dict[Kind, int] = {
     Kind.MODEL: 3,
     Kind.OUTBOX_EVICTION: 3,
     Kind.ALERT: 4,
+    Kind.COMMAND: 4,  # who changed what on the line: kept as long as the alerts
 }
 
 
@@ -251,6 +253,13 @@ def alert_audit(
     """The audit row of an alert already sent over MQTT (or not, and why in ``detail``)."""
     payload = {"rule": rule, "topic": topic, "delivered": bool(delivered), **detail}
     return new_event(Kind.ALERT, payload, camera=camera, captured_at=captured_at)
+
+
+def command_audit(camera: str | None, source: str, topic: str, op: str | None, ok: bool, **detail: Any) -> Event:
+    """The audit row of a command from the line (``source``: mqtt or sparkplug), applied
+    or refused (``ok`` false, and why in ``detail``)."""
+    payload = {"source": source, "topic": topic, "op": op, "ok": bool(ok), **detail}
+    return new_event(Kind.COMMAND, payload, camera=camera)
 
 
 def health_snapshot(camera: str | None, stats: Mapping[str, Any]) -> Event:

@@ -30,7 +30,8 @@ class Recorder:
 
 
 def fan_out(sinks: Iterable[Sink | None]) -> Sink | None:
-    """One sink that calls each of ``sinks`` (None entries skipped)."""
+    """One sink that calls each of ``sinks`` (None entries skipped); one that raises does not
+    keep the result from the others, and the first error is raised once all have run."""
     chosen = [s for s in sinks if s is not None]
     if not chosen:
         return None
@@ -38,7 +39,13 @@ def fan_out(sinks: Iterable[Sink | None]) -> Sink | None:
         return chosen[0]
 
     def call_all(result: Result, _sinks: list[Callable[[Result], None]] = chosen) -> None:
+        failed: Exception | None = None
         for sink in _sinks:
-            sink(result)
+            try:
+                sink(result)
+            except Exception as exc:  # the others still get the result; the caller hears of the first
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     return call_all

@@ -15,6 +15,7 @@ loaded until the new one is committed, so a rollback is one more swap.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import queue
@@ -74,6 +75,17 @@ class Refused(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def unexpected(exc: Exception) -> Refused:
+    """A job's unexpected error as the reason the fleet sees: a full or read-only disk by
+    name, anything else by its type."""
+    errno_reason = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
+                    errno.EACCES: "permission_denied", errno.EPERM: "permission_denied"}
+    if isinstance(exc, OSError):
+        return Refused(errno_reason.get(exc.errno, "io_error"), f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    log.error("model job failed unexpectedly", exc_info=exc)
+    return Refused("internal", f"{type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -156,6 +168,12 @@ class Agent:
         self._worker.join(max(0.05, deadline - time.monotonic() - 0.3))
         self._link.stop(max(0.1, deadline - time.monotonic()))
 
+    @property
+    def failed(self) -> bool:
+        """The worker or the link ended without a stop (a bug the steps did not catch)."""
+        worker_dead = self._worker.ident is not None and not self._worker.is_alive() and not self._stop.is_set()
+        return worker_dead or self._link.failed
+
     def stats(self) -> dict[str, Any]:
         c = self.counters  # other threads add keys to the inner dicts: copy them
         return {**self._link.counters.as_dict(), **c, "rejected": dict(c["rejected"]), "jobs": dict(c["jobs"]),
@@ -236,22 +254,28 @@ class Agent:
     # --- the worker --------------------------------------------------------------------------
 
     def _work_loop(self) -> None:
+        self._step("boot", self._after_boot)
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            with self._desired_lock:
+                desired, self._desired = self._desired, None
+            if desired is not None and not self._stop.is_set():
+                self._worker_busy = True
+                try:
+                    self._step("desired state", lambda: self._act(desired))
+                finally:
+                    self._worker_busy = False
+            self._step("state file", self._follow_state)
+
+    def _step(self, what: str, step: Callable[[], None]) -> None:
+        """Run one step of the worker; an error in it is logged and counted, and the worker
+        stays ready for the next desired state (capture and inference go on regardless)."""
         try:
-            self._after_boot()
-            while not self._stop.is_set():
-                self._wake.wait(1.0)
-                self._wake.clear()
-                with self._desired_lock:
-                    desired, self._desired = self._desired, None
-                if desired is not None and not self._stop.is_set():
-                    self._worker_busy = True
-                    try:
-                        self._act(desired)
-                    finally:
-                        self._worker_busy = False
-                self._follow_state()
-        except Exception:  # a bug here must be loud; capture and inference go on regardless
-            log.exception("model agent failed")
+            step()
+        except Exception:
+            self.counters["worker_errors"] = self.counters.get("worker_errors", 0) + 1
+            log.exception("model agent step failed", extra=fields(step=what))
 
     def _follow_state(self) -> None:
         """Serve what the state file names: a technician's ``edge models rollback`` on a
@@ -350,6 +374,9 @@ class Agent:
                 raise Refused("load_error", str(exc)) from None
         except (Refused, SignatureError, DownloadError, SmokeError) as exc:
             self._fail(job, slot, art, exc)
+            return
+        except Exception as exc:  # a full or read-only disk, a bug: the job fails, the agent goes on
+            self._fail(job, slot, art, unexpected(exc))
             return
         self._activate(slot, job, art, version, models, {"smoke_latency_ms": smoke.latency_ms,
                                                           "smoke_limit_ms": smoke.limit_ms})
@@ -519,6 +546,9 @@ class Agent:
                 raise Refused("invalid_policy", str(exc)) from None
         except (Refused, SignatureError, DownloadError) as exc:
             self._fail(job, POLICY_SLOT, art, exc)
+            return
+        except Exception as exc:
+            self._fail(job, POLICY_SLOT, art, unexpected(exc))
             return
         entry = Entry(sha256=art.sha256, kind="policy", name=art.name, version=str(applied or art.version), job=job,
                       desired_version=version, activated_at=time.time())

@@ -24,7 +24,7 @@ Loader = Callable[[Mapping[str, Any]], T]
 EVENT_COLUMNS = ("id", "device", "seq", "kind", "camera", "captured_at", "recorded_at", "priority",
                  "payload", "received_at")
 DEVICE_COLUMNS = ("id", "state", "site", "line", "runtime", "models", "status_at", "first_seen",
-                  "last_seen", "events")
+                  "last_seen", "events", "clock_skew_s")
 
 
 class Skips:
@@ -109,6 +109,7 @@ class DeviceRow(_Row):
     last_seen: Time
     events: Count
     state_since: Time | None
+    clock_skew_s: float | None = None
 
 
 class JobRow(_Row):

@@ -58,6 +58,7 @@ devices = sa.Table(
     sa.Column("last_seen", Time, nullable=False),
     sa.Column("events", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("state_since", Time),  # when the device last went online or offline
+    sa.Column("clock_skew_s", sa.Double),  # its clock minus the manager's, at its last batch
     sa.Index("devices_by_tags", "site", "line"),
 )
 

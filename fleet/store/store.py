@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -147,10 +148,14 @@ class Store:
                          "payload": payload.decode(), "batch": batch.batch, "received_at": received_at})
         events = self._insert(S.events).on_conflict_do_nothing(index_elements=["id"]).returning(S.events.c.id)
         d = S.devices
+        # the device's clock against this one: the batch was stamped as it went out, and the
+        # broker adds milliseconds (a re-sent batch is stamped again, so it measures the same)
+        skew = batch.sent_at - received_at
         device = self._insert(d).values(id=batch.device, first_seen=received_at, last_seen=received_at,
-                                         events=sa.bindparam("inserted"))
+                                         events=sa.bindparam("inserted"), clock_skew_s=skew)
         device = device.on_conflict_do_update(index_elements=["id"], set_={
-            "last_seen": device.excluded.last_seen, "events": d.c.events + device.excluded.events})
+            "last_seen": device.excluded.last_seen, "events": d.c.events + device.excluded.events,
+            "clock_skew_s": device.excluded.clock_skew_s})
         with self.engine.begin() as c:
             inserted = len(c.execute(events, rows).all())
             c.execute(device, {"inserted": inserted})
@@ -221,13 +226,19 @@ class Store:
         for i in self.identities("device"):
             devices.setdefault(i.name, {"id": i.name, "state": None, "site": i.site, "line": i.line, "runtime": None,
                                         "models": {}, "status_at": None, "first_seen": None, "last_seen": None,
-                                        "events": 0})["enrolment"] = i.state
+                                        "events": 0, "clock_skew_s": None})["enrolment"] = i.state
         return [devices[k] for k in sorted(devices)]
 
     def _devices(self) -> list[DeviceRow]:
         d = S.devices
         rows = self._rows(sa.select(*_columns(d, (*DEVICE_COLUMNS, "state_since"))).order_by(d.c.id))
         return self.skipped.load("devices", rows, DeviceRow.model_validate)
+
+    def clock_skew(self, device: str) -> float | None:
+        """The device's clock minus the manager's at its last batch, if known (and a number)."""
+        rows = self._rows(sa.select(S.devices.c.clock_skew_s).where(S.devices.c.id == device))
+        skew = rows[0]["clock_skew_s"] if rows else None
+        return skew if isinstance(skew, (int, float)) and math.isfinite(skew) else None
 
     def _rows(self, query: sa.Select, conn: Connection | None = None) -> list[dict[str, Any]]:
         """Rows as column → value."""

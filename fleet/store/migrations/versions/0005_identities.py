@@ -3,14 +3,14 @@ administrator), with what credential, and whether it is revoked. A password is k
 only as the hash the broker's password file holds; a certificate by its serial numbers
 (one per connection of the identity), for the revocation list.
 
-Revision ID: 0004
+Revision ID: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 
 
 def upgrade() -> None:
