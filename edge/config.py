@@ -382,7 +382,11 @@ class DownloadConfig(_Strict):
 class AgentConfig(_Strict):
     """The model agent: takes models and policies the fleet assigns (needs `mqtt`)."""
 
-    public_key: ConfigPath = Field(description="the fleet's Ed25519 public key (PEM); artifacts must verify with it")
+    public_keys: list[ConfigPath] = Field(
+        default=[], max_length=8,
+        description="the fleet's Ed25519 public keys (PEM) the device pins; desired states and artifacts must "
+                    "verify with one of them (a list, so a new key is pinned before the fleet signs with it)")
+    public_key: ConfigPath | None = Field(default=None, description="one pinned key (the same as a list of one)")
     state_dir: ConfigPath = Path("/var/lib/edgecam/models")
     keep: int = Field(default=3, ge=0, description="unused model versions kept on disk")
     swap_timeout_s: float = Field(default=10.0, gt=0)
@@ -390,6 +394,17 @@ class AgentConfig(_Strict):
     health: HealthConfig = HealthConfig()
     crash_loop: CrashLoopConfig = CrashLoopConfig()
     download: DownloadConfig = DownloadConfig()
+
+    @model_validator(mode="after")
+    def _some_key(self) -> "AgentConfig":
+        if not self.public_keys and self.public_key is None:
+            raise _KeyedError("public_keys", "the agent needs at least one pinned key (public_keys or public_key)")
+        return self
+
+    def pinned(self) -> list[tuple[str, Path]]:
+        """Every pinned key file with the key that names it."""
+        named = [(f"public_keys[{i}]", p) for i, p in enumerate(self.public_keys)]
+        return named + ([("public_key", self.public_key)] if self.public_key is not None else [])
 
 
 class MetricsConfig(_Strict):
@@ -640,8 +655,14 @@ def missing_files(cfg: DeviceConfig) -> list[str]:
             problems.append(f"{key}: directory not found: {path.parent}")
     if cfg.decisions.policy is not None and not cfg.decisions.policy.exists():
         problems.append(f"decisions.policy: file not found: {cfg.decisions.policy}")
-    if cfg.agent is not None and not cfg.agent.public_key.is_file():
-        problems.append(f"agent.public_key: file not found: {cfg.agent.public_key}")
+    for key, path in cfg.agent.pinned() if cfg.agent is not None else []:
+        if not path.is_file():
+            problems.append(f"agent.{key}: file not found: {path}")
+    tls = cfg.mqtt.tls if cfg.mqtt is not None else None
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, key) if tls is not None else None
+        if path is not None and not path.is_file():
+            problems.append(f"mqtt.tls.{key}: file not found: {path}")
     return problems
 
 

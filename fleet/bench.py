@@ -6,6 +6,12 @@ simulated devices that download, hash and verify every byte. Reported: time from
 ``rollouts.start`` to ``completed``, bytes through the broker (its ``$SYS`` counters),
 the manager's CPU seconds and peak RSS, and the ingest rates of the devices' statuses
 and outbox batches.
+
+With ``secure``, the fleet is set up as a plant would set it up: a CA, every device
+enrolled with its own certificate, the broker on the configuration ``fleet broker
+config`` generates (TLS, the dynamic security plugin's rights, no anonymous access),
+and the manager, the operator and each simulated device connecting with their own
+credentials.
 """
 
 from __future__ import annotations
@@ -24,12 +30,18 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.bench.kit import LocalMosquitto, cpu_s, rss_mb
+from edge.bench.kit import LocalMosquitto, cpu_s, free_port, rss_mb
 from edge.core.errors import EdgeError, UsageError
 from edge.core.signing import init_keys, load_public_key
+from edge.core.tls import client_context
 from edge.inference.manifest import load_manifest
 
-from .client import FleetClient
+from .brokerconf import BrokerSettings, ensure_admin, ensure_server_cert, find_plugin, write_config
+from .bundles import Credentials, read_credentials, write_bundle
+from .ca import FleetCA
+from .client import FleetClient, Tls
+from .identities import ADMIN, enrol
+from .keyring import Keyring
 from .local_postgres import LocalPostgres
 from .simprocesses import SimulatorProcesses
 from .simulator import SimSettings, load_running
@@ -44,7 +56,7 @@ PREVIOUS_MODEL = SHARED / "models" / "yolov8n_full_integer_quant-a.tflite"
 
 def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: float, max_transfers: int, pumps: int,
                       ingest_batches: int, ingest_events: int, timeout_s: float = 900.0, managers: int = 1,
-                      db: str | None = None, processes: int | None = None) -> dict[str, Any]:
+                      db: str | None = None, processes: int | None = None, secure: bool = False) -> dict[str, Any]:
     model = model or DEFAULT_MODEL
     manifest_file = REPO / "models" / model.with_suffix(".yaml").name
     for path in (model, manifest_file, PREVIOUS_MODEL):
@@ -55,19 +67,28 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
     processes = processes or simulator_processes(devices)
     raise_file_limit(devices + 1000)  # the broker's sockets (it inherits the limit), the managers' and ours
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-    broker = LocalMosquitto(work, extra_conf="sys_interval 1\n")  # $SYS counters every second
-    manager = sim = counters = pg = None
+    init_keys(work / "keys")
+    manager = sim = counters = pg = broker = fleet = None
     others: list[_Manager] = []
     try:
         if db == "postgresql":  # a private cluster of its own
             pg = LocalPostgres().start()
             db = pg.new_database()
+        db = db or str(work / "fleet.db")
+        t0 = time.monotonic()
+        if secure:
+            ids = SimSettings(host="", port=0, count=devices, public_key=[]).device_ids()
+            fleet = _SecureFleet(work, ids, db, managers)
+        enrol_s = time.monotonic() - t0
+        # $SYS counters every second
+        broker = (LocalMosquitto(work / "mosquitto", "sys_interval 1\n", conf=fleet.conf, port=fleet.port) if fleet
+                  else LocalMosquitto(work, extra_conf="sys_interval 1\n"))
         broker.start()
-        counters = _BrokerBytes(broker.port)
-        init_keys(work / "keys")
-        manager = _Manager(work, broker.port, max_transfers, db or str(work / "fleet.db"), 0)
-        others = [_Manager(work, broker.port, max_transfers, manager.db, i) for i in range(1, managers)]
-        with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60) as client:
+        counters = _BrokerBytes(broker.port, fleet.tls(ADMIN, work / "pki") if fleet else None)
+        manager, *others = [_Manager(work, broker.port, max_transfers, db, i, fleet.manager_args(i) if fleet else [])
+                            for i in range(managers)]
+        with FleetClient("127.0.0.1", broker.port, identity="operator", timeout=60,
+                         tls=fleet.tls("operator") if fleet else None) as client:
             pushed = {}
             for path in (PREVIOUS_MODEL, model):
                 manifest = load_manifest(REPO / "models" / path.with_suffix(".yaml").name,
@@ -79,7 +100,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
             settings = SimSettings(host="127.0.0.1", port=broker.port, count=devices,
                                    public_key=load_public_key(work / "keys" / "fleet.pub"), slot="detector",
                                    runs=load_running(f"{prev['name']}@{prev['version']}", PREVIOUS_MODEL),
-                                   health_window_s=min(1.0, health_window_s), pumps=pumps)
+                                   health_window_s=min(1.0, health_window_s), pumps=pumps,
+                                   credentials=fleet.credentials() if fleet else None)
             sim = SimulatorProcesses(settings, processes)
             t0 = time.monotonic()
             sim.start()
@@ -117,6 +139,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
         events = devices * ingest_batches * ingest_events
         return {
             "devices": devices,
+            "secure": secure,
+            **({"enrolment_s": round(enrol_s, 1)} if secure else {}),
             "artifact": f"{target['name']}@{target['version']} ({target['size']} bytes)",
             "stages": [s["devices"] for s in final["stages"]],
             "health_window_s": health_window_s,
@@ -151,7 +175,8 @@ def run_rollout_bench(*, devices: int, model: Path | None, health_window_s: floa
                 m.stop()
         if counters is not None:
             counters.stop()
-        broker.stop()
+        if broker is not None:
+            broker.stop()
         if pg is not None:
             pg.remove()
         shutil.rmtree(work, ignore_errors=True)
@@ -185,12 +210,55 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str, every: float 
         time.sleep(every)
 
 
-class _BrokerBytes:
-    """The broker's ``$SYS`` byte counters, as a subscriber sees them."""
+class _SecureFleet:
+    """The fleet as ``fleet broker config``, ``fleet identities add`` and ``fleet devices
+    add`` set it up: a CA, a certificate per identity, the broker's configuration."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, work: Path, devices: list[str], db: str, managers: int) -> None:
+        self.work, self.devices = work, devices
+        self.port = free_port()
+        pki = work / "pki"
+        ca = FleetCA.open(pki, create=True)
+        settings = BrokerSettings(out=work / "broker", hosts=["127.0.0.1"], port=self.port, password_port=None,
+                                  plugin=find_plugin(None))
+        ensure_server_cert(ca, pki, settings.hosts)
+        store = Store.open(db)
+        try:
+            now = time.time()
+            ensure_admin(store, ca, pki, now)
+            issued = [*(enrol(store, ca, f"fleet-{i}", "manager", now=now) for i in range(managers)),
+                      enrol(store, ca, "operator", "operator", now=now),
+                      *(enrol(store, ca, d, "device", now=now) for d in devices)]
+            keys = Keyring(work / "keys").pinned()
+            for i in issued:
+                write_bundle(work / "bundles", i, host="127.0.0.1", port=self.port, ca_pem=ca.pem, keys=keys)
+            store.put_identities([i.identity for i in issued])
+            write_config(settings, store, pki)
+        finally:
+            store.close()
+        self.conf = (settings.out / "mosquitto.conf").read_text()
+
+    def tls(self, name: str, where: Path | None = None) -> Tls:
+        d = where or self.work / "bundles" / name
+        return Tls(str(d / "ca.crt"), str(d / f"{name}.crt"), str(d / f"{name}.key"))
+
+    def manager_args(self, index: int) -> list[str]:
+        t = self.tls(f"fleet-{index}")
+        return ["--identity", f"fleet-{index}", "--tls-ca", t.ca, "--tls-cert", t.cert, "--tls-key", t.key]
+
+    def credentials(self) -> dict[str, Credentials]:
+        return {d: read_credentials(self.work / "bundles" / d) for d in self.devices}
+
+
+class _BrokerBytes:
+    """The broker's ``$SYS`` byte counters, as a subscriber sees them (the fleet's
+    administrator may read them on the secure broker)."""
+
+    def __init__(self, port: int, tls: Tls | None = None) -> None:
         self._sys: dict[str, int] = {}
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=ADMIN if tls else "")
+        if tls is not None:
+            self._client.tls_set_context(client_context(tls.ca, tls.cert, tls.key))
         self._client.on_message = lambda c, u, m: self._sys.__setitem__(m.topic, int(m.payload))
         self._client.connect("127.0.0.1", port)
         self._client.subscribe([("$SYS/broker/bytes/received", 0), ("$SYS/broker/bytes/sent", 0)])
@@ -206,14 +274,15 @@ class _BrokerBytes:
 class _Manager:
     """``fleet serve`` as its own process, its log in a file."""
 
-    def __init__(self, work: Path, port: int, max_transfers: int, db: str, index: int) -> None:
+    def __init__(self, work: Path, port: int, max_transfers: int, db: str, index: int, identity: list[str]) -> None:
+        """``identity``: the arguments that make it connect as an enrolled manager."""
         self.db = db
         self.log = work / f"fleet-{index}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleet", "serve", "--db", db, "--broker", f"127.0.0.1:{port}",
              "--keys", str(work / "keys"), "--max-transfers", str(max_transfers), "--stats-interval", "5",
-             "--client-id", f"fleet-bench-{index}", "--artifacts", str(work / f"artifacts-{index}")],
+             "--artifacts", str(work / f"artifacts-{index}"), *(identity or ["--client-id", f"fleet-bench-{index}"])],
             stdout=subprocess.DEVNULL, stderr=self._log, cwd=REPO)
         self._leader = index == 0  # started first, it takes the lease
         _wait(self._subscribed, 30, "fleet serve to subscribe")

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from edge.core.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
 from edge.core.errors import UsageError, run_command
 
-from . import __version__, operate
+from . import __version__, admin, operate
 
 if TYPE_CHECKING:
+    from .client import Tls
     from .store import Store
 
 log = logging.getLogger("fleet")
@@ -45,10 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the manager: ingest device outboxes")
     serve.add_argument("--db", required=True,
                        help="the fleet store: a SQLite path (created if missing) or postgresql://USER@HOST/DB")
-    serve.add_argument("--broker", default="localhost:1883", type=_broker, help="host:port (default localhost:1883)")
+    serve.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "localhost:1883"), type=_broker,
+                       help="host:port (default $FLEET_BROKER or localhost:1883)")
     serve.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic prefix (default {DEFAULT_PREFIX})")
-    serve.add_argument("--client-id", help="MQTT client id (default fleet-<host>-<pid>-<random>)")
-    serve.add_argument("--username", help="broker user; the password is read from $FLEET_MQTT_PASSWORD")
+    serve.add_argument("--identity", help="the manager's broker identity (`fleet identities add NAME --role "
+                                          "manager`): the control link connects as NAME, the job inbox as NAME~jobs and the "
+                                          "ingest as NAME~ingest")
+    serve.add_argument("--client-id", help="MQTT client id without --identity (default fleet-<host>-<pid>-<random>)")
+    serve.add_argument("--username", help="broker user without --identity; the password is read from "
+                                          "$FLEET_MQTT_PASSWORD")
+    tls_args(serve)
     serve.add_argument("--keys", type=Path, help="directory with the signing key fleet.key (`fleet keys init`)")
     serve.add_argument("--artifacts", type=Path,
                        help="where artifact bytes are kept (default <db>.artifacts, or ./fleet-artifacts for a URL)")
@@ -112,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
                                   help="a device's desired and reported state and its rollout jobs (via the broker)")
     show.add_argument("device", help="the device id")
     show.set_defaults(func=operate.cmd_devices_show)
+    admin.add_device_commands(devices_sub, common)
+
+    identities_sub = admin.add_commands(sub, common)
+    ids = identities_sub.add_parser("list", parents=[common], help="every identity, enrolled or revoked")
+    _db_arg(ids)
+    ids.add_argument("--json", action="store_true", help="a JSON array")
+    ids.set_defaults(func=_cmd_identities_list)
 
     operate.add_commands(sub, common, _rpc_parent())
     return parser
@@ -128,7 +142,32 @@ def _rpc_parent() -> argparse.ArgumentParser:
     p.add_argument("--username", help="broker user if not the identity; password from $FLEET_MQTT_PASSWORD")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the manager (default 30)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    tls_args(p)
     return p
+
+
+def tls_args(p: argparse.ArgumentParser) -> None:
+    """TLS to the broker, as an identity's bundle gives it (``fleet.env``)."""
+    env = os.environ.get
+    p.add_argument("--tls-ca", default=env("FLEET_TLS_CA"), help="the CA the broker's certificate must verify "
+                                                                "against; turns TLS on (default $FLEET_TLS_CA)")
+    p.add_argument("--tls-cert", default=env("FLEET_TLS_CERT"),
+                   help="this client's certificate (default $FLEET_TLS_CERT); turns TLS on")
+    p.add_argument("--tls-key", default=env("FLEET_TLS_KEY"), help="its key (default $FLEET_TLS_KEY)")
+
+
+def tls_from(args: argparse.Namespace) -> "Tls | None":
+    """The TLS the arguments ask for, or None for a plaintext connection."""
+    from .client import Tls
+
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if args.tls_key and not args.tls_cert:
+        raise UsageError("--tls-key needs --tls-cert")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{flag}: no such file: {path}")
+    return Tls(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
@@ -167,6 +206,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     operators = frozenset(args.operator or ["operator"])
     http = _http_settings(args)
     retain = _retention(args.retain_events)
+    tls = tls_from(args)
     from edge.core.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level, loggers=("edge", "fleet"))  # the MQTT link is edge code
@@ -177,7 +217,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         db=args.db, host=host, port=port, prefix=args.prefix, artifacts=args.artifacts, keys=args.keys,
         operators=operators, client_id=args.client_id, username=args.username,
         password=os.environ.get("FLEET_MQTT_PASSWORD"), max_transfers=args.max_transfers,
-        failover_s=args.failover, retain_events=tuple(retain.items())))
+        failover_s=args.failover, retain_events=tuple(retain.items()), identity=args.identity,
+        use_tls=tls is not None, tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None,
+        tls_key=tls.key if tls else None))
     manager.start()
     server = None
     try:
@@ -186,7 +228,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         manager.stop()
         raise
     log.info("serving", extra={"fields": {"db": manager.store.name, "broker": f"{host}:{port}", "prefix": args.prefix,
-                                          "operators": sorted(operators), "signing": args.keys is not None}})
+                                          "operators": sorted(operators), "signing": args.keys is not None,
+                                          "identity": args.identity, "tls": tls is not None}})
     try:
         while not stop.wait(args.stats_interval):
             log.info("stats", extra={"fields": manager.stats()})
@@ -400,17 +443,34 @@ def _cmd_devices_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(devices, indent=2))
         return 0
-    if not devices:
-        print("no devices yet")
+    _print_table(("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "CLOCK", "MODELS",
+                  "ENROLMENT"),
+                 [(d["id"], d["state"] or "unknown", d["site"] or "-", d["line"] or "-", d["runtime"] or "-",
+                   _when(d["last_seen"]), str(d["events"]), operate.skew_text(d.get("clock_skew_s")),
+                   ",".join(f"{k}={v}" for k, v in sorted(d["models"].items())) or "-", d["enrolment"] or "-")
+                  for d in devices], empty="no devices yet")
+    return 0
+
+
+def _cmd_identities_list(args: argparse.Namespace) -> int:
+    with _reading(args.db) as store:
+        rows = store.identities()
+    if args.json:
+        print(json.dumps([r.model_dump(exclude={"password_hash"}) for r in rows], indent=2))
         return 0
-    header = ("DEVICE", "STATE", "SITE", "LINE", "RUNTIME", "LAST SEEN", "EVENTS", "CLOCK", "MODELS")
-    rows = [(d["id"], d["state"] or "unknown", d["site"] or "-", d["line"] or "-", d["runtime"] or "-",
-             _when(d["last_seen"]), str(d["events"]), operate.skew_text(d.get("clock_skew_s")),
-             ",".join(f"{k}={v}" for k, v in sorted(d["models"].items())) or "-") for d in devices]
+    _print_table(("NAME", "ROLE", "STATE", "CREDENTIAL", "SITE", "LINE", "ENROLLED", "REVOKED"),
+                 [(r.name, r.role, r.state, r.credential, r.site or "-", r.line or "-", _when(r.created_at),
+                   _when(r.revoked_at)) for r in rows], empty="no identities yet")
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0
 
 
 def _when(t: float | None) -> str:

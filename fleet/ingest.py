@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -59,18 +60,22 @@ class Ingest:
     def __init__(self, store: Store, *, host: str = "localhost", port: int = 1883,
                  prefix: str = DEFAULT_PREFIX, client_id: str | None = None, group: str = SHARE_GROUP,
                  username: str | None = None, password: str | None = None,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 5.0) -> None:
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 5.0,
+                 settings: LinkSettings | None = None) -> None:
+        """``settings`` (the manager's: its identity, credential and TLS) replace host,
+        port, client id, user and password."""
         self.store = store
         self.topics = Topics(prefix)
         self.group = group
         self._counters: dict[str, Any] = dict(
             batches=0, events=0, stored=0, duplicates=0, acks=0, refusals=0, statuses=0, store_errors=0,
             rejected={})
-        self.client_id = client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        settings = LinkSettings(
-            host=host, port=port, client_id=self.client_id,
-            clean_start=True, session_expiry_s=0, backoff_initial_s=backoff_initial_s,
-            backoff_max_s=backoff_max_s, username=username, password=password, max_inflight=100)
+        settings = settings or LinkSettings(
+            host=host, port=port, username=username, password=password,
+            client_id=client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+        settings = replace(settings, clean_start=True, session_expiry_s=0, backoff_initial_s=backoff_initial_s,
+                           backoff_max_s=backoff_max_s, max_inflight=100)
+        self.client_id = settings.client_id
         self._link = Link(settings, self, name="ingest")
         self.subscribed = False
         # a batch's arrival to its ack: the store's commit, mostly (registered by whoever exports it)

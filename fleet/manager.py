@@ -21,7 +21,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ from paho.mqtt.properties import Properties
 from edge.core.contract import (
     DEFAULT_PREFIX,
     MAX_RPC_BYTES,
+    ChunkHeader,
     ContractError,
+    Desired,
     JobStatus,
     RpcError,
     RpcResponse,
@@ -46,9 +48,9 @@ from edge.core.contract import (
 )
 from edge.core.link import Link, LinkSettings
 from edge.core.logs import fields
-from edge.core.signing import load_private_key
 
 from .ingest import Ingest
+from .keyring import Keyring
 from .registry import Registry
 from .retention import Retention
 from .rollouts import Engine
@@ -80,6 +82,11 @@ class ManagerSettings:
     username: str | None = None
     password: str | None = None
     max_transfers: int = 64
+    identity: str | None = None  # the manager's broker identity (see links)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    use_tls: bool = False
     failover_s: float = DEFAULT_FAILOVER_S  # how long a dead leader's lease holds the others back
     retain_events: tuple[tuple[str, float], ...] = ()  # (event kind or "*", seconds kept); none: kept forever
 
@@ -90,6 +97,27 @@ class ManagerSettings:
             return Path("fleet-artifacts")
         path = Path(str(self.db).split("sqlite:///", 1)[-1])
         return path.with_name(path.name + ".artifacts")
+
+    def base_name(self) -> str:
+        """What this manager's client ids and its lease holder name start with."""
+        return self.identity or self.client_id or f"fleet-{socket.gethostname()}"
+
+    def links(self) -> tuple[LinkSettings, LinkSettings, LinkSettings]:
+        """The connection settings of the control link (run while the manager holds the
+        lease), the job inbox and the ingest. Under ``identity`` NAME each is its own broker
+        identity, NAME, NAME~jobs and NAME~ingest, so several managers (each enrolled under
+        its own name) never take each other's client ids."""
+        control = LinkSettings(
+            host=self.host, port=self.port, client_id=self.identity or f"{self.base_name()}-lead",
+            username=self.identity or self.username, password=self.password, use_tls=self.use_tls,
+            tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key, clean_start=True, session_expiry_s=0,
+            backoff_initial_s=0.5, backoff_max_s=5.0, max_inflight=200)
+        # persistent: statuses sent while the manager restarts wait for it
+        inbox = replace(control, clean_start=False, session_expiry_s=SESSION_EXPIRY_S)
+        if self.identity:
+            return control, inbox.for_link("jobs"), control.for_link("ingest")
+        ingest_id = self.client_id or f"fleet-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        return control, replace(inbox, client_id=f"{self.base_name()}-control"), replace(control, client_id=ingest_id)
 
 
 @dataclass
@@ -124,10 +152,10 @@ class Control:
     def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
         self.subscribed = False
         t = self.topics
-        client.subscribe([(t.all_reported(), 1), (t.artifact_get(), 1), (t.all_rpc(), 1)])
+        client.subscribe([(t.all_reported(), 1), (t.all_artifact_gets(), 1), (t.all_rpc(), 1)])
         # the broker may have lost its retained messages; versions make a repeat harmless
         for doc in self.engine.book.all():
-            client.publish(t.desired(doc.device), encode(doc), qos=1, retain=True)
+            self._publish_desired(client, doc)
 
     def on_subscribe(self, client: mqtt.Client, reasons: list) -> None:
         failed = [str(r) for r in reasons if r.is_failure]
@@ -143,11 +171,11 @@ class Control:
         identity = t.rpc_identity(topic)
         if identity is not None:
             return self._rpc(client, identity, message, now)
-        if topic == t.artifact_get():
-            return self._chunk_request(client, message.payload, time.monotonic())
         device = t.device_of(topic)
         if device is None:
             return self._reject("schema", topic, "not a device topic")
+        if topic == t.artifact_get(device):
+            return self._chunk_request(client, device, message.payload, time.monotonic())
         try:
             if topic == t.reported(device) and message.payload:  # an empty retained message clears the topic
                 self.engine.on_reported(decode_reported(message.payload, device=device), now)
@@ -194,15 +222,31 @@ class Control:
         self.committed = True
         infos = []
         for doc in docs:
-            infos.append(client.publish(self.topics.desired(doc.device), encode(doc), qos=1, retain=True))
+            infos.append(self._publish_desired(client, doc))
             self.counters.desired_published += 1
         return infos
 
-    def _chunk_request(self, client: mqtt.Client, payload: bytes, now: float) -> None:
+    def _publish_desired(self, client: mqtt.Client, doc: Desired) -> mqtt.MQTTMessageInfo:
+        """Signed as it leaves, with the signing key in use now (a rotated key included)."""
+        return client.publish(self.topics.desired(doc.device), encode(self.registry.sign(doc)), qos=1, retain=True)
+
+    def _chunk_request(self, client: mqtt.Client, device: str, payload: bytes, now: float) -> None:
+        """``now``: time.monotonic(), the transfers' clock."""
+        topic = self.topics.artifact_get(device)
         try:
-            req = decode_artifact_request(payload, self.topics)
+            req = decode_artifact_request(payload, self.topics, device=device)
         except ContractError as exc:
-            return self._reject(exc.reason, self.topics.artifact_get(), exc.detail)
+            return self._reject(exc.reason, topic, exc.detail)
+        desired = self.engine.book.desired.get(device)
+        if desired is None or not desired.names(req.sha256):
+            # the topic says who asks (the broker's ACL vouches for it): only what its own
+            # desired state names is served, so no device fetches another's artifacts
+            self._reject("not_assigned", topic, f"{device} asked for {req.sha256[:12]}…, which its desired "
+                                                f"state (v{desired.version if desired else '-'}) does not name")
+            client.publish(req.response_topic, encode_chunk(ChunkHeader(
+                v=1, sha256=req.sha256, offset=req.offset, total=req.offset, request=req.request,
+                error="not_assigned")), qos=1)
+            return
         busy = self.transfers.request(req, now)
         if busy is not None:
             client.publish(req.response_topic, encode_chunk(busy), qos=1)
@@ -359,29 +403,22 @@ class Manager:
         s = settings
         self.settings = s
         self.topics = Topics(s.prefix)
-        self._key = load_private_key(s.keys / "fleet.key") if s.keys else None
+        if s.keys:
+            Keyring(s.keys).signing_key()  # a keys directory that does not load stops the start, not a takeover
         self.store = Store.open(s.db)
         self.directory = s.artifact_dir()
-        base = s.client_id or f"fleet-{socket.gethostname()}"
-        self.ingest = Ingest(self.store, host=s.host, port=s.port, prefix=s.prefix, client_id=s.client_id,
-                             username=s.username, password=s.password)
+        self._control_link, inbox_link, ingest_link = s.links()
+        self.ingest = Ingest(self.store, prefix=s.prefix, settings=ingest_link)
         self.inbox = JobInbox(self.store, self.topics)
-        self._inbox_link = Link(self._link_settings(f"{base}-control", persistent=True), self.inbox, name="jobs")
-        self.holder = f"{base}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._inbox_link = Link(inbox_link, self.inbox, name="jobs")
+        self.holder = f"{s.base_name()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.lease = Lease(self.store, self.holder, duration_s=0.7 * s.failover_s)
         self.leader: Leadership | None = None
         self.leaderships = 0
-        self._control_id = f"{base}-lead"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
         self.retention = Retention(self.store, dict(s.retain_events), lambda: self.leader is not None) \
             if s.retain_events else None
-
-    def _link_settings(self, client_id: str, *, persistent: bool) -> LinkSettings:
-        s = self.settings
-        return LinkSettings(host=s.host, port=s.port, client_id=client_id, clean_start=not persistent,
-                            session_expiry_s=SESSION_EXPIRY_S if persistent else 0, backoff_initial_s=0.5,
-                            backoff_max_s=5.0, username=s.username, password=s.password, max_inflight=200)
 
     def start(self) -> None:
         self.ingest.start()
@@ -440,13 +477,15 @@ class Manager:
     def _lead(self, fence: Fence) -> None:
         s = self.settings
         started = time.monotonic()
-        registry = Registry(self.store, self.directory, self._key)
+        keyring = Keyring(s.keys) if s.keys else None  # read again: a key switched since the start signs now
+        registry = Registry(self.store, self.directory, keyring.signing_key() if keyring else None,
+                            keyring.previous() if keyring else ())
         written = registry.materialize()
         engine = Engine(self.store, registry)
         transfers = Transfers(self.directory, self.topics, max_transfers=s.max_transfers)
         control = Control(self.store, registry, engine, transfers,
                           lambda c: Operations(engine, registry, s.operators, self.stats), self.topics, fence)
-        link = Link(self._link_settings(self._control_id, persistent=False), control, name="control")
+        link = Link(self._control_link, control, name="control")
         self.leader = Leadership(fence, control, link, time.time())
         self.leaderships += 1
         link.start()

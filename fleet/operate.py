@@ -30,6 +30,20 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     init.add_argument("--dir", type=Path, default=Path("fleet-keys"), help="where (default ./fleet-keys)")
     init.add_argument("--json", action="store_true", help="the key paths as JSON")
     init.set_defaults(func=cmd_keys_init)
+    for action, helptext in (("rotate", "make the next signing key (nothing signs with it yet)"),
+                             ("switch", "sign with the next key, once every device pins it"),
+                             ("retire", "stop vouching for the previous key (its private key is deleted)"),
+                             ("list", "the keys and their states")):
+        p = keys_sub.add_parser(action, parents=[common], help=helptext)
+        p.add_argument("--dir", type=Path, default=Path("fleet-keys"), help="the keys (default ./fleet-keys)")
+        p.add_argument("--json", action="store_true", help="the result as JSON")
+        if action == "retire":
+            p.add_argument("name", help="the previous key's name (fleet keys list)")
+        if action == "switch":
+            p.add_argument("--db", type=Path, default=Path("fleet.db"),
+                           help="the fleet store: every device must report that it pins the next key")
+            p.add_argument("--force", action="store_true", help="switch even if some device does not say so")
+        p.set_defaults(func=cmd_keys, action=action)
 
     for kind, plural in (("model", "models"), ("policy", "policies")):
         group = sub.add_parser(plural, parents=[common], help=f"the {kind} registry")
@@ -80,7 +94,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
     sim = sub.add_parser("simulate", parents=[common, rpc], help="run N simulated devices")
     sim.add_argument("--devices", type=int, required=True, help="how many devices")
     sim.add_argument("--processes", type=int, default=1, help="worker processes sharing the devices (default 1)")
-    sim.add_argument("--public-key", type=Path, required=True, help="the key the devices pin (fleet.pub)")
+    sim.add_argument("--public-key", type=Path, required=True, action="append",
+                     help="a key the devices pin (fleet.pub; repeatable)")
+    sim.add_argument("--bundles", type=Path, help="each device's credential from its bundle, DIR/<id>/ "
+                                                  "(`fleet devices add ID... --out DIR`); without it: anonymous")
     sim.add_argument("--slot", default="detector", help="the model slot the devices run")
     sim.add_argument("--runs", metavar="NAME@VERSION", help="what the devices run at start (with --runs-file)")
     sim.add_argument("--runs-file", type=Path, help="the file of --runs (for its sha256)")
@@ -106,6 +123,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
                                                  "at most two per core)")
     b.add_argument("--ingest-batches", type=int, default=5, help="outbox batches per device in the ingest phase")
     b.add_argument("--ingest-events", type=int, default=20, help="events per batch")
+    b.add_argument("--secure", action="store_true",
+                   help="the fleet set up for a plant: its own CA, a certificate per device, TLS and the generated "
+                        "broker ACL (the benchmark makes them, so it takes no --tls-* files)")
     b.add_argument("--managers", type=int, default=1, help="`fleet serve` processes sharing the store (default 1)")
     b.add_argument("--db", help="the store they share (default a SQLite file in the run's temp dir; "
                                 "several managers need postgresql://..., or `postgresql`: a private "
@@ -129,9 +149,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, rpc: argparse.Argume
 def _client(args: argparse.Namespace) -> FleetClient:
     import os
 
+    from .cli import tls_from
+
     host, port = args.broker
     return FleetClient(host, port, identity=args.identity, prefix=args.prefix, username=args.username,
-                       password=os.environ.get("FLEET_MQTT_PASSWORD"), timeout=args.timeout)
+                       password=os.environ.get("FLEET_MQTT_PASSWORD"), timeout=args.timeout, tls=tls_from(args))
 
 
 def call(args: argparse.Namespace, op: str, body: dict[str, Any] | None = None) -> Any:
@@ -198,6 +220,67 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
          f"private key {private} (mode 600: keep it with the manager, `fleet serve --keys {args.dir}`)\n"
          f"public key  {public} (pin it on every device)")
     return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keyring import Keyring
+
+    ring = Keyring(args.dir)
+    if args.action == "rotate":
+        key = ring.rotate()
+        _out(args, {"name": key.name, "id": key.id, "public": str(key.pub_path)}, "\n".join([
+            f"made {key.name} (id {key.id}); nothing signs with it yet. Then:",
+            f"  1. pin {key.pub_path} on every device: add it to agent.public_keys (new bundles carry it) and",
+            "     restart edge run; each device reports the keys it pins",
+            f"  2. fleet keys switch --dir {args.dir} --db fleet.db  (refused while a device does not pin it),",
+            "     then restart fleet serve: it signs with the new key, and signs its artifacts again",
+            f"  3. fleet keys retire {ring.active.name} --dir {args.dir}, and drop it from the devices' public_keys"]))
+    elif args.action == "switch":
+        nxt = next((k for k in ring.keys if k.state == "next"), None)
+        if nxt is not None and not args.force:
+            missing = _not_pinning(args.db, nxt.id)
+            if missing:
+                raise UsageError(f"{len(missing)} device(s) do not report pinning {nxt.name} ({nxt.id}): "
+                                 f"{', '.join(missing[:10])}; pin it there first (or --force)")
+        new, old = ring.switch()
+        _out(args, {"active": new.name, "previous": old.name},
+             f"{new.name} signs from now on (restart fleet serve); {old.name} is still pinned, so what it signed "
+             f"verifies until `fleet keys retire {old.name}`")
+    elif args.action == "retire":
+        key = ring.retire(args.name)
+        _out(args, {"retired": key.name}, f"{key.name} retired and its private key deleted; drop {key.pub_path.name}"
+                                          " from the devices' agent.public_keys: anything only it signed is refused")
+    else:
+        rows = [{"name": k.name, "id": k.id, "state": k.state} for k in ring.keys]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _table(("NAME", "ID", "STATE"), [(r["name"], r["id"], r["state"]) for r in rows])
+    return 0
+
+
+def _not_pinning(db: Path, key: str) -> list[str]:
+    """Devices (enrolled, or that reported) that do not say they pin ``key``."""
+    from .desired import load_reported
+    from .store import Store
+
+    if not db.is_file():
+        raise UsageError(f"no fleet store at {db}: it says which keys the devices pin (or --force)")
+    store = Store.open_readonly(db)
+    try:
+        reported = {r.device: r for r in store.load("reported", load_reported)}
+        enrolled = {i.name for i in store.identities("device") if i.state == "enrolled"}
+        revoked = {i.name for i in store.identities("device") if i.state == "revoked"}
+    finally:
+        store.close()
+    missing = []
+    for device in sorted((enrolled | set(reported)) - revoked):
+        rep = reported.get(device)
+        if rep is None:
+            missing.append(f"{device} (never reported)")
+        elif key not in rep.keys:
+            missing.append(f"{device} (pins {', '.join(rep.keys) or 'no key ids: an older edge run'})")
+    return missing
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -407,6 +490,8 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edge.core.signing import KeyFileError, load_public_key
 
+    from .bundles import Credentials, read_credentials
+    from .cli import tls_from
     from .simprocesses import SimulatorProcesses
     from .simulator import Faults, SimSettings, load_running, pick
 
@@ -417,11 +502,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if bool(args.runs) != bool(args.runs_file):
         raise UsageError("--runs and --runs-file go together")
     try:
-        key = load_public_key(args.public_key)
+        key = [load_public_key(p) for p in args.public_key]
     except KeyFileError as exc:
         raise UsageError(str(exc)) from None
     host, port = args.broker
     ids = SimSettings(host=host, port=port, count=args.devices, public_key=key, id_prefix=args.id_prefix).device_ids()
+    # each device's own credential is in its bundle; without bundles, --tls-ca alone
+    # (TLS without a client credential) is all that applies to them
+    tls = tls_from(args)
+    if args.bundles:
+        credentials = {i: read_credentials(args.bundles / i) for i in ids}
+    elif tls is not None and tls.ca:
+        credentials = {i: Credentials(ca_file=tls.ca) for i in ids}
+    else:
+        credentials = None
     faults = Faults(fail_verify=pick(ids, args.fail_verify, seed=args.seed),
                     unhealthy=pick(ids, args.unhealthy, seed=args.seed + 1),
                     offline_mid_download=pick(ids, args.offline_mid_download, seed=args.seed + 2),
@@ -429,7 +523,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = SimSettings(host=host, port=port, count=args.devices, public_key=key, prefix=args.prefix,
                            id_prefix=args.id_prefix, slot=args.slot,
                            runs=load_running(args.runs, args.runs_file) if args.runs else None,
-                           health_window_s=duration(args.health_window), faults=faults)
+                           health_window_s=duration(args.health_window), faults=faults, credentials=credentials)
     _reachable(host, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -473,7 +567,7 @@ def cmd_bench_rollout(args: argparse.Namespace) -> int:
                                max_transfers=args.max_transfers, pumps=args.pumps,
                                ingest_batches=args.ingest_batches, ingest_events=args.ingest_events,
                                managers=args.managers, db=args.db, processes=args.processes,
-                               timeout_s=duration(args.timeout))
+                               timeout_s=duration(args.timeout), secure=args.secure)
     print(json.dumps(result, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0 if result.get("state") == "completed" else 1
 

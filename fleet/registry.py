@@ -14,11 +14,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.core.contract import MAX_ARTIFACT_DOC_BYTES, SHA256_PATTERN, Artifact, canonical, loads
+from edge.core.contract import MAX_ARTIFACT_DOC_BYTES, SHA256_PATTERN, Artifact, Desired, canonical, loads
 from edge.core.logs import fields
 from edge.core.signing import SignatureError, sha256_file, sign, verify, verify_file
 from edge.decide.policy import PolicyError, parse_policy
@@ -77,13 +77,47 @@ class Pushed:
 class Registry:
     """Artifacts on disk and in the store; signs with the fleet's private key."""
 
-    def __init__(self, store: Store, directory: Path, key: Ed25519PrivateKey | None) -> None:
+    def __init__(self, store: Store, directory: Path, key: Ed25519PrivateKey | None,
+                 vouched: Sequence[Ed25519PublicKey] = ()) -> None:
         self.store = store
         self.directory = directory
         self.uploads = directory / "uploads"
         self.uploads.mkdir(parents=True, exist_ok=True)
         self._key = key
         self.public_key: Ed25519PublicKey | None = key.public_key() if key else None
+        self.vouched = list(vouched)  # the previous key, after a switch, while devices still pin it
+        self.resigned = self._resign()
+
+    def current(self, art: Artifact) -> Artifact:
+        """``art`` as the registry signs it now (signed again after a key switch)."""
+        return self.resigned.get((art.kind, art.name, art.version), art)
+
+    def _resign(self) -> dict[tuple[str, str, str], Artifact]:
+        """After a key switch: every artifact signed by a key the fleet still vouches
+        for, but not by the signing key, is signed again with it (so devices that drop the
+        old key still take it). One signed by a retired or unknown key is left as it is,
+        and refused by :meth:`check` and by every device. Returns the new ones by kind, name and version."""
+        out: dict[tuple[str, str, str], Artifact] = {}
+        if self._key is None or not self.vouched:
+            return out
+        for art in self.store.all_artifacts():
+            try:
+                verify(self.public_key, art)
+                continue
+            except SignatureError:
+                pass
+            try:
+                verify(self.vouched, art)
+            except SignatureError:
+                log.warning("artifact signed by a key the fleet no longer vouches for; left as it is",
+                            extra=fields(name=art.name, version=art.version, sha256=art.sha256))
+                continue
+            new = sign(self._key, art)
+            self.store.resign_artifact(new)
+            out[(art.kind, art.name, art.version)] = new
+        if out:
+            log.info("artifacts signed again with the signing key", extra=fields(artifacts=len(out)))
+        return out
 
     def path(self, sha256: str) -> Path:
         return self.directory / sha256
@@ -190,6 +224,11 @@ class Registry:
         log.info("artifact pushed", extra={"fields": {"kind": kind, "name": name, "version": version,
                                                       "sha256": sha256, "by": by}})
         return Pushed(artifact, True)
+
+    def sign(self, doc: Desired) -> Desired:
+        """A desired state signed with the fleet's key (as it is, without one: devices
+        refuse it, and a manager without a key has nothing to roll out)."""
+        return sign(self._key, doc) if self._key is not None else doc
 
     def check(self, artifact: Artifact) -> None:
         """Refuse to hand out an artifact whose bytes or signature no longer match."""

@@ -244,6 +244,17 @@ class Engine:
         self._rows: dict[tuple[str, str], dict[str, Any]] = {}
         self._judged: set[int] = set()  # job rows judged here, marked so in the store at the next flush
         self._answers: list[dict[str, Any]] = []
+        for doc in self.book.all():  # after a key switch: the artifacts as the registry signs them now
+            fresh = self._current(doc)
+            if fresh != doc:
+                self.book.desired[doc.device] = fresh
+                self._rows[("desired", doc.device)] = desired_row(fresh)
+
+    def _current(self, doc: Desired) -> Desired:
+        def again(a: Assignment | None) -> Assignment | None:
+            return a if a is None else a.model_copy(update={"artifact": self.registry.current(a.artifact)})
+        return doc.model_copy(update={"models": {s: again(a) for s, a in doc.models.items()},
+                                      "policy": again(doc.policy)})
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -263,6 +274,7 @@ class Engine:
         self._rows[("executions", f"{e.rollout}/{e.device}")] = e.row()
 
     def _assign(self, device: str, slot: str, assignment: Assignment, now: float) -> Desired:
+        assignment = assignment.model_copy(update={"artifact": self.registry.current(assignment.artifact)})
         doc = self.book.assign(device, slot, assignment, now)
         self._rows[("desired", device)] = desired_row(doc)
         return doc
@@ -524,6 +536,7 @@ class Engine:
         if (target.ids is None) == (target.tags is None):
             raise OpError("bad_request", "the target is either device ids or tags, not both or neither")
         known = self.store.device_states()
+        revoked = {i.name for i in self.store.identities("device") if i.state == "revoked"}
         if target.ids is not None:
             ids = list(dict.fromkeys(target.ids))
             bad = [d for d in ids if not re.fullmatch(ID_PATTERN, d)]
@@ -531,13 +544,17 @@ class Engine:
             if bad or unknown:
                 raise OpError("not_found" if not bad else "bad_request",
                               f"unknown devices: {', '.join((bad or unknown)[:10])}")
+            if revoked & set(ids):
+                raise OpError("bad_request", f"revoked devices cannot take a rollout: "
+                                             f"{', '.join(sorted(revoked & set(ids))[:10])}")
             chosen = ids
         else:
             tags = target.tags or {}
             extra = set(tags) - set(TAG_KEYS)
             if extra or not tags:
                 raise OpError("bad_request", f"tags are {' and '.join(TAG_KEYS)}; got {sorted(tags) or 'none'}")
-            chosen = sorted(d for d, s in known.items() if all(s.get(k) == v for k, v in tags.items()))
+            chosen = sorted(d for d, s in known.items()
+                            if d not in revoked and all(s.get(k) == v for k, v in tags.items()))
         if not chosen:
             raise OpError("empty_target", f"the target matches no known device: {target.model_dump(exclude_none=True)}")
         # online devices first, so the canary is a device that can answer now

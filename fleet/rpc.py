@@ -1,8 +1,9 @@
 """Operator requests: one function per operation, arguments validated, identity checked.
 
 The identity is the topic level the request arrived on (``{p}/fleet/rpc/{identity}``),
-which a broker ACL lets only that user write; every operation needs an identity the
-manager was started with (``--operator``). A refused or failed request is answered
+which the broker's ACL lets only that identity write; every operation needs an
+identity the manager was started with (``--operator``) or one enrolled as an operator
+(``fleet identities add NAME --role operator``) and not revoked. A refused or failed request is answered
 with an error code and a message and changes nothing.
 """
 
@@ -125,7 +126,7 @@ class Operations:
 
     def handle(self, identity: str, req: RpcRequest, now: float) -> RpcResponse:
         try:
-            if identity not in self.operators:
+            if not self._operator(identity):
                 raise OpError("forbidden", f"identity {identity!r} is not an operator of this fleet")
             op = self.ops.get(req.op)
             if op is None:
@@ -137,6 +138,12 @@ class Operations:
                                                            "error": str(exc)}})
             return RpcResponse(v=1, id=req.id, ok=False, error=RpcError(code=exc.code, message=str(exc)))
         return RpcResponse(v=1, id=req.id, ok=True, result=result)
+
+    def _operator(self, identity: str) -> bool:
+        if identity in self.operators:
+            return True
+        enrolled = self.engine.store.identity(identity)
+        return enrolled is not None and enrolled.role == "operator" and enrolled.state == "enrolled"
 
     def _upload(self, a: UploadArgs, by: str, now: float) -> dict[str, Any]:
         try:

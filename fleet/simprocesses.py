@@ -15,7 +15,7 @@ import dataclasses
 import multiprocessing
 import signal
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -28,9 +28,10 @@ from .simulator import SimReport, SimSettings, Simulator
 REPLY_TIMEOUT_S = 120.0  # a worker that says nothing this long is stuck (launching one on a loaded machine takes 20 s)
 
 
-def _worker(conn: Connection, settings: SimSettings, key: bytes, share: tuple[int, int]) -> None:
+def _worker(conn: Connection, settings: SimSettings, keys: list[bytes], share: tuple[int, int]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sim = Simulator(dataclasses.replace(settings, public_key=Ed25519PublicKey.from_public_bytes(key)), share)
+    pinned = [Ed25519PublicKey.from_public_bytes(k) for k in keys]
+    sim = Simulator(dataclasses.replace(settings, public_key=pinned), share)
     conn.send(None)  # ready: what start() then times is the devices' own
     while True:
         what, *args = conn.recv()
@@ -56,16 +57,17 @@ class SimulatorProcesses:
         if processes < 1:
             raise ValueError("processes must be at least 1")
         self.settings = settings
-        key = settings.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        pinned = settings.public_key if isinstance(settings.public_key, Sequence) else [settings.public_key]
+        keys = [k.public_bytes(Encoding.Raw, PublicFormat.Raw) for k in pinned]
         # spawn, not fork: the parent has threads (paho loops, a manager's client) a fork would copy mid-step
         ctx = multiprocessing.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
-        bare = dataclasses.replace(settings, public_key=None)  # a key object does not pickle; its bytes do
+        bare = dataclasses.replace(settings, public_key=None)  # key objects do not pickle; their bytes do
         for k in range(processes):
             parent, child = ctx.Pipe()
             self._conns.append(parent)
-            self._procs.append(ctx.Process(target=_worker, args=(child, bare, key, (k, processes)),
+            self._procs.append(ctx.Process(target=_worker, args=(child, bare, keys, (k, processes)),
                                            name=f"sim-worker-{k}", daemon=True))
         for p in self._procs:
             p.start()

@@ -1,9 +1,11 @@
 """Simulated devices: many light MQTT clients in one process speaking the real contract.
 
 Each device is a real MQTT 5 client with its own id, retained status and last will,
-retained ``reported`` state and desired-state subscription. It does what a device
-agent does with a desired state, minus inference: it downloads the artifact in
-chunks, verifies its size, sha256 and Ed25519 signature against the pinned key,
+retained ``reported`` state and desired-state subscription, and, given a directory of
+device bundles, its own credential (a client certificate or a password, over TLS). It
+does what a device agent does with a desired state, minus inference: it refuses a
+desired state whose signature does not verify with a pinned key, downloads the
+artifact in chunks, verifies its size, sha256 and Ed25519 signature against the pinned keys,
 "tests" and activates it, watches it for its own health window and commits it, or
 reports why not. Faults can be injected per device: fail verification (the bytes are
 corrupted on arrival), report unhealthy (roll back after activation), go offline in
@@ -30,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 
@@ -57,7 +58,10 @@ from edge.core.contract import (
     event_json,
 )
 from edge.core.ids import new_id
-from edge.core.signing import SignatureError, sha256_file, verify
+from edge.core.signing import Keys, SignatureError, key_id, sha256_file, verify
+from edge.core.tls import client_context
+
+from .bundles import Credentials
 
 log = logging.getLogger("fleet.simulator")
 
@@ -81,7 +85,7 @@ class SimSettings:
     host: str
     port: int
     count: int
-    public_key: Ed25519PublicKey
+    public_key: Keys  # the key the devices pin, or several
     prefix: str = DEFAULT_PREFIX
     id_prefix: str = "sim"
     sites: int = 2
@@ -92,6 +96,7 @@ class SimSettings:
     faults: Faults = Faults()
     pumps: int = 2
     keepalive_s: int = 60
+    credentials: dict[str, Credentials] | None = None  # per device id (from its bundle); None: anonymous
 
     def device_ids(self) -> list[str]:
         width = max(4, len(str(self.count)))
@@ -132,6 +137,9 @@ class SimDevice:
         self.acks = 0
         self.commits = 0
         self.batches_sent = 0
+        self.rejected: dict[str, int] = {}  # desired states refused, by reason
+        keys = settings.public_key
+        self.key_ids = sorted({key_id(k) for k in (keys if isinstance(keys, (list, tuple)) else [keys])})
         self.client: mqtt.Client | None = None
         self.next_connect = 0.0
 
@@ -140,6 +148,12 @@ class SimDevice:
     def connect(self) -> None:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id, protocol=mqtt.MQTTv5)
         client.max_inflight_messages_set(50)
+        cred = self.s.credentials[self.id] if self.s.credentials is not None else None
+        if cred is not None:
+            if cred.username is not None:
+                client.username_pw_set(cred.username, cred.password)
+            if cred.ca_file is not None:
+                client.tls_set_context(client_context(cred.ca_file, cred.cert_file, cred.key_file))
         client.will_set(self.topics.status(self.id), encode(self._status("offline")), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
@@ -193,7 +207,7 @@ class SimDevice:
             return
         rep = Reported(v=1, device=self.id, at=time.time(), desired_version=self.acted_version or None,
                        models=dict(self.running), previous=dict(self.previous), policy=self.policy,
-                       last_change=self.last_change)
+                       last_change=self.last_change, keys=self.key_ids)
         self.client.publish(self.topics.reported(self.id), encode(rep), qos=1, retain=True)
 
     def _job(self, job: str | None, slot: str, sha: str, state: str, *, reason: str | None = None,
@@ -214,7 +228,13 @@ class SimDevice:
         try:
             if message.topic == t.desired(self.id):
                 if message.payload:
-                    self._desired(decode_desired(message.payload, device=self.id))
+                    doc = decode_desired(message.payload, device=self.id)
+                    try:
+                        verify(self.s.public_key, doc)  # like the agent: before anything is kept
+                    except SignatureError as exc:
+                        self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+                        return
+                    self._desired(doc)
             elif message.topic == t.ack(self.id):
                 self.acks += 1
                 decode_ack(message.payload, device=self.id)
@@ -266,7 +286,7 @@ class SimDevice:
         req = ArtifactRequest(v=1, device=self.id, sha256=art.sha256, offset=j.offset,
                               length=min(MAX_CHUNK_BYTES, art.size - j.offset), request=f"q{j.request}",
                               response_topic=self.topics.artifact(self.id, art.sha256))
-        self.client.publish(self.topics.artifact_get(), encode(req), qos=1)
+        self.client.publish(self.topics.artifact_get(self.id), encode(req), qos=1)
         self.pump.later(CHUNK_TIMEOUT_S, self, lambda r=j.request: self._chunk_timeout(j, r))
 
     def _chunk_timeout(self, j: Job, request: int) -> None:
@@ -383,6 +403,7 @@ class Pump(threading.Thread):
         self._calls: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
         self._halt = threading.Event()
 
+
     def attach(self, device: SimDevice, client: mqtt.Client) -> None:
         client.on_socket_open = lambda c, u, sock: self._open(device, sock)
         client.on_socket_close = lambda c, u, sock: self._close(device)
@@ -442,6 +463,9 @@ class Pump(threading.Thread):
                     continue
                 if mask & selectors.EVENT_READ:
                     rc = client.loop_read()
+                    # TLS keeps decrypted bytes of its own that the selector cannot see
+                    while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and _pending(client):
+                        rc = client.loop_read()
                     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         self._lost(d)
                         continue
@@ -469,6 +493,11 @@ class Pump(threading.Thread):
     def _lost(self, d: SimDevice) -> None:
         if d.client is not None:
             d._on_disconnect(d.client, None, None, None, None)
+
+
+def _pending(client: mqtt.Client) -> int:
+    sock = client.socket()
+    return sock.pending() if sock is not None and hasattr(sock, "pending") else 0
 
 
 def _sleep(timeout: float) -> list:

@@ -1,7 +1,9 @@
 """Artifact delivery: devices pull chunks, the manager answers within limits.
 
-A device asks for ``length`` bytes at ``offset`` of an artifact on
-``{p}/fleet/artifact/get``; the answer goes to the device's own artifact topic. A
+A device asks for ``length`` bytes at ``offset`` of an artifact on its own
+``{p}/dev/{id}/artifact/get`` (the manager has checked that the device's desired state
+names it before a request gets here); the answer goes to the device's own artifact
+topic. A
 *transfer* is one device fetching one artifact. At most ``max_transfers`` are served
 at once; a request that would start another waits in a bounded queue (oldest first),
 and past that it gets a ``busy`` chunk and asks again later. Chunks already published

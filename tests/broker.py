@@ -61,6 +61,16 @@ class Broker:
             + (f"user {getpass.getuser()}\n" if os.geteuid() == 0 else "")
         )
 
+    @classmethod
+    def generated(cls, conf: Path, port: int, workdir: Path) -> "Broker":
+        """Mosquitto on ``conf`` as `fleet broker config` wrote it (listening on ``port``),
+        plus a log file in ``workdir``."""
+        broker = cls(workdir, port)
+        broker.conf.write_text(conf.read_text() + f"log_dest file {broker.log}\n"
+                               "log_type error\nlog_type warning\nlog_type notice\n"
+                               + (f"user {getpass.getuser()}\n" if os.geteuid() == 0 else ""))
+        return broker
+
     def start(self, timeout: float = 10.0) -> "Broker":
         deadline = time.monotonic() + timeout
         while True:  # the port may be in TIME_WAIT right after a stop

@@ -1,7 +1,8 @@
 """The fleet's half of the rollout contract, small enough to read at a glance.
 
-It publishes a retained desired state, serves artifact chunks from a dict (optionally
-slowly), and records every job status and reported body a device sends.
+It publishes a retained desired state signed with its key, serves artifact chunks from
+a dict (optionally slowly), and records every job status and reported body a device
+sends.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core.contract import (
@@ -27,6 +29,7 @@ from edge.core.contract import (
     encode,
     encode_chunk,
 )
+from edge.core.signing import sign
 
 
 @dataclass
@@ -34,6 +37,7 @@ class FleetPeer:
     host: str
     port: int
     device: str
+    key: Ed25519PrivateKey | None = None  # signs desired states (None: they go unsigned)
     topics: Topics = field(default_factory=Topics)
     blobs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> bytes served
     chunk_delay_s: float = 0.0
@@ -51,7 +55,7 @@ class FleetPeer:
         self._client.on_subscribe = lambda *a: self._subscribed.set()
         self._client.connect(self.host, self.port)
         self._client.loop_start()
-        self._client.subscribe([(self.topics.artifact_get(), 1), (self.topics.all_jobs(), 1),
+        self._client.subscribe([(self.topics.artifact_get(self.device), 1), (self.topics.all_jobs(), 1),
                                 (self.topics.reported(self.device), 1)])
         self._subscribed.wait(5)
         self._version = 0
@@ -67,6 +71,8 @@ class FleetPeer:
             self._version += 1
             version = self._version
         body = Desired(v=1, device=self.device, version=version, at=time.time(), models=models, policy=policy)
+        if self.key is not None:
+            body = sign(self.key, body)
         self.raw(self.topics.desired(self.device), encode(body), retain=True)
         return version
 
@@ -89,7 +95,7 @@ class FleetPeer:
             return self.reported[-1] if self.reported else None
 
     def _on_message(self, client, userdata, message) -> None:
-        if message.topic == self.topics.artifact_get():
+        if message.topic == self.topics.artifact_get(self.device):
             self._serve(message.payload)
             return
         try:
@@ -106,7 +112,7 @@ class FleetPeer:
             self.jobs.append(status)
 
     def _serve(self, payload: bytes) -> None:
-        req = decode_artifact_request(payload, self.topics)
+        req = decode_artifact_request(payload, self.topics, device=self.device)
         with self._lock:
             self.requests.append((req.sha256, req.offset))
         if not self.serving:

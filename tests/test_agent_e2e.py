@@ -126,7 +126,7 @@ def states(peer: FleetPeer, job: str) -> list[str]:
 def test_yolov8n_a_to_b_on_a_running_edge_run_without_a_frame_gap(tmp_path, broker, keys, runs):
     key, public = keys
     config = write_config(tmp_path, broker, public)
-    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    peer = FleetPeer(broker.host, broker.port, DEVICE, key)
     try:
         run = EdgeRun(config, tmp_path)
         runs.append(run)
@@ -193,7 +193,7 @@ def test_each_bad_model_is_refused_the_old_one_keeps_serving_and_the_reason_reac
     ]
     config = write_config(tmp_path, broker, public, cameras=cameras, models={"det": YOLO_A, "cls": TINY},
                           smoke={"latency_factor": 1})
-    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    peer = FleetPeer(broker.host, broker.port, DEVICE, key)
     a_sha = artifact(YOLO_A)[0].sha256
     try:
         run = EdgeRun(config, tmp_path)
@@ -281,7 +281,7 @@ def objects_consistent(store_dir: Path) -> str | None:
 def test_kill_9_during_download_resumes_and_during_the_swap_leaves_old_or_new(tmp_path, broker, keys, runs):
     key, public = keys
     config = write_config(tmp_path, broker, public)
-    peer = FleetPeer(broker.host, broker.port, DEVICE, chunk_delay_s=0.1)
+    peer = FleetPeer(broker.host, broker.port, DEVICE, key, chunk_delay_s=0.1)
     store = tmp_path / "store"
     art_b, data_b = artifact(YOLO_B, key)
     a_sha = artifact(YOLO_A)[0].sha256
@@ -341,7 +341,7 @@ def test_a_crash_loop_after_activation_boots_the_previous_model_and_says_so(tmp_
     key, public = keys
     config = write_config(tmp_path, broker, public, crash_loop={"restarts": 2, "minutes": 10},
                           health={"window_s": 120, "min_results": 10, "latency_factor": 4})
-    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    peer = FleetPeer(broker.host, broker.port, DEVICE, key)
     art_b, data_b = artifact(YOLO_B, key)
     peer.blobs[art_b.sha256] = data_b
     try:

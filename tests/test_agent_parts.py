@@ -33,7 +33,8 @@ class Server:
         self.downloader: Downloader | None = None
 
     def send(self, topic: str, body: bytes) -> None:
-        req = decode_artifact_request(body, Topics())
+        assert topic == Topics().artifact_get("cam")
+        req = decode_artifact_request(body, Topics(), device="cam")
         self.offsets.append(req.offset)
         if self.drop(req.offset, self.offsets.count(req.offset)):
             return

@@ -41,7 +41,7 @@ def good_bodies() -> dict[str, tuple[bytes, object]]:
                 lambda b: C.decode_job(b, device="cam-1", job="r0001")),
         "artifact_request": (C.encode(C.ArtifactRequest(v=1, device="cam-1", sha256=SHA, offset=0, length=1024,
                                                         request="q1", response_topic=T.artifact("cam-1", SHA))),
-                             lambda b: C.decode_artifact_request(b, T)),
+                             lambda b: C.decode_artifact_request(b, T, device="cam-1")),
         "chunk": (C.encode_chunk(C.ChunkHeader(v=1, sha256=SHA, offset=0, total=3, request="q1"), b"abc"),
                   C.decode_chunk),
         "rpc_request": (C.encode(C.RpcRequest(v=1, id="x1", op="ping", args={"n": 1.5})), C.decode_rpc_request),
@@ -99,7 +99,7 @@ def test_times_sizes_and_counts_are_range_checked_but_old_times_are_kept():
     for bad in ({"offset": -1}, {"offset": C.MAX_ARTIFACT_BYTES + 1}, {"length": 0}, {"length": C.MAX_CHUNK_BYTES + 1},
                 {"offset": 1.0}):
         body = json.dumps({**request, **bad}).encode()
-        assert decode_error(lambda b: C.decode_artifact_request(b, T), body) == "schema", bad
+        assert decode_error(lambda b: C.decode_artifact_request(b, T, device="cam-1"), body) == "schema", bad
     header = b'{"v":1,"sha256":"%s","offset":%s,"total":%s,"request":"q1"}\n'
     for offset, total in ((b"-1", b"3"), (b"0", b"-3"), (b"0", b"%d" % (C.MAX_ARTIFACT_BYTES + 1))):
         assert decode_error(C.decode_chunk, header % (SHA.encode(), offset, total)) == "schema"

@@ -16,7 +16,7 @@ from broker import REPO, FleetProcess, stepped_clock, wait_until
 from conftest import db_rows, manifest_for, shared_path
 
 from edge.core import contract
-from edge.core.signing import init_keys, load_public_key
+from edge.core.signing import init_keys, load_private_key, load_public_key, sign, verify
 from edge.inference.manifest import load_manifest
 from fleet.client import FleetClient
 from fleet.errors import OpError
@@ -126,7 +126,6 @@ def test_push_validates_signs_stores_by_sha_and_refuses_other_bytes_for_a_versio
     assert stored.read_bytes() == shared_path(B).read_bytes()
     assert push_model(client, B)["created"] is False, "the same bytes again change nothing"
     (shown,) = client.call("artifacts.show", {"name": "yolov8n", "version": "8.1.42-b"})
-    from edge.core.signing import verify
     verify(load_public_key(keys / "fleet.pub"), contract.Artifact.model_validate(
         {k: shown[k] for k in ("kind", "name", "version", "sha256", "size", "manifest", "signature")}))
     assert len(shown["manifest"]["labels"]) == 80, "labels travel inline"
@@ -246,7 +245,7 @@ def test_bad_requests_get_clear_errors_change_nothing_and_the_manager_keeps_runn
         sim.stop()
 
 
-def test_devices_refuse_an_artifact_signed_by_another_key(tmp_path, broker, keys, client, models):
+def test_devices_refuse_a_desired_state_signed_by_another_key(tmp_path, broker, keys, client, models):
     other = tmp_path / "other-keys"
     init_keys(other)
     sim = Simulator(SimSettings(host=broker.host, port=broker.port, count=3, id_prefix="cam",
@@ -256,11 +255,15 @@ def test_devices_refuse_an_artifact_signed_by_another_key(tmp_path, broker, keys
     try:
         registered(tmp_path / "fleet.db", 3)
         rid = client.call("rollouts.start", rollout_args(target={"ids": sorted(sim.devices)}, canary=0, waves=[100],
-                                                         min_executed=2, abort_failure_pct=50))["id"]
-        final = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["settled"] and s, 60,
-                           "the rollout to abort")
-        assert final["state"] == "aborted" and "bad_signature" in final["reason"]
-        assert all("bad_signature" in f["reason"] for f in final["failures"])
+                                                         min_executed=2, abort_failure_pct=50,
+                                                         job_timeout_s=3))["id"]
+        final = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
+                           60, "the rollout to abort")
+        # nothing about the desired state is kept, so the devices never start the job: the
+        # rollout fails them when their job times out
+        assert final["state"] == "aborted"
+        assert all(d.rejected.get("bad_signature", 0) >= 1 and not d.jobs and d.acted_version == 0
+                   for d in sim.devices.values())
         assert all(sim.running(d) == models["a"]["sha256"] for d in sim.devices)
     finally:
         sim.stop()
@@ -582,6 +585,73 @@ def test_with_a_job_timeout_a_device_that_stays_away_fails_instead_of_holding_it
         assert done["failures"] == [{"device": away, "reason": "timed_out: not active within 3s of its assignment"}]
     finally:
         sim.stop()
+
+
+# --- signing-key rotation ---------------------------------------------------------------------------------
+
+
+def test_the_signing_key_rotates_without_a_day_a_device_cannot_verify(tmp_path, broker, keys, models, client, fleet):
+    db = tmp_path / "fleet.db"
+    old_pub = keys / "fleet.pub"
+
+    def devices(*pinned: Path) -> Simulator:
+        sim = Simulator(SimSettings(host=broker.host, port=broker.port, count=3, id_prefix="rot", slot=SLOT,
+                                    public_key=[load_public_key(p) for p in pinned],
+                                    runs=load_running("yolov8n@8.1.42-a", shared_path(A)), health_window_s=0.5))
+        sim.start()
+        return sim
+
+    sim = devices(old_pub)
+    try:
+        registered(db, 3)
+        made = fleet_cli("keys", "rotate", "--dir", str(keys), "--json")
+        assert made.returncode == 0, made.stderr
+        new = json.loads(made.stdout)
+        refused = fleet_cli("keys", "switch", "--dir", str(keys), "--db", str(db))
+        assert refused.returncode == 2 and "rot-0000 (pins" in refused.stderr, "no device pins the new key yet"
+    finally:
+        sim.stop()
+    sim = devices(old_pub, Path(new["public"]))  # step 1: the new key pinned beside the old one
+    try:
+        def pinning() -> bool:
+            docs = [json.loads(d) for (d,) in db_rows(db, "SELECT doc FROM reported WHERE device LIKE 'rot-%'")]
+            return len(docs) == 3 and all(new["id"] in d["keys"] for d in docs)
+        wait_until(pinning, 15, "every device to report the new key")
+        switched = fleet_cli("keys", "switch", "--dir", str(keys), "--db", str(db))  # step 2
+        assert switched.returncode == 0, switched.stderr
+        old_key = load_private_key(keys / "fleet.key")
+    finally:
+        sim.stop()
+    assert fleet.stop() == 0
+    again = start_fleet(tmp_path, broker, keys)  # signs with the new key, and its artifacts again
+    try:
+        (shown,) = client.call("artifacts.show", {"name": "yolov8n", "version": "8.1.42-b"})
+        verify(load_public_key(Path(new["public"])), contract.Artifact.model_validate(
+            {k: shown[k] for k in contract.Artifact.model_fields}))
+        retired = fleet_cli("keys", "retire", "fleet", "--dir", str(keys))  # step 3
+        assert retired.returncode == 0 and not (keys / "fleet.key").exists(), retired.stderr
+        sim = devices(Path(new["public"]))  # the old key dropped from the devices
+        try:
+            rid = client.call("rollouts.start", rollout_args(target={"ids": sorted(sim.devices)}, canary=0,
+                                                             waves=[100], health_window_s=0.5))["id"]
+            done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["settled"] and s, 60,
+                              "the rollout signed with the new key")
+            assert done["state"] == "completed" and all(not d.rejected for d in sim.devices.values())
+        finally:
+            sim.stop()
+        # an artifact only the retired key signed is not vouched for: it never reaches a device
+        stale = sign(old_key, contract.Artifact(kind="model", name="yolov8n", version="old-key", sha256=models["a"]["sha256"],
+                                                size=models["a"]["size"], manifest={}))
+        store = Store.open(db)
+        try:
+            store.put_artifact(stale, by="test", now=time.time())
+        finally:
+            store.close()
+        with pytest.raises(OpError) as err:
+            client.call("rollouts.start", rollout_args(version="old-key", target={"ids": ["rot-0000"]}))
+        assert err.value.code == "invalid_artifact" and "signature" in str(err.value)
+    finally:
+        again.stop()
 
 
 # --- several managers on one PostgreSQL store ----------------------------------------------------------

@@ -18,7 +18,7 @@ from conftest import both_engines, db_rows
 from edge.core.contract import OutboxBatch, Status, WireEvent
 from edge.core.ids import new_id
 from fleet.cli import main as fleet_main
-from fleet.store import SchemaTooNew, Store, StoreError
+from fleet.store import IdentityRow, SchemaTooNew, Store, StoreError
 from fleet.store import schema as S
 from fleet.store.engine import head
 from fleet.store.lease import Lease
@@ -113,6 +113,7 @@ def test_copy_moves_a_sites_store_to_postgresql_without_losing_an_event(tmp_path
     store = Store.open(db)
     sent = {d: some_events(store, d, 700) for d in ("cam-1", "cam-2", "cam-3")}  # more than one chunk
     store.set_status(Status(v=1, device="cam-3", state="online", at=time.time(), site="plant-b"), time.time())
+    store.put_identities([_identity("cam-1", serials=["0a1b"])])
     store.close()
     artifacts = tmp_path / "fleet.db.artifacts"
     artifacts.mkdir()
@@ -131,12 +132,52 @@ def test_copy_moves_a_sites_store_to_postgresql_without_losing_an_event(tmp_path
         assert {d["id"]: d["events"] for d in target.devices()} == {"cam-1": 705, "cam-2": 705, "cam-3": 700}
         assert target.find_artifact("model", "yolov8n", "8.1.42-b") is not None
         assert target.blob("9cb7487000bc86ac36ce83c4acfabe8878552be99572a6770f65ab1d048a5c48") == blob
+        assert target.identity("cam-1") == _identity("cam-1", serials=["0a1b"]), "enrolments move with the store"
     finally:
         target.close()
     again = fleet("db", "copy", "--from", str(db), "--to", url)  # run again: nothing twice
     assert again.returncode == 0 and "2110 in the target" in again.stdout
     current = json.loads(fleet("db", "current", "--db", url, "--json").stdout)
     assert current["schema"] == head() and current["up_to_date"] and current["leader"] is None
+
+
+def _identity(name: str, **kw) -> IdentityRow:
+    return IdentityRow(**{"name": name, "role": "device", "site": "plant-a", "line": "3", "tags": {"cell": "weld"},
+                          "credential": "certificate", "serials": [], "password_hash": None, "not_after": None,
+                          "state": "enrolled", "created_at": 1000.0, "revoked_at": None, **kw})
+
+
+@both_engines
+def test_identities_are_kept_revoked_and_listed_with_the_devices_on_either_engine(fleet_db):
+    store = Store.open(fleet_db)
+    try:
+        some_events(store, "cam-1", 1)  # seen and enrolled
+        store.put_identities([_identity("cam-1", serials=["01", "02"]), _identity("cam-2"),
+                              _identity("alice", role="operator", site=None, line=None, tags={},
+                                        credential="password", password_hash="$7$101$c2FsdA==$aGFzaA==")])
+        store.put_identities([_identity("cam-2", state="revoked", revoked_at=2000.0, retired_serials=["ff"])])
+        assert [i.name for i in store.identities()] == ["alice", "cam-1", "cam-2"]
+        assert [i.name for i in store.identities("device")] == ["cam-1", "cam-2"]
+        assert store.identity("cam-2").state == "revoked" and store.identity("cam-2").retired_serials == ["ff"]
+        assert store.identity("cam-1").serials == ["01", "02"] and store.identity("nobody") is None
+        listed = {d["id"]: (d["enrolment"], d["events"]) for d in store.devices()}
+        assert listed == {"cam-1": ("enrolled", 1), "cam-2": ("revoked", 0)}, "enrolled but never seen is listed"
+    finally:
+        store.close()
+    reader = Store.open_readonly(fleet_db)
+    try:
+        assert reader.identity("alice").password_hash == "$7$101$c2FsdA==$aGFzaA=="
+    finally:
+        reader.close()
+
+
+def test_a_store_read_before_its_identities_migration_has_no_identities(tmp_path):
+    db = old_store(tmp_path / "fleet.db")  # schema 0002, opened read-only: not migrated
+    reader = Store.open_readonly(db)
+    try:
+        assert reader.identities() == [] and reader.identity("cam-1") is None
+    finally:
+        reader.close()
 
 
 @both_engines

@@ -65,6 +65,28 @@ def test_unsigned_and_foreign_signatures_are_refused(keys, tmp_path):
     assert err.value.reason == "bad_signature"
 
 
+def test_a_desired_state_is_signed_with_its_version_and_device_and_verifies_with_any_pinned_key(keys, tmp_path):
+    key, pub = keys
+    private, public = S.init_keys(tmp_path / "next")
+    other_key, other_pub = S.load_private_key(private), S.load_public_key(public)
+    doc = C.Desired(v=1, device="cam-1", version=7, at=1.0,
+                    models={"det": C.Assignment(artifact=S.sign(key, artifact()), job="r1")})
+    signed = S.sign(key, doc)
+    S.verify(pub, signed)
+    S.verify([other_pub, pub], signed)  # a device pins several keys while they rotate
+    assert C.decode_desired(C.encode(signed), device="cam-1") == signed
+    for change in ({"version": 2**62}, {"device": "cam-2"}, {"models": {}}, {"at": 2.0}):
+        with pytest.raises(S.SignatureError) as err:
+            S.verify([pub, other_pub], signed.model_copy(update=change))
+        assert err.value.reason == "bad_signature", change
+    for bad, reason in ((doc, "unsigned"), (S.sign(other_key, doc), "bad_signature"),
+                        (signed.model_copy(update={"signature": "not base64!"}), "bad_signature")):
+        with pytest.raises(S.SignatureError) as err:
+            S.verify(pub, bad)
+        assert err.value.reason == reason
+    assert S.key_id(pub) != S.key_id(other_pub) and len(S.key_id(pub)) == 16
+
+
 def test_verify_file_checks_size_then_sha256(tmp_path):
     path = tmp_path / "m.tflite"
     path.write_bytes(b"x" * 10)
@@ -109,13 +131,15 @@ def test_an_artifact_request_may_only_ask_for_data_on_its_own_topic():
     topics = C.Topics()
     ok = C.ArtifactRequest(v=1, device="cam-1", sha256=SHA, offset=0, length=C.MAX_CHUNK_BYTES,
                            request="r1", response_topic=topics.artifact("cam-1", SHA))
-    assert C.decode_artifact_request(C.encode(ok), topics) == ok
+    assert topics.artifact_get("cam-1") == "edgecam/v1/dev/cam-1/artifact/get"
+    assert C.decode_artifact_request(C.encode(ok), topics, device="cam-1") == ok
     elsewhere = ok.model_copy(update={"response_topic": topics.artifact("cam-2", SHA)})
-    with pytest.raises(C.ContractError) as err:
-        C.decode_artifact_request(C.encode(elsewhere), topics)
-    assert err.value.reason == "wrong_device"
+    for body, device in ((elsewhere, "cam-1"), (ok, "cam-2")):  # aimed at another, or asked on another's topic
+        with pytest.raises(C.ContractError) as err:
+            C.decode_artifact_request(C.encode(body), topics, device=device)
+        assert err.value.reason == "wrong_device"
     with pytest.raises(C.ContractError):
-        C.decode_artifact_request(C.encode(ok).replace(b'"length":131072', b'"length":131073'), topics)
+        C.decode_artifact_request(C.encode(ok).replace(b'"length":131072', b'"length":131073'), topics, device="cam-1")
 
 
 def test_a_chunk_carries_raw_bytes_behind_a_json_line():

@@ -19,21 +19,26 @@ from edge.core.stats import rss_mb  # noqa: F401  (the benchmarks take it from h
 class LocalMosquitto:
     """Mosquitto on a free 127.0.0.1 port, without persistence, in ``workdir``.
 
-    ``extra_conf`` lines are appended to its config (e.g. ``sys_interval 1``)."""
+    ``extra_conf`` lines are appended to its config (e.g. ``sys_interval 1``). ``conf``
+    replaces the plain anonymous listener with a configuration of its own (the fleet's
+    generated one), which must listen on ``port``."""
 
-    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, extra_conf: str = "", *, conf: str | None = None,
+                 port: int | None = None) -> None:
         binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
         if binary is None:
             raise EdgeError("benchmarks need the mosquitto broker (apt-get install mosquitto)")
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        conf = workdir / "mosquitto.conf"
+        self.port = port or free_port()
+        base = conf if conf is not None else (f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                                              "persistence false\nset_tcp_nodelay true\n")
         # started as root, mosquitto would drop to its own user, which cannot write its log here
         user = f"user {getpass.getuser()}\n" if os.geteuid() == 0 else ""
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
-                        f"log_dest file {workdir / 'mosquitto.log'}\nmax_queued_messages 100000\n{user}{extra_conf}")
-        self._cmd = [binary, "-c", str(conf)]
+        conf_path = workdir / "mosquitto.conf"
+        conf_path.write_text(f"{base}\nlog_dest file {workdir / 'mosquitto.log'}\nmax_queued_messages 100000\n"
+                             f"{user}{extra_conf}")
+        self._cmd = [binary, "-c", str(conf_path)]
         self._proc: subprocess.Popen | None = None
 
     @property

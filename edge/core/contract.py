@@ -58,8 +58,9 @@ MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
 MAX_INT = 2**63 - 1
 
 # Why a chunk request got no data (``ChunkHeader.error``). "busy" means the fleet is
-# serving as many transfers as it allows: ask again after CHUNK_BUSY_RETRY_S.
-CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy")
+# serving as many transfers as it allows: ask again after CHUNK_BUSY_RETRY_S;
+# "not_assigned", that the device's current desired state names no such artifact.
+CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy", "not_assigned")
 CHUNK_BUSY_RETRY_S = 1.0
 
 EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift", "command")
@@ -84,7 +85,13 @@ COMMAND_REASONS = ("unknown_camera", "unknown_rule", "not_controllable", "nothin
 REASONS = ("oversized", "malformed_json", "non_finite", "bad_version", "schema", "wrong_device")
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a device or camera id: one safe topic level
+# A process with several MQTT connections (a device: sync, agent, alerts; a manager:
+# control, job inbox, ingest) has one broker identity per connection,
+# ``{identity}~{link}``: the broker binds each client id to its identity, and no id can
+# contain "~".
+LINK_SEPARATOR = "~"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+KEY_ID_PATTERN = r"^[0-9a-f]{16}$"  # a public key's id: the start of the sha256 of its raw bytes
 OP_PATTERN = r"^[a-z][a-z0-9_.]{0,63}$"
 
 # A model or policy change on a device goes through these states, in this order, and
@@ -147,8 +154,10 @@ class Topics:
         devices then send their unacknowledged batches again at once."""
         return f"{self.prefix}/fleet/ingest/online"
 
-    def artifact_get(self) -> str:
-        return f"{self.prefix}/fleet/artifact/get"
+    def artifact_get(self, device: str) -> str:
+        """Where ``device`` asks for chunks. The device is a topic level, so the broker's
+        ACL vouches for who asks (only device X may write ``{p}/dev/X/#``)."""
+        return f"{self.prefix}/dev/{_level(device)}/artifact/get"
 
     def artifact(self, device: str, sha256: str) -> str:
         return f"{self.prefix}/dev/{_level(device)}/artifact/{_level(sha256)}"
@@ -198,6 +207,9 @@ class Topics:
     def all_jobs(self) -> str:
         return f"{self.prefix}/dev/+/job/+"
 
+    def all_artifact_gets(self) -> str:
+        return f"{self.prefix}/dev/+/artifact/get"
+
     def all_rpc(self) -> str:
         return f"{self.prefix}/fleet/rpc/+"
 
@@ -219,6 +231,12 @@ class Topics:
             return None
         device = topic[len(head):].split("/", 1)[0]
         return device or None
+
+
+def link_identity(identity: str, link: str | None = None) -> str:
+    """The broker identity (username and client id) of one of ``identity``'s connections;
+    ``None`` is the main one (a device's sync, a manager's control link)."""
+    return identity if link is None else f"{identity}{LINK_SEPARATOR}{link}"
 
 
 def _level(value: str) -> str:
@@ -347,7 +365,10 @@ class Desired(_Body):
 
     ``version`` grows with every change for this device; a device ignores a desired
     state whose version is not above the last one it acted on. A slot missing from
-    ``models`` is left as it is.
+    ``models`` is left as it is. ``signature`` is base64 Ed25519 by the fleet's signing
+    key over :meth:`signed_bytes` (everything else, the version and the device
+    included); a device refuses the whole document, before it changes anything, unless
+    it verifies with a key the device pins.
     """
 
     v: Version
@@ -356,6 +377,14 @@ class Desired(_Body):
     at: Time
     models: dict[Ident, Assignment] = {}
     policy: Assignment | None = None
+    signature: str | None = None
+
+    def signed_bytes(self) -> bytes:
+        return canonical(self.model_dump(exclude={"signature"}))
+
+    def names(self, sha256: str) -> bool:
+        """Whether this state assigns the artifact ``sha256`` to any slot or the policy."""
+        return any(a.artifact.sha256 == sha256 for a in (*self.models.values(), self.policy) if a is not None)
 
 
 class Running(_Body):
@@ -384,6 +413,7 @@ class Reported(_Body):
     previous: dict[Ident, Running] = {}
     policy: Running | None = None
     last_change: Change | None = None
+    keys: list[Annotated[str, Field(pattern=KEY_ID_PATTERN)]] = Field(default=[], max_length=16)  # pinned keys' ids
 
 
 class JobStatus(_Body):
@@ -402,10 +432,12 @@ class JobStatus(_Body):
 
 
 class ArtifactRequest(_Body):
-    """``{p}/fleet/artifact/get``: a device asks for ``length`` bytes at ``offset``.
+    """``{p}/dev/{id}/artifact/get``: a device asks for ``length`` bytes at ``offset``.
 
-    ``response_topic`` must be the device's own artifact topic for that sha256; the
-    fleet refuses anything else, so a request cannot aim data at another client.
+    ``device`` must be the topic's and ``response_topic`` the device's own artifact
+    topic for that sha256; the fleet refuses anything else, so a request cannot aim data
+    at another client, and it serves only an artifact the device's current desired
+    state names.
     """
 
     v: Version
@@ -703,9 +735,10 @@ def decode_job(data: bytes, *, device: str, job: str) -> JobStatus:
     return body
 
 
-def decode_artifact_request(data: bytes, topics: Topics) -> ArtifactRequest:
-    """A chunk request, or ContractError; its response topic must be the device's own."""
-    body = _decode(ArtifactRequest, data, limit=MAX_ARTIFACT_REQUEST_BYTES, device=None)
+def decode_artifact_request(data: bytes, topics: Topics, *, device: str) -> ArtifactRequest:
+    """A chunk request received on ``device``'s request topic, or ContractError; its
+    response topic must be the device's own."""
+    body = _decode(ArtifactRequest, data, limit=MAX_ARTIFACT_REQUEST_BYTES, device=device)
     if body.response_topic != topics.artifact(body.device, body.sha256):
         raise ContractError("wrong_device", f"response topic {body.response_topic!r} is not the device's own")
     return body

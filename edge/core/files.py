@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def replace_file(path: Path, data: bytes, *, durable: bool = True) -> None:
+def replace_file(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
     """Write ``data`` beside ``path`` and rename it over. ``durable``: fsync the file and
-    its directory too, so the new content also survives a power cut."""
+    its directory too, so the new content also survives a power cut. ``mode``: the new
+    file's permissions from its first byte (0o600 for a secret)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    if mode is not None:
+        os.fchmod(fd, mode)  # the file may have been left behind with other permissions
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         if durable:
             f.flush()

@@ -13,9 +13,11 @@ import logging
 import os
 import random
 import socket
+import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
@@ -23,7 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .contract import LINK_SEPARATOR, link_identity
 from .logs import fields
+from .tls import client_context, refusal
 
 log = logging.getLogger("edge.link")
 
@@ -61,6 +65,27 @@ class LinkSettings:
     use_tls: bool = False
     will: Callable[[], Will] | None = None
     max_inflight: int = 20
+
+    def for_link(self, link: str | None) -> "LinkSettings":
+        """These settings for another of the process's connections: its own client id,
+        user and certificate (see :func:`link_cert`), so a broker that binds client ids
+        to identities sees one identity per connection."""
+        if link is None:
+            return self
+        return replace(self, client_id=link_identity(self.client_id, link),
+                       username=link_identity(self.username, link) if self.username else None,
+                       tls_cert=link_cert(self.tls_cert, link))
+
+
+def link_cert(cert: str | None, link: str | None) -> str | None:
+    """The client certificate of one of a process's connections: ``<stem>~<link><suffix>``
+    beside the main one when that file exists (the fleet's bundles hold one per
+    connection, each naming its own identity), else the main one."""
+    if cert is None or link is None:
+        return cert
+    path = Path(cert)
+    own = path.with_name(f"{path.stem}{LINK_SEPARATOR}{link}{path.suffix}")
+    return str(own) if own.is_file() else cert
 
 
 class Handler(Protocol):
@@ -119,7 +144,7 @@ def new_client(s: LinkSettings) -> mqtt.Client:
     if s.username is not None:
         client.username_pw_set(s.username, s.password)
     if s.use_tls:
-        client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+        client.tls_set_context(client_context(s.tls_ca, s.tls_cert, s.tls_key))
     return client
 
 
@@ -155,6 +180,8 @@ class Link:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._client = self._make_client()  # after handler: it looks for optional hooks
+        self._awaiting_connack = False
+        self._paho_error: str | None = None  # paho's last error, e.g. why a read failed
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -195,6 +222,7 @@ class Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_log = self._on_log
         on_subscribe = getattr(self.handler, "on_subscribe", None)
         if on_subscribe is not None:  # optional: who needs to know the subscription is live
             client.on_subscribe = lambda c, userdata, mid, reasons, props: on_subscribe(c, reasons)
@@ -237,25 +265,43 @@ class Link:
             will = s.will()
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         try:
+            self._paho_error = None
             client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=s.clean_start,
                            properties=connect_properties(s))
             sock = client.socket()
             if sock is not None:  # an ack is small and waited for: no Nagle delay on it
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._awaiting_connack = True
             return True
+        except ssl.SSLCertVerificationError as exc:  # the broker's certificate
+            self._connect_failed(f"TLS: the broker's certificate does not verify against "
+                                 f"{s.tls_ca or 'the system CAs'}: {exc.verify_message}")
         except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS handshake
-            self.counters.connect_failures += 1
-            self.counters.last_error = f"{type(exc).__name__}: {exc}"
-            level = logging.WARNING if self.counters.connect_failures == 1 else logging.INFO
-            log.log(level, "mqtt connect failed", extra=fields(
-                broker=f"{s.host}:{s.port}", error=self.counters.last_error, attempt=self._backoff.attempt + 1))
-            return False
+            self._connect_failed(f"{type(exc).__name__}: {exc}")
+        return False
+
+    def _connect_failed(self, error: str) -> None:
+        """Each failure counts; the first of a run is a warning, the rest are info."""
+        s = self.settings
+        self.counters.connect_failures += 1
+        self.counters.last_error = error
+        level = logging.WARNING if self.counters.connect_failures == 1 else logging.INFO
+        log.log(level, "mqtt connect failed", extra=fields(
+            broker=f"{s.host}:{s.port}", client=s.client_id, error=error, attempt=self._backoff.attempt + 1))
 
     def _lost(self, rc: MQTTErrorCode) -> None:
+        reason = self._paho_error or mqtt.error_string(rc)
+        if self._awaiting_connack:  # closed before the broker answered CONNECT
+            self._awaiting_connack = False
+            if self.settings.use_tls:
+                reason = refusal(self.settings.tls_ca, self.settings.tls_cert, reason)
+            self._connect_failed(reason)
+            return
         if self.counters.connected:  # paho did not report it (e.g. a read error)
             self.counters.connected = False
             self.counters.disconnects += 1
-        self.counters.last_error = mqtt.error_string(rc)
+            log.warning("mqtt connection lost", extra=fields(client=self.settings.client_id, reason=reason))
+        self.counters.last_error = reason
 
     def _goodbye(self, client: mqtt.Client) -> None:
         infos = self.handler.on_stop(client) if self.counters.connected else []
@@ -271,11 +317,17 @@ class Link:
 
     # --- paho callbacks (on this thread, inside client.loop) ----------------------------
 
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and not message.startswith("Client is not connected"):
+            self._paho_error = message
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._awaiting_connack = False
         if reason.is_failure:
             self.counters.connect_failures += 1
-            self.counters.last_error = f"refused: {reason}"
-            log.error("mqtt connect refused", extra=fields(client=self.settings.client_id, reason=str(reason)))
+            self.counters.last_error = self._paho_error = f"refused: {reason}"  # what the lost link says next
+            log.error("mqtt connect refused", extra=fields(client=self.settings.client_id, reason=str(reason),
+                                                           username=self.settings.username))
             return
         self.counters.connected = True
         self.counters.connects += 1

@@ -1,23 +1,29 @@
-"""Ed25519 keys and signatures for artifacts (models and policies).
+"""Ed25519 keys and signatures for artifacts (models and policies) and desired states.
 
-The fleet signs an :class:`~edge.core.contract.Artifact` over its canonical bytes (every
-field but the signature); a device verifies with the public key pinned in its config
-and refuses anything unsigned or signed by another key. Keys are PEM files: the
-private key PKCS#8 with mode 0600, the public key SubjectPublicKeyInfo.
+The fleet signs an :class:`~edge.core.contract.Artifact` or a
+:class:`~edge.core.contract.Desired` over its canonical bytes (every field but the
+signature); a device verifies with the public keys pinned in its config (a list, so a
+new key can be pinned before the fleet signs with it) and refuses anything unsigned or
+signed by another key. Keys are PEM files: the private key PKCS#8 with mode 0600, the
+public key SubjectPublicKeyInfo. A key's id is the start of the sha256 of its raw
+bytes; devices report the ids they pin, so the fleet can tell when every device
+pins a new key.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from pathlib import Path
+from typing import Sequence, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .contract import Artifact
+from .contract import Artifact, Desired
 from .errors import EdgeError
 from .files import sha256_file
 
@@ -58,6 +64,12 @@ def init_keys(directory: Path) -> tuple[Path, Path]:
     return private, public
 
 
+def key_id(key: Ed25519PublicKey) -> str:
+    """A public key's short id (what devices report, what the fleet's keyring names)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 def public_pem(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -94,21 +106,34 @@ def _read(path: Path) -> bytes:
         raise KeyFileError(f"cannot read key {path}: {exc.strerror or exc}") from None
 
 
-def sign(key: Ed25519PrivateKey, artifact: Artifact) -> Artifact:
-    """``artifact`` with its signature set."""
-    signature = base64.b64encode(key.sign(artifact.signed_bytes())).decode()
-    return artifact.model_copy(update={"signature": signature})
+Signed = TypeVar("Signed", Artifact, Desired)
+Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey]
 
 
-def verify(key: Ed25519PublicKey, artifact: Artifact) -> None:
-    """Raise SignatureError unless ``key`` signed exactly this artifact."""
-    if not artifact.signature:
-        raise SignatureError("unsigned", f"{artifact.kind} {artifact.name} {artifact.version} has no signature")
+def sign(key: Ed25519PrivateKey, doc: Signed) -> Signed:
+    """``doc`` (an artifact or a desired state) with its signature set."""
+    signature = base64.b64encode(key.sign(doc.signed_bytes())).decode()
+    return doc.model_copy(update={"signature": signature})
+
+
+def verify(keys: Keys, doc: Artifact | Desired) -> None:
+    """Raise SignatureError unless one of ``keys`` signed exactly this artifact or desired state."""
+    what = (f"{doc.kind} {doc.name} {doc.version}" if isinstance(doc, Artifact)
+            else f"desired state v{doc.version} for {doc.device}")
+    if not doc.signature:
+        raise SignatureError("unsigned", f"{what} has no signature")
     try:
-        key.verify(base64.b64decode(artifact.signature, validate=True), artifact.signed_bytes())
-    except (InvalidSignature, binascii.Error, ValueError):
-        raise SignatureError("bad_signature", f"{artifact.kind} {artifact.name} {artifact.version}: "
-                                              "signature does not verify with the pinned key") from None
+        signature = base64.b64decode(doc.signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError("bad_signature", f"{what}: the signature is not base64") from None
+    data = doc.signed_bytes()
+    for key in [keys] if isinstance(keys, Ed25519PublicKey) else keys:
+        try:
+            key.verify(signature, data)
+            return
+        except InvalidSignature:
+            continue
+    raise SignatureError("bad_signature", f"{what}: the signature does not verify with any pinned key")
 
 
 def verify_file(artifact: Artifact, path: Path) -> None:

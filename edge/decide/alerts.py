@@ -66,7 +66,7 @@ class AlertPublisher:
 
     @classmethod
     def for_device(cls, cfg: MqttConfig, device: DeviceInfo, **kw: Any) -> "AlertPublisher":
-        return cls(link_settings(cfg, f"edge-{device.id}-alerts", max_inflight=100), device, Topics(cfg.prefix), **kw)
+        return cls(link_settings(cfg, device.id, "alerts", max_inflight=100), device, Topics(cfg.prefix), **kw)
 
     def topic(self, camera: str) -> str:
         """The camera's default alert topic."""

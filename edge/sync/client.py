@@ -67,11 +67,15 @@ class _InFlight:
     why: str = "ack_timeout"  # what the next re-send is for, for its log line
 
 
-def link_settings(cfg: MqttConfig, client_id: str, *, will=None, max_inflight: int = 20) -> LinkSettings:
-    """Connection settings for a device from its ``mqtt`` config."""
+def link_settings(cfg: MqttConfig, device: str, link: str | None = None, *, will=None,
+                  max_inflight: int = 20) -> LinkSettings:
+    """Connection settings for one of a device's links (None: the sync, "agent", "alerts")
+    from its ``mqtt`` config. Each link is its own broker identity: the user (or the
+    device id) for the sync, ``{user}~agent`` and ``{user}~alerts`` for the others, as
+    client id and user, with ``<cert>~agent.crt`` and so on when the bundle has them."""
     tls = cfg.tls
     return LinkSettings(
-        host=cfg.host, port=cfg.port, client_id=client_id, keepalive_s=cfg.keepalive_s,
+        host=cfg.host, port=cfg.port, client_id=cfg.username or device, keepalive_s=cfg.keepalive_s,
         clean_start=False, session_expiry_s=cfg.session_expiry_s,
         backoff_initial_s=cfg.reconnect.initial_s, backoff_max_s=cfg.reconnect.max_s,
         username=cfg.username, password=cfg.password, use_tls=tls is not None,
@@ -79,7 +83,7 @@ def link_settings(cfg: MqttConfig, client_id: str, *, will=None, max_inflight: i
         tls_cert=str(tls.cert_file) if tls and tls.cert_file else None,
         tls_key=str(tls.key_file) if tls and tls.key_file else None,
         will=will, max_inflight=max_inflight,
-    )
+    ).for_link(link)
 
 
 class Sync:
@@ -102,7 +106,7 @@ class Sync:
             batches_sent=0, events_sent=0, resent=0, acked_batches=0, acked_events=0,
             acks_unknown=0, acks_rejected={}, publish_errors=0, ingest_online=0, ingest_online_rejected={},
             parked_batches=0)
-        settings = link_settings(mqtt_cfg, f"edge-{device.id}", will=self._will,
+        settings = link_settings(mqtt_cfg, device.id, will=self._will,
                                  max_inflight=self._cfg.window + 4)
         self._link = Link(settings, self, name="sync")
 

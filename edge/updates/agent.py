@@ -1,6 +1,8 @@
 """The model agent: takes the models and policy the fleet wants, safely, and says how it went.
 
-It follows ``{p}/dev/{id}/desired`` (retained, versioned). For each slot whose artifact
+It follows ``{p}/dev/{id}/desired`` (retained, versioned, signed by the fleet: a
+document that does not verify with a pinned key is refused before anything about it
+is kept, its version included). For each slot whose artifact
 differs from what runs, one job goes: downloading → verifying → testing → active →
 committed, or ends in failed(reason) or rolled_back(reason); every step is published
 on ``{p}/dev/{id}/job/{job}`` and what runs on ``{p}/dev/{id}/reported`` (retained).
@@ -25,6 +27,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
 from edge.config import AgentConfig, DeviceConfig
@@ -45,7 +48,7 @@ from edge.core.contract import (
 from edge.core.errors import ConfigError
 from edge.core.link import Link, publish
 from edge.core.logs import fields
-from edge.core.signing import KeyFileError, SignatureError, load_public_key, verify, verify_file
+from edge.core.signing import KeyFileError, SignatureError, key_id, load_public_key, verify, verify_file
 from edge.inference.manifest import Manifest
 from edge.inference.model import Model
 from edge.schedule.scheduler import CameraRunner, Scheduler
@@ -121,10 +124,13 @@ class Agent:
         self.outbox = outbox
         self.on_models = on_models
         self.limits = health_limits(self.cfg)
-        try:
-            self.public_key = load_public_key(self.cfg.public_key)
-        except KeyFileError as exc:  # the operator's config names it: exit 2, naming the key
-            raise ConfigError(f"agent.public_key: {exc}") from None
+        self.public_keys = []
+        for name, path in self.cfg.pinned():
+            try:
+                self.public_keys.append(load_public_key(path))
+            except KeyFileError as exc:  # the operator's config names it: exit 2, naming the key
+                raise ConfigError(f"agent.{name}: {exc}") from None
+        self.key_ids = sorted({key_id(k) for k in self.public_keys})
         self.slots = {
             slot: _Slot([c for c in scheduler.cameras if any(t.model == slot for t in c.tasks.values())], entry)
             for slot, entry in factory.items()
@@ -145,7 +151,7 @@ class Agent:
         self.downloader = Downloader(self.device, self.topics, self._send, DownloadSettings(
             retries=dl.retries, chunk_timeout_s=dl.chunk_timeout_s, backoff_initial_s=dl.backoff.initial_s,
             backoff_max_s=dl.backoff.max_s, min_free_bytes=int(dl.min_free_mb * 1024 * 1024)), self._stop)
-        self._link = Link(link_settings(cfg.mqtt, f"edge-{self.device}-agent"), self, name="agent-mqtt")
+        self._link = Link(link_settings(cfg.mqtt, self.device, "agent"), self, name="agent-mqtt")
         self._worker = threading.Thread(target=self._work_loop, name="agent", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -177,7 +183,8 @@ class Agent:
 
     def on_connect(self, client: mqtt.Client, session_present: bool) -> None:
         client.subscribe(self.topics.desired(self.device), qos=1)
-        client.subscribe(self.topics.artifacts(self.device), qos=1)
+        # no_local: the chunk topics' wildcard also matches this link's own requests
+        client.subscribe(self.topics.artifacts(self.device), options=SubscribeOptions(qos=1, noLocal=True))
         self._publish(client, self.topics.reported(self.device), self._reported(), retain=True)
 
     def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
@@ -186,8 +193,12 @@ class Agent:
                 return
             try:
                 desired = decode_desired(message.payload, device=self.device)
+                verify(self.public_keys, desired)  # before its version or anything else is kept
             except ContractError as exc:
                 self._reject(exc.reason, exc.detail, message.topic)
+                return
+            except SignatureError as exc:
+                self._reject(exc.reason, str(exc), message.topic)
                 return
             self.counters["desired"] += 1
             with self._desired_lock:
@@ -195,6 +206,8 @@ class Agent:
                     self._desired = desired
             self._wake.set()
             return
+        if message.topic == self.topics.artifact_get(self.device):
+            return  # a request of this device's own, not a chunk
         try:
             header, data = decode_chunk(message.payload)
         except ContractError as exc:
@@ -376,7 +389,7 @@ class Agent:
         """The artifact's verified file in the store, downloading what is missing."""
         if art.kind != "model":
             raise Refused("wrong_kind", f"a {art.kind} artifact for model slot {slot}")
-        verify(self.public_key, art)  # before a byte is fetched: an unsigned artifact costs nothing
+        verify(self.public_keys, art)  # before a byte is fetched: an unsigned artifact costs nothing
         try:
             manifest = Manifest.model_validate(art.manifest)
         except ValidationError as exc:
@@ -523,7 +536,7 @@ class Agent:
                 raise Refused("unsupported", "policies not supported")
             if art.kind != "policy":
                 raise Refused("wrong_kind", f"a {art.kind} artifact as the policy")
-            verify(self.public_key, art)
+            verify(self.public_keys, art)
             path = self._download_verified(job, POLICY_SLOT, art)
             self._job(job, POLICY_SLOT, art.sha256, "testing")
             try:
@@ -571,7 +584,8 @@ class Agent:
         policy = state.policy.active.running() if state.policy.active else None
         change = Change.model_validate(state.last_change) if state.last_change else None
         return encode(Reported(v=1, device=self.device, at=time.time(), desired_version=state.desired_version,
-                               models=models, previous=previous, policy=policy, last_change=change))
+                               models=models, previous=previous, policy=policy, last_change=change,
+                               keys=self.key_ids))
 
     def _send_reported(self) -> None:
         self._send(self.topics.reported(self.device), self._reported(), True)

@@ -1,7 +1,8 @@
 """Fetching an artifact in chunks over MQTT into a staging file that survives restarts.
 
-The device asks ``{p}/fleet/artifact/get`` for ``length`` bytes at ``offset`` and the
-fleet answers on the device's own artifact topic. Chunks are appended in order, so the
+The device asks on its own ``{p}/dev/{id}/artifact/get`` for ``length`` bytes at
+``offset`` of an artifact its desired state names, and the fleet answers on the
+device's own artifact topic. Chunks are appended in order, so the
 staging file's size is exactly how far the download got: after a restart (even a
 kill -9) it resumes from there. A request that gets no answer is asked again with
 exponential backoff, a bounded number of times.
@@ -102,7 +103,7 @@ class Downloader:
             request = new_id()
             body = ArtifactRequest(v=1, device=self.device, sha256=artifact.sha256, offset=offset, length=length,
                                    request=request, response_topic=self.topics.artifact(self.device, artifact.sha256))
-            self.send(self.topics.artifact_get(), encode(body))
+            self.send(self.topics.artifact_get(self.device), encode(body))
             self.counters["requests"] += 1
             answer = self._wait(request, artifact.sha256, offset)
             if answer is not None:

@@ -8,8 +8,8 @@ store from one database to another. Imports only ``edge.core``.
 """
 
 from .engine import SchemaTooNew, StoreError
-from .rows import DeviceRow, EventRow, JobRow, Loader, Skips, load_artifact, load_job
+from .rows import DeviceRow, EventRow, IdentityRow, JobRow, Loader, Skips, load_artifact, load_job
 from .store import Conflict, DatabaseError, Fence, LeaseLost, Store, Stored
 
-__all__ = ["Conflict", "DatabaseError", "DeviceRow", "EventRow", "Fence", "JobRow", "LeaseLost", "Loader",
-           "SchemaTooNew", "Skips", "Store", "StoreError", "Stored", "load_artifact", "load_job"]
+__all__ = ["Conflict", "DatabaseError", "DeviceRow", "EventRow", "Fence", "IdentityRow", "JobRow", "LeaseLost",
+           "Loader", "SchemaTooNew", "Skips", "Store", "StoreError", "Stored", "load_artifact", "load_job"]

@@ -22,7 +22,8 @@ from .store import DatabaseError, Store
 log = logging.getLogger("fleet.store")
 
 CHUNK_ROWS = 2000
-ORDER = ("devices", "events", "artifacts", "blobs", "desired", "reported", "rollouts", "executions", "jobs", "answers")
+ORDER = ("devices", "events", "artifacts", "blobs", "desired", "reported", "rollouts", "executions", "jobs", "answers",
+         "identities")
 
 
 @dataclass

@@ -8,8 +8,9 @@ loaders take a row as a mapping of column to value, whatever database it came fr
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Annotated, Any, Callable, Iterable, Mapping, TypeVar
+from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
@@ -122,6 +123,28 @@ class JobRow(_Row):
     reason: str | None
     at: Time | None
     received_at: Time
+
+
+class IdentityRow(_Row):
+    """A broker identity in the registry (see ``fleet.identities``)."""
+
+    name: str
+    role: Literal["device", "manager", "operator", "controller", "admin"]
+    site: str | None
+    line: str | None
+    tags: Annotated[dict[str, str], JsonColumn]
+    credential: Literal["certificate", "password"]
+    serials: Annotated[list[str], JsonColumn]  # hex, one per connection
+    retired_serials: Annotated[list[str], JsonColumn] = []  # of the name's earlier credentials: always revoked
+    password_hash: str | None
+    not_after: Time | None
+    state: Literal["enrolled", "revoked"]
+    created_at: Time
+    revoked_at: Time | None
+
+    def row(self) -> dict[str, Any]:
+        return {**self.model_dump(), "tags": json.dumps(self.tags), "serials": json.dumps(self.serials),
+                "retired_serials": json.dumps(self.retired_serials)}
 
 
 def load_job(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -172,6 +172,23 @@ blobs = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
+identities = sa.Table(
+    "identities", metadata,  # who may connect to the broker, as what, with which credential (fleet.identities)
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("site", sa.Text),
+    sa.Column("line", sa.Text),
+    sa.Column("tags", sa.Text, nullable=False),
+    sa.Column("credential", sa.Text, nullable=False),
+    sa.Column("serials", sa.Text, nullable=False),  # JSON: a certificate's serial per connection, for revocation
+    sa.Column("retired_serials", sa.Text, nullable=False),  # JSON: of the name's earlier credentials
+    sa.Column("password_hash", sa.Text),  # only the hash the broker's password file holds
+    sa.Column("not_after", Time),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("revoked_at", Time),
+)
+
 ROLLOUT_TABLES = {t.name: t for t in (desired, reported, rollouts, executions)}
 
 

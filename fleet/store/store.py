@@ -33,6 +33,7 @@ from .rows import (
     DEVICE_COLUMNS,
     EVENT_COLUMNS,
     DeviceRow,
+    IdentityRow,
     JobRow,
     Loader,
     Skips,
@@ -233,8 +234,14 @@ class Store:
             return list(c.execute(_event_filter(sa.select(S.events.c.id), device, None)).scalars())
 
     def devices(self) -> list[dict[str, Any]]:
-        """The device registry, by id."""
-        return [d.model_dump(exclude={"state_since"}) for d in self._devices()]
+        """The device registry, by id: every device seen or enrolled, with its enrolment
+        (``enrolled``, ``revoked``, or None for a device seen but never enrolled)."""
+        devices = {d.id: {**d.model_dump(exclude={"state_since"}), "enrolment": None} for d in self._devices()}
+        for i in self.identities("device"):
+            devices.setdefault(i.name, {"id": i.name, "state": None, "site": i.site, "line": i.line, "runtime": None,
+                                        "models": {}, "status_at": None, "first_seen": None, "last_seen": None,
+                                        "events": 0, "clock_skew_s": None})["enrolment"] = i.state
+        return [devices[k] for k in sorted(devices)]
 
     def _devices(self, ids: list[str] | None = None) -> list[DeviceRow]:
         d = S.devices
@@ -277,6 +284,20 @@ class Store:
             stored = c.execute(sa.select(a.c.sha256).where(key)).scalar_one()
             if stored != artifact.sha256:
                 raise Conflict(f"{artifact.kind} {artifact.name} {artifact.version} exists with other bytes")
+
+    def resign_artifact(self, artifact: Artifact) -> None:
+        """Replace a stored version's description by the same one signed again (the
+        signature is the only thing that may change)."""
+        a = S.artifacts
+        with self.engine.begin() as c:
+            c.execute(sa.update(a).where(a.c.kind == artifact.kind, a.c.name == artifact.name,
+                                         a.c.version == artifact.version, a.c.sha256 == artifact.sha256)
+                      .values(doc=artifact.model_dump_json()))
+
+    def all_artifacts(self) -> list[Artifact]:
+        a = S.artifacts
+        rows = self._rows(sa.select(a.c.kind, a.c.name, a.c.version, a.c.doc).order_by(a.c.kind, a.c.name, a.c.version))
+        return self.skipped.load("artifacts", rows, load_artifact)
 
     def find_artifact(self, kind: str, name: str, version: str) -> Artifact | None:
         a = S.artifacts
@@ -395,6 +416,34 @@ class Store:
     def blob(self, sha256: str) -> bytes | None:
         with self.engine.connect() as c:
             return c.execute(sa.select(S.blobs.c.data).where(S.blobs.c.sha256 == sha256)).scalar()
+
+    # --- identities ----------------------------------------------------------------------------
+
+    def put_identities(self, identities: Sequence[IdentityRow]) -> None:
+        """Insert or replace identities (an enrolment, a revocation) in one transaction."""
+        rows = [i.row() for i in identities]
+        if rows:
+            with self.engine.begin() as c:
+                c.execute(self._upsert(S.identities), rows)
+
+    def identities(self, role: str | None = None) -> list[IdentityRow]:
+        """Every identity (of ``role``), by name; revoked ones included."""
+        i = S.identities
+        q = sa.select(i).order_by(i.c.name)
+        return self._identities(q.where(i.c.role == role) if role else q)
+
+    def identity(self, name: str) -> IdentityRow | None:
+        found = self._identities(sa.select(S.identities).where(S.identities.c.name == name))
+        return found[0] if found else None
+
+    def _identities(self, query: sa.Select) -> list[IdentityRow]:
+        try:
+            rows = self._rows(query)
+        except DatabaseError:
+            if sa.inspect(self.engine).has_table("identities"):
+                raise
+            return []  # a store opened read-only, at a schema from before identities
+        return self.skipped.load("identities", rows, IdentityRow.model_validate)
 
     def answer(self, identity: str, request_id: str) -> str | None:
         """The answer already given to an operator's request that changed something."""
