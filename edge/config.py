@@ -24,7 +24,14 @@ from pydantic import (
     model_validator,
 )
 
-from edge.core.contract import BATCH_OVERHEAD, DEFAULT_PREFIX, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_EVENT_BYTES
+from edge.core.contract import (
+    BATCH_OVERHEAD,
+    DEFAULT_PREFIX,
+    HA_DISCOVERY_PREFIX,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    MAX_EVENT_BYTES,
+)
 from edge.core.errors import ConfigError
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe as an MQTT topic level and a file name
@@ -482,7 +489,7 @@ class SparkplugConfig(_Strict):
 class HomeAssistantConfig(_Strict):
     """Home Assistant MQTT discovery: one retained device config with an entity per rule."""
 
-    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+    discovery_prefix: str = Field(default=HA_DISCOVERY_PREFIX, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 
 
 class CommandsConfig(_Strict):

@@ -38,7 +38,9 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.core.contract import DEFAULT_PREFIX, SHARE_GROUP, Topics
+from edge.core.contract import DEFAULT_PREFIX, SHARE_GROUP, Topics, ha_object_id
+from edge.core.contract import HA_DISCOVERY_PREFIX as HA_PREFIX
+from edge.core.contract import SPARKPLUG_NAMESPACE as SPARKPLUG
 from edge.core.errors import EdgeError, UsageError
 from edge.core.files import replace_file
 from edge.core.tls import client_context
@@ -103,10 +105,14 @@ def rights(identity: IdentityRow, topics: Topics) -> list[dict[str, Any]]:
     receive: list[str] = []
     if identity.role == "device":
         d = f"{p}/dev/{identity.name}"
+        command = topics.command(identity.site or "", identity.line or "", identity.name)
         send = [f"{d}/status", f"{d}/outbox", f"{d}/reported", f"{d}/job/+", f"{d}/artifact/get",
-                f"{p}/alerts/{identity.site}/{identity.line}/#"]
-        # the managers' "ingest online" announcement: every device's, so not its own topic
-        subscribe = receive = [f"{d}/desired", f"{d}/ack", f"{d}/artifact/+", topics.ingest_online()]
+                f"{p}/alerts/{identity.site}/{identity.line}/#", f"{command}/result",
+                *_sparkplug_node(identity), f"{HA_PREFIX}/device/{ha_object_id(identity.name)}/config"]
+        # the managers' "ingest online" announcement and Home Assistant's status: everyone's, so not its own topics
+        subscribe = receive = [f"{d}/desired", f"{d}/ack", f"{d}/artifact/+", topics.ingest_online(), command,
+                               f"{SPARKPLUG}/{identity.site}/NCMD/{identity.name}",
+                               f"{SPARKPLUG}/{identity.site}/DCMD/{identity.name}/+", f"{HA_PREFIX}/status"]
     elif identity.role == "manager":
         reads = [topics.all_status(), topics.all_reported(), topics.all_jobs(), topics.all_artifact_gets(),
                  topics.all_rpc()]
@@ -118,8 +124,15 @@ def rights(identity: IdentityRow, topics: Topics) -> list[dict[str, Any]]:
         send = [topics.rpc(identity.name)]
         subscribe = receive = [f"{p}/fleet/reply/{identity.name}/#"]
     elif identity.role == "controller":
-        where = f"{p}/alerts/{identity.site}" + (f"/{identity.line}" if identity.line else "")
-        subscribe = receive = [f"{where}/#"]
+        line = identity.line or "+"  # a controller without a line is the site's
+        where = f"{identity.site}" + (f"/{identity.line}" if identity.line else "")
+        send = [f"{p}/commands/{identity.site}/{line}/+", f"{HA_PREFIX}/status"]
+        subscribe = receive = [f"{p}/alerts/{where}/#", f"{p}/commands/{identity.site}/{line}/+/result",
+                               f"{HA_PREFIX}/device/+/config"]
+        if not identity.line:  # Sparkplug has no line level: only the site's controllers are its host
+            send += [f"{SPARKPLUG}/{identity.site}/NCMD/+", f"{SPARKPLUG}/{identity.site}/DCMD/+/+",
+                     f"{SPARKPLUG}/STATE/{identity.name}"]
+            subscribe = receive = [*receive, f"{SPARKPLUG}/{identity.site}/#"]
     elif identity.role == "admin":
         send = [CONTROL]
         literal = [f"{CONTROL}/response"]
@@ -129,6 +142,14 @@ def rights(identity: IdentityRow, topics: Topics) -> list[dict[str, Any]]:
             ("publishClientReceive", receive)]
     return [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
             for kind, topics_ in acls for topic in topics_]
+
+
+def _sparkplug_node(identity: IdentityRow) -> list[str]:
+    """What a device may publish as a Sparkplug edge node: its group is its site, its
+    edge node id its device id, so no device speaks for another one."""
+    node = f"{SPARKPLUG}/{identity.site}/{{verb}}/{identity.name}"
+    return [*(node.format(verb=v) for v in ("NBIRTH", "NDATA", "NDEATH")),
+            *(node.format(verb=v) + "/+" for v in ("DBIRTH", "DDATA", "DDEATH"))]
 
 
 @dataclass

@@ -169,6 +169,8 @@ def f(tmp_path_factory) -> Fleet:
     f.admin("identities", "add", "fleet", "fleet-b", "fleet-2", "--role", "manager", "--out", str(f.bundles))
     f.admin("identities", "add", "alice", "bob", "--role", "operator", "--out", str(f.bundles))
     f.admin("identities", "add", "plc-x", "--role", "controller", "--site", "plant-x", "--out", str(f.bundles))
+    f.admin("identities", "add", "plc-x1", "--role", "controller", "--site", "plant-x", "--line", "1",
+            "--out", str(f.bundles))
     f.admin("devices", "add", "cam-a", "cam-b", "--site", "plant-a", "--line", "3", "--keys", str(f.keys),
             "--out", str(f.bundles))
     f.admin("devices", "add", "cam-p", "cam-q", "--password", "--site", "plant-x", "--keys", str(f.keys),
@@ -600,6 +602,49 @@ def test_an_operator_cannot_act_or_read_as_another_and_a_controller_reads_only_i
     finally:
         plc.close()
         x.close()
+
+
+def test_line_commands_and_sparkplug_reach_only_where_each_identity_belongs(f, broker):
+    """Under the generated ACL a device is the Sparkplug edge node named by its id in the
+    group named by its site; a site's controller is the Sparkplug host of that site; a
+    line's controller steers that line only."""
+    own, other = T.command("plant-x", "1", "cam-x"), T.command("plant-a", "3", "cam-a")
+    mute = C.encode(C.Command(v=1, device="cam-x", camera="door", rule="zone", op="mute", minutes=5))
+    x = Raw.device(f, "cam-x")  # plant-x, line 1
+    site, line = (Raw(f, client_id=n, cert=f.tls(n).cert, key=f.tls(n).key) for n in ("plc-x", "plc-x1"))
+    try:
+        for topic in (own, "spBv1.0/plant-x/NCMD/cam-x", "spBv1.0/plant-x/DCMD/cam-x/+", "homeassistant/status"):
+            assert x.sub(topic) == "Granted QoS 1", topic  # what its line link subscribes to
+        for topic in (other, "spBv1.0/plant-x/NCMD/cam-p", "spBv1.0/plant-x/#", "homeassistant/#"):
+            assert x.sub(topic) == "Not authorized", topic
+        for topic in ("spBv1.0/plant-x/NBIRTH/cam-x", "spBv1.0/plant-x/DDATA/cam-x/door", f"{own}/result",
+                      "homeassistant/device/cam-x/config"):
+            assert x.pub(topic, b"{}") in DELIVERED, topic
+        for topic in ("spBv1.0/plant-x/NBIRTH/cam-p", "spBv1.0/plant-a/NDATA/cam-x", "spBv1.0/plant-x/NCMD/cam-p",
+                      "spBv1.0/STATE/plc-x", own, other, f"{other}/result", "homeassistant/device/cam-a/config"):
+            assert x.pub(topic, b"{}") == "Not authorized", topic
+
+        assert site.sub("spBv1.0/plant-x/#") == "Granted QoS 1"
+        assert site.sub(f"{own}/result") == "Granted QoS 1"
+        for topic in ("spBv1.0/#", "spBv1.0/plant-a/#", f"{other}/result"):
+            assert site.sub(topic) == "Not authorized", topic
+        assert site.pub(own, mute) in DELIVERED
+        wait_until(lambda: any(m.topic == own and m.payload == mute for m in x.messages), 10, "the command at cam-x")
+        for topic in ("spBv1.0/plant-x/DCMD/cam-x/door", "spBv1.0/plant-x/NCMD/cam-x", "spBv1.0/STATE/plc-x"):
+            assert site.pub(topic, b"{}") in DELIVERED, topic
+        for topic in (other, f"{own}/result", "spBv1.0/plant-a/NCMD/cam-a", "spBv1.0/plant-x/NBIRTH/cam-x",
+                      "spBv1.0/STATE/plc-x1"):
+            assert site.pub(topic, b"{}") == "Not authorized", topic
+
+        assert line.pub(own, mute) in DELIVERED
+        for topic in (T.command("plant-x", "2", "cam-y"), "spBv1.0/plant-x/DCMD/cam-x/door", f"{own}/result"):
+            assert line.pub(topic, b"{}") == "Not authorized", topic
+        assert line.sub(f"{own}/result") == "Granted QoS 1"
+        for topic in ("spBv1.0/plant-x/#", T.command_result("plant-x", "2", "cam-y")):
+            assert line.sub(topic) == "Not authorized", topic
+    finally:
+        for client in (x, site, line):
+            client.close()
 
 
 # --- several managers ---------------------------------------------------------------------------------

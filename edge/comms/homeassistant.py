@@ -23,21 +23,16 @@ asks.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from edge import __version__
 from edge.config import DeviceInfo, HomeAssistantConfig
 from edge.core.contract import ALERT_EVENTS, CameraSummary, Command, RuleSummary, Topics, encode
+from edge.core.contract import ha_object_id as object_id
 
 from .view import CameraView, LineView
 
 ONLINE = b"online"
-
-
-def object_id(value: str) -> str:
-    """``value`` as a discovery object or component id (``[a-zA-Z0-9_-]``)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", value)
 
 
 class Discovery:

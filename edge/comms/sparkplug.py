@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from edge import __version__
 from edge.config import DeviceInfo, SparkplugConfig
-from edge.core.contract import MAX_MUTE_MINUTES
+from edge.core.contract import MAX_MUTE_MINUTES, SPARKPLUG_NAMESPACE
 from edge.core.files import replace_file
 from edge.core.logs import fields
 
@@ -42,7 +42,7 @@ from .view import CameraView, LineView
 
 log = logging.getLogger("edge.sparkplug")
 
-NAMESPACE = "spBv1.0"
+NAMESPACE = SPARKPLUG_NAMESPACE
 MAX_COMMAND_BYTES = 16 * 1024
 REBIRTH = "Node Control/Rebirth"
 BDSEQ = "bdSeq"

@@ -23,6 +23,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 from pydantic_core import from_json
 
 DEFAULT_PREFIX = "edgecam/v1"
+SPARKPLUG_NAMESPACE = "spBv1.0"  # the first topic level of every Sparkplug B topic
+HA_DISCOVERY_PREFIX = "homeassistant"  # Home Assistant's default discovery prefix
 VERSION = 1
 SHARE_GROUP = "fleet"  # the fleet's shared-subscription group
 
@@ -635,6 +637,11 @@ def canonical(doc: Any) -> bytes:
     """The one byte form a signature covers: sorted keys, no spaces, UTF-8."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode()
+
+
+def ha_object_id(value: str) -> str:
+    """``value`` as a Home Assistant discovery object or component id (``[a-zA-Z0-9_-]``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", value)
 
 
 def encode(body: _Body) -> bytes:
