@@ -329,7 +329,7 @@ class Engine:
                 e.state = "in_progress"
         elif status.state in ("active", "committed"):
             if e.state in ("assigned", "in_progress"):
-                e.state, e.active_at = "active", now
+                self._activate(e, rid, now)
         elif e.state in ("assigned", "in_progress", "active", "succeeded"):  # failed, rolled_back
             e.state, e.finished_at = "failed", now
             e.reason = f"{status.state}: {status.reason or 'no reason given'}"
@@ -363,7 +363,8 @@ class Engine:
                   and (rep.desired_version or 0) >= (e.assigned_version or 0)):
                 # it runs the artifact and has acted on the assignment: it already ran it (a
                 # device sends no job for that), or the job's own statuses were lost
-                e.state, e.active_at, e.job_state = "active", now, "active"
+                self._activate(e, rid, now)
+                e.job_state = "active"
                 self._save(e, now)
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -424,6 +425,12 @@ class Engine:
                     log.info("rollout completed", extra=fields(rollout=r.id))
                 self._save_rollout(r, now)
         self.elapsed.prune()
+
+    def _activate(self, e: Execution, rollout: str, now: float) -> None:
+        e.state, e.active_at = "active", now
+        # its health clock starts on the monotonic clock now: a wall clock stepped before the
+        # next tick must not pass (or stretch) the window
+        self.elapsed.since(("active", rollout, e.device), now)
 
     def _health(self, e: Execution, r: Rollout, device: dict[str, Any] | None) -> str:
         """healthy, flapping, or waiting: online for the health window since it became

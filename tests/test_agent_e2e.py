@@ -424,7 +424,7 @@ def test_a_disk_that_fills_mid_download_fails_the_job_and_the_next_desired_state
     log = open(tmp_path / "edge.log", "w")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                             stdout=subprocess.DEVNULL, stderr=log, cwd=REPO)
-    peer = FleetPeer(broker.host, broker.port, DEVICE)
+    peer = FleetPeer(broker.host, broker.port, DEVICE, key)
     try:
         wait_until(lambda: peer.last_reported() or proc.poll() is not None, 60, "the device's reported state")
         assert proc.poll() is None, (tmp_path / "edge.log").read_text()[-2000:]

@@ -728,12 +728,15 @@ def test_the_managers_clock_stepped_an_hour_forward_and_back_health_windows_keep
             push_model(client, B)
             registered(db, 3)
             status = client.call("rollouts.start", rollout_args(
-                target={"ids": sorted(sim.devices)}, canary=1, waves=[100], health_window_s=2.0, min_executed=1))
+                target={"ids": sorted(sim.devices)}, canary=1, waves=[100], health_window_s=4.0, min_executed=1))
             rid = status["id"]
             wait_until(lambda: db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND stage = 0", rid)
                        == [("active",)], 30, "the canary active")
-            clock.write_text("3600")  # an hour forward: the window must not pass at the next tick
-            time.sleep(1.0)
+            # an hour forward: the window must not pass at the next ticks (0.2 s apart); 4 s is long
+            # enough that the time before the poll above saw the canary active, and this wait,
+            # leave it well short of passing on its own
+            clock.write_text("3600")
+            time.sleep(0.6)
             assert db_rows(db, "SELECT state FROM executions WHERE rollout = ? AND stage = 0", rid) == [("active",)]
             clock.write_text("-3600")  # two hours back: ticks and desired states must go on
             done = wait_until(lambda: (s := client.call("rollouts.status", {"id": rid}))["state"] != "running" and s,
