@@ -237,7 +237,8 @@ class Daemon:
     def _close_ended(self) -> None:
         """Close the drift windows of cameras whose source ended, once their last frame is done."""
         for camera in self.cameras:
-            if camera.cfg.id not in self._closed and camera.capture.ended and not camera.busy:
+            if (camera.cfg.id not in self._closed and camera.capture.ended and not camera.busy
+                    and not camera.finishing):  # its last result through the sinks, the drift's included
                 self._closed.add(camera.cfg.id)
                 self.observer.close(camera.cfg.id)
 

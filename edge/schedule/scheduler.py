@@ -133,6 +133,7 @@ class CameraRunner:
         self.planner = Planner(self.tasks.values(), costs, cfg.motion.keepalive_ms)
         self.motion = MotionDetector(cfg.motion) if self.planner.gated else None
         self.busy = False  # guarded by the scheduler's condition
+        self.finishing = 0  # runs handed to the finisher and not yet through the sinks (guarded likewise)
         self.frame_no = 0
         self.processed = 0
         self.prepared = 0  # runs whose input the capture thread had made
@@ -380,6 +381,8 @@ class Scheduler:
         camera.task_latency[task.name].add((finished - t0) * 1e3)
         camera.prepared += invoked.was_prepared
         if self.overlap:
+            with self._cond:
+                camera.finishing += 1
             self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome, t0))
             return None if later else outcome[0]  # type: ignore[index]
         prediction, times = outcome  # type: ignore[misc]
@@ -415,19 +418,27 @@ class Scheduler:
     def _finish(self) -> None:
         """The finisher: decode what is left to decode, then the sinks, in order."""
         while (work := self._finishing.get()) is not None:
-            camera, task, model, frame, box, outcome, started = work
-            if isinstance(outcome, Invoked):
-                try:
-                    outcome = Model.finish(outcome)
-                except Exception:
-                    self._failed(camera, task, model)
-                    continue
-            if self.sink is not None:
-                prediction, times = outcome
-                try:
-                    self.sink(Result(frame, task, model, prediction, times, time.monotonic(), box, started))
-                except Exception:  # a sink's bug or full disk must not stop inference for every sink
-                    self._sink_failed(camera.cfg.id, task)
+            camera = work[0]
+            try:
+                self._finish_one(*work)
+            finally:
+                with self._cond:
+                    camera.finishing -= 1
+
+    def _finish_one(self, camera: CameraRunner, task: str, model: str, frame: Frame, box: Any,
+                    outcome: Any, started: float) -> None:
+        if isinstance(outcome, Invoked):
+            try:
+                outcome = Model.finish(outcome)
+            except Exception:
+                self._failed(camera, task, model)
+                return
+        if self.sink is not None:
+            prediction, times = outcome
+            try:
+                self.sink(Result(frame, task, model, prediction, times, time.monotonic(), box, started))
+            except Exception:  # a sink's bug or full disk must not stop inference for every sink
+                self._sink_failed(camera.cfg.id, task)
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and percentiles of every camera and executor."""
