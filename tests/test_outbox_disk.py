@@ -164,4 +164,6 @@ def test_a_disk_filled_by_something_else_costs_the_least_important_rows_and_then
     for kind, key, is_kind in (("detection_summary", "frame", lambda i: i % 10 != 0),
                                ("health", "n", lambda i: i % 10 == 0 and i % 50 != 0)):
         left = sorted(e["payload"][key] for e in kept if e["kind"] == kind)
+        if kind == "health" and not left:  # the least important kind may go whole before the cap is met
+            continue
         assert left == [i for i in range(left[0], load.made) if is_kind(i)], f"{kind}: the oldest go first"
