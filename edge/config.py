@@ -257,7 +257,7 @@ class DelegateConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     executors: int = Field(default=1, gt=0, description="inference threads, each owning its interpreters")
-    overlap: bool = Field(default=True, description="prepare inputs on the capture threads and decode outputs "
+    overlap: bool = Field(default=False, description="prepare inputs on the capture threads and decode outputs "
                           "and run the sinks on a thread of their own, while the next invoke runs")
     estimate_window: int = Field(default=20, ge=4, description="recent runs a task's cost estimate is taken over")
     estimate_percentile: float = Field(default=90.0, gt=0, le=100)
