@@ -7,7 +7,7 @@ deadline, and otherwise run the camera's plan for it (see :mod:`edge.planner`).
 Nothing queues: a camera holds at most one waiting frame (in its capture slot), and
 a camera is worked on by one executor at a time, so its frames stay in order.
 
-With ``overlap`` (the default) an executor's thread does little more than invoke:
+With ``overlap`` (``runtime.scheduler.overlap``) an executor's thread does little more than invoke:
 each camera's capture thread makes its primary task's input while the model works
 on the frame before, and a finisher thread decodes the outputs of a task no other
 task waits for and hands every result to the sinks, in the order the executors
@@ -386,12 +386,17 @@ class Scheduler:
             self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome, t0))
             return None if later else outcome[0]  # type: ignore[index]
         prediction, times = outcome  # type: ignore[misc]
-        if self.sink is not None:
-            try:
-                self.sink(Result(frame, task.name, model.name, prediction, times, finished, item.crop, t0))
-            except Exception:  # a sink's bug or full disk must not stop inference for every sink
-                self._sink_failed(camera.cfg.id, task.name)
+        self._deliver(camera, task.name, model.name, frame, item.crop, prediction, times, t0)
         return prediction
+
+    def _deliver(self, camera: CameraRunner, task: str, model: str, frame: Frame, crop: Any,
+                 prediction: Prediction, times: StageTimes, started: float) -> None:
+        if self.sink is None:
+            return
+        try:
+            self.sink(Result(frame, task, model, prediction, times, time.monotonic(), crop, started))
+        except Exception:  # a sink's bug or full disk must not stop inference for every sink
+            self._sink_failed(camera.cfg.id, task)
 
     def _sink_failed(self, camera: str, task: str) -> None:
         """Count every sink error; log one a minute at most, with its traceback."""
@@ -433,12 +438,7 @@ class Scheduler:
             except Exception:
                 self._failed(camera, task, model)
                 return
-        if self.sink is not None:
-            prediction, times = outcome
-            try:
-                self.sink(Result(frame, task, model, prediction, times, time.monotonic(), box, started))
-            except Exception:  # a sink's bug or full disk must not stop inference for every sink
-                self._sink_failed(camera.cfg.id, task)
+        self._deliver(camera, task, model, frame, box, *outcome, started)
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and percentiles of every camera and executor."""
