@@ -68,11 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     schema = config_sub.add_parser("schema", parents=[common], help="print the config JSON Schema")
     schema.set_defaults(func=_cmd_config_schema)
 
-    policy = sub.add_parser("policy", parents=[common], help="check a decision policy")
+    policy = sub.add_parser("policy", parents=[common], help="check a decision policy, or show the one in force")
     policy_sub = policy.add_subparsers(metavar="ACTION")
     policy_check = policy_sub.add_parser("check", parents=[common], help="validate a policy file")
     policy_check.add_argument("file", type=Path, help="the policy (YAML)")
+    policy_check.add_argument("--config", type=Path,
+                              help="device config: also check the trigger tasks and classes the policy names")
     policy_check.set_defaults(func=_cmd_policy_check)
+    policy_show = policy_sub.add_parser("show", parents=[common],
+                                        help="the policy in force and where it came from (local file or fleet)")
+    policy_show.add_argument("--config", required=True, type=Path, help="device config")
+    policy_show.add_argument("--json", action="store_true", help="one JSON document")
+    policy_show.set_defaults(func=_cmd_policy_show)
 
     models = sub.add_parser("models", parents=[common], help="the models the device holds, by slot")
     models_sub = models.add_subparsers(metavar="ACTION")
@@ -174,8 +181,22 @@ def _checked_config(path: Path):
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if cfg.decisions.policy is not None:
-        load_policy(cfg.decisions.policy)
+        _check_on_device(load_policy(cfg.decisions.policy), cfg, str(cfg.decisions.policy))
     return cfg
+
+
+def _check_on_device(policy, cfg, source: str) -> None:
+    """PolicyError when the policy names trigger tasks or classes the device's config lacks
+    (classes from each model's manifest, as the daemon will load it)."""
+    from edge.decide.cascade import check_device, device_view
+    from edge.inference.manifest import load_manifest, manifest_path_for
+
+    def labels(slot: str) -> list[str]:
+        model = cfg.models[slot]
+        manifest = model.manifest or manifest_path_for(model.path)
+        return load_manifest(manifest, model_dir=model.path.parent).labels if manifest.is_file() else []
+
+    check_device(policy, device_view(cfg, labels), source=source)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -345,11 +366,85 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from edge.config import load_config
     from edge.decide.policy import load_policy
 
     policy = load_policy(args.file)
+    cascades = any(r.when.crop is not None for r in policy.rules) or policy.verifiers
+    if args.config is not None:
+        _check_on_device(policy, load_config(args.config), str(args.file))
+    note = "" if args.config is not None or not cascades else \
+        "; its crop rules and verifiers name trigger tasks: give --config to check them against a device"
     print(f"{args.file}: ok (version {policy.version}, {len(policy.rules)} rule(s), {len(policy.zones)} zone(s), "
-          f"{len(policy.lines)} line(s))")
+          f"{len(policy.lines)} line(s)){note}")
+    return 0
+
+
+def _policy_in_force(config: Path) -> dict:
+    """The policy in force and where it came from: the running daemon's (its stats file),
+    else what a start would use (the fleet's stored assignment, else the local file)."""
+    import time
+
+    from edge.config import load_config
+    from edge.decide.policy import PolicyError, load_policy
+    from edge.updates.modelstore import ModelStore
+
+    cfg = load_config(config)
+    local = None
+    if cfg.decisions.policy is not None:
+        try:
+            local = {"file": str(cfg.decisions.policy), "version": load_policy(cfg.decisions.policy).version}
+        except PolicyError as exc:
+            local = {"file": str(cfg.decisions.policy), "error": str(exc)}
+    assigned = None
+    if cfg.agent is not None:
+        entry = ModelStore(cfg.agent.state_dir, keep=cfg.agent.keep).load().policy.active
+        if entry is not None:
+            assigned = {"name": entry.name, "version": entry.version, "job": entry.job,
+                        "activated_at": entry.activated_at}
+    stats_file, snap = cfg.runtime.stats_file, None
+    if stats_file is not None:
+        try:
+            snap = json.loads(stats_file.read_text())
+        except (OSError, ValueError):
+            snap = None
+    if snap is not None and "policy_source" in snap.get("decisions", {}):
+        active = snap["decisions"]["policy_source"]
+        as_of = f"the daemon's stats file {stats_file} ({time.time() - snap['at']:.0f} s old)"
+    else:
+        as_of = "the config and the model store (no stats file from a running daemon)"
+        if assigned is not None:
+            active = {"origin": "fleet", "version": assigned["version"],
+                      "source": f"{assigned['name']}@{assigned['version']}", "applied_at": assigned["activated_at"]}
+        elif local is not None and "version" in local:
+            active = {"origin": "local", "version": local["version"], "source": local["file"], "applied_at": None}
+        else:
+            active = None
+    return {"active": active, "as_of": as_of, "local": local, "assigned": assigned}
+
+
+def _cmd_policy_show(args: argparse.Namespace) -> int:
+    doc = _policy_in_force(args.config)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    active = doc["active"]
+    if active is None:
+        print("no policy in force: decisions.policy is not set and the fleet has assigned none")
+    else:
+        where = (f"fleet assignment {active['source']}" if active["origin"] == "fleet"
+                 else f"local file {active['source']}")
+        withdrawn = " (withdrawn by the fleet; no local policy took over)" if active.get("withdrawn") else ""
+        print(f"policy {active['version']} from the {where}{withdrawn}")
+    print(f"  as of: {doc['as_of']}")
+    local = doc.get("local")
+    if local:
+        print(f"  local file: {local['file']}, " + (f"version {local['version']}" if "version" in local
+                                                     else f"invalid: {local['error']}"))
+    if doc.get("assigned"):
+        a = doc["assigned"]
+        print(f"  fleet assignment: {a['name']}@{a['version']} (job {a['job']})")
+    print("  rule: the fleet's assignment wins while one is in force; SIGHUP applies the local file otherwise")
     return 0
 
 

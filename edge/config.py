@@ -167,6 +167,9 @@ class TriggerConfig(_Strict):
     min_score: float = Field(default=0.0, ge=0, le=1)
     max_crops: int = Field(default=3, gt=0, description="at most this many crops a frame")
     padding: float = Field(default=0.1, ge=0, le=1, description="added around each box, as a fraction of it")
+    outcomes: list[Literal["accept", "reject", "unsure"]] = Field(
+        default=[], description="fire only on detections with these outcomes (the decision policy's, else the "
+                                "agent's unsure band); [unsure]: a verifier that runs on the uncertain cases only")
 
 
 class TaskConfig(_Strict):

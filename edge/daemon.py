@@ -4,6 +4,13 @@ Start-up loads every model for every executor before any camera opens, so a bad
 model fails the start at once; a warm-up run of each model seeds the scheduler's
 cost estimates. Stop (SIGTERM/SIGINT) signals everything first and then joins it,
 so the whole stop fits in two seconds.
+
+Policy precedence: the fleet's assignment wins while one is in force. A policy the fleet
+assigns replaces the local file's (``decisions.policy``); a SIGHUP then checks the local
+file but does not apply it, and says so. The local file takes over again only when the
+fleet withdraws its assignment (a newer desired state with no policy). What is in force
+and where it came from is :attr:`Daemon.policy_source`, in the stats file for ``edge
+policy show``.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -26,8 +34,9 @@ from edge.core.errors import ConfigError, EdgeError
 from edge.core.files import replace_file, sha256_file
 from edge.core.logs import fields
 from edge.core.stats import rss_mb
+from edge.decide.cascade import check_device, device_view
 from edge.decide.engine import DecisionEngine
-from edge.decide.policy import load_policy, parse_policy
+from edge.decide.policy import Policy, PolicyError, load_policy, parse_policy
 from edge.decide.snapshots import SnapshotLimits, SnapshotStore
 from edge.inference.manifest import BaselineError
 from edge.inference.model import Model
@@ -81,8 +90,22 @@ def open_results(path: Path | None) -> tuple[ResultWriter | None, IO[str] | None
     return ResultWriter(stream), stream
 
 
+@dataclass(frozen=True)
+class PolicySource:
+    """The policy in force and where it came from."""
+
+    origin: Literal["local", "fleet"]
+    version: str
+    source: str  # the local file, or the fleet's artifact as name@version
+    applied_at: float
+    withdrawn: bool = False  # a fleet policy the fleet no longer assigns, kept for want of a local one
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: Source | None = None,
-                on_image: Any = None) -> CameraRunner:
+                on_image: Any = None, outcome: Any = None) -> CameraRunner:
     """A camera's capture thread and planner, ready for a scheduler."""
     capture = CaptureThread(
         cfg.id,
@@ -94,7 +117,7 @@ def make_camera(cfg: CameraConfig, sched: SchedulerConfig, wake: Any, source: So
         on_image=on_image,
         remake=(lambda: make_source(cfg.source)) if source is None else None,
     )
-    return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile))
+    return CameraRunner(cfg, capture, CostModel(sched.estimate_window, sched.estimate_percentile), outcome)
 
 
 def warm_up(executor: Executor, cameras: list[CameraRunner]) -> None:
@@ -150,7 +173,8 @@ class Daemon:
             self.recorder = Recorder(self.outbox)
             self.sync = Sync(cfg.mqtt, cfg.device, self.outbox, models=models)
         self.observer = self._observer()  # its callbacks read the decisions engine, made below, lazily
-        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake(), on_image=self.observer.picture(cam.id))
+        self.cameras = [make_camera(cam, sched, lambda: self.scheduler.wake(), on_image=self.observer.picture(cam.id),
+                                    outcome=self._outcome)
                         for cam in cfg.cameras]
         self.reload_requested = threading.Event()  # SIGHUP: read the policy file again
         self._decisions_setup()
@@ -161,6 +185,7 @@ class Daemon:
                                    overlap=sched.overlap)
         if self.health is not None:
             self.scheduler.on_error = self.health.error
+        self.scheduler.on_frame_done = self.decisions.frame_done
         warm_up(self.executors[0], self.cameras)
         self.liveness = Liveness(self.executors, sched, cfg.runtime.heartbeat_file, self.cameras)
         self.agent = self._make_agent()
@@ -176,7 +201,13 @@ class Daemon:
     def _decisions_setup(self) -> None:
         cfg = self.cfg
         d = cfg.decisions
+        self._device = device_view(cfg, lambda slot: self.executors[0].models[slot].manifest.labels)
         policy = load_policy(d.policy) if d.policy is not None else None
+        if policy is not None:
+            check_device(policy, self._device, source=str(d.policy))
+        self.policy_source: PolicySource | None = (
+            PolicySource("local", policy.version, str(d.policy), time.time()) if policy is not None else None)
+        self._policy_changed = threading.Event()  # the stats file is rewritten at once, for `edge policy show`
         self.alerts: AlertPublisher | None = None
         if cfg.mqtt is not None:
             from edge.decide.alerts import AlertPublisher
@@ -189,7 +220,7 @@ class Daemon:
         self.decisions = DecisionEngine(
             cfg.device.id, lambda camera: topics.alert(cfg.device.site, cfg.device.line, camera), self.alerts,
             policy=policy, audit=self.outbox.append if self.outbox is not None else None,
-            snapshots=self.snapshots, model_version=self._model_version)
+            snapshots=self.snapshots, model_version=self._model_version, framed=True)
         if policy is not None:
             log.info("policy loaded", extra=fields(version=policy.version, rules=len(policy.rules),
                                                    source=str(d.policy)))
@@ -263,29 +294,68 @@ class Daemon:
                 return model.manifest.version if model is not None else None
         return None
 
-    def apply_policy(self, text: str, *, source: str) -> str:
+    def checked_policy(self, text: str, *, source: str) -> Policy:
+        """The policy in ``text`` if it validates and fits this device's tasks, else PolicyError."""
+        policy = parse_policy(text, source=source)
+        check_device(policy, self._device, source=source)
+        return policy
+
+    def apply_policy(self, text: str, *, source: str, origin: Literal["local", "fleet"] = "local") -> str:
         """Use the policy in ``text`` from the next frame on; returns its version.
 
-        Raises PolicyError for a policy that does not parse or validate; the policy in
-        force then stays."""
-        policy = parse_policy(text, source=source)
+        Raises PolicyError for a policy that does not parse or validate, or names tasks
+        or classes this device does not have; the policy in force then stays."""
+        policy = self.checked_policy(text, source=source)
         old = self.decisions.policy
         self.decisions.set_policy(policy)
+        self.policy_source = PolicySource(origin, policy.version, source, time.time())
+        self._policy_changed.set()
         log.info("policy applied", extra=fields(version=policy.version, previous=old.version if old else None,
-                                                source=source, rules=len(policy.rules)))
+                                                source=source, origin=origin, rules=len(policy.rules)))
         return policy.version
 
+    def apply_fleet_policy(self, text: str, *, source: str) -> str:
+        """The agent's hook: a policy the fleet assigned, in force until it is withdrawn."""
+        return self.apply_policy(text, source=source, origin="fleet")
+
+    def _fleet_in_force(self) -> bool:
+        s = self.policy_source
+        return s is not None and s.origin == "fleet" and not s.withdrawn
+
     def reload_policy(self) -> None:
-        """SIGHUP: read the configured policy file again; a broken one is refused and logged."""
+        """SIGHUP: read the configured policy file again; a broken one is refused and logged.
+        While the fleet's assignment is in force the file is checked but not applied."""
         path = self.cfg.decisions.policy
         if path is None:
             log.warning("reload asked but decisions.policy is not set")
             return
         try:
+            if self._fleet_in_force():
+                local = self.checked_policy(path.read_text(), source=str(path))
+                fleet = self.policy_source
+                log.warning("local policy not applied: the fleet's assignment is in force", extra=fields(
+                    local=local.version, source=str(path), current=fleet.version, assigned=fleet.source))
+                return
             self.apply_policy(path.read_text(), source=str(path))
         except (OSError, EdgeError) as exc:
             log.error("policy refused; the current one stays", extra=fields(
                 error=str(exc), current=self.decisions.policy.version if self.decisions.policy else None))
+
+    def release_policy(self) -> None:
+        """The agent's hook: the fleet withdrew its assignment; the local file takes over
+        (or, without a usable one, the withdrawn policy stays in force, marked withdrawn)."""
+        path = self.cfg.decisions.policy
+        try:
+            if path is None:
+                raise PolicyError("decisions.policy is not set")
+            self.apply_policy(path.read_text(), source=str(path))
+        except (OSError, EdgeError) as exc:
+            s = self.policy_source
+            if s is not None:
+                self.policy_source = PolicySource(s.origin, s.version, s.source, s.applied_at, withdrawn=True)
+                self._policy_changed.set()
+            log.error("fleet policy withdrawn but no local policy to take over: it stays in force",
+                      extra=fields(error=str(exc), current=s.version if s else None))
 
     # --- model updates (edge/updates/agent.py) -------------------------------------------------------
 
@@ -332,7 +402,7 @@ class Daemon:
             path = self.cfg.models[slot].path
             factory[slot] = Entry(sha256=sha256_file(path), name=model.manifest.name, version=model.manifest.version)
         return Agent(self.cfg, self.store, self.scheduler, self.health, factory, self.rt,
-                     apply_policy=self.apply_policy, outbox=self.outbox,
+                     apply_policy=self.apply_fleet_policy, release_policy=self.release_policy, outbox=self.outbox,
                      on_models=self.sync.set_models if self.sync is not None else None,
                      crash_loops=self.crash_loops)
 
@@ -388,6 +458,9 @@ class Daemon:
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self.reload_policy()
+                if self._policy_changed.is_set():
+                    self._policy_changed.clear()
+                    self.report()
                 self.decisions.poll_health({c.cfg.id: c.capture.stats().state.value for c in self.cameras})
                 self._close_ended()
                 self.decisions.poll_observe(self.observer.snapshot())
@@ -461,6 +534,7 @@ class Daemon:
             snap["agent"] = self.agent.stats()
             log.info("agent stats", extra=fields(**snap["agent"]))
         snap["decisions"] = self.decisions.stats()
+        snap["decisions"]["policy_source"] = self.policy_source.to_dict() if self.policy_source else None
         if self.alerts is not None:
             snap["decisions"]["mqtt"] = self.alerts.stats()
         if self.snapshots is not None:

@@ -485,6 +485,14 @@ class RpcResponse(_Body):
     error: RpcError | None = None
 
 
+class CropAnswer(_Body):
+    """What a trigger task said about an alert's object, on the object's crop."""
+
+    task: str
+    label: str
+    score: float = Field(ge=0, le=1)
+
+
 class Alert(_Body):
     """``{p}/alerts/{site}/{line}/{camera}`` (or a rule's own topic): something that matters.
 
@@ -522,6 +530,8 @@ class Alert(_Body):
     model_version: str | None = None
     policy_version: str
     snapshot: str | None = None  # the id of a JPEG kept on the device
+    crop: CropAnswer | None = None  # a crop rule's: the answer on the object's crop that made it hold
+    WIRE_OPTIONAL = ("crop",)
 
 
 class AlertState(_Body):

@@ -12,7 +12,14 @@ feeds the camera's tracker, and evaluates every rule for the camera:
   membership of a zone (or its side of a line) the same way and alert on each change.
 
 A cooldown spaces a rule's alerts (per camera for level rules, per object for object
-rules). Everything about a camera is touched by one executor at a time (the scheduler
+rules); a class in ``class_cooldown_s`` has a clock of its own.
+
+Cascades (edge/decide/cascade.py): a crop's result is joined to the detection it was cut
+from, so the object carries what each trigger task said about it (a track keeps each
+task's latest answer). A rule with ``when.crop`` wants only objects whose answer fits,
+and a ``verifier`` settles an unsure object to reject or accept. On a camera whose policy
+uses crops, a frame's results wait until the scheduler says the frame is done
+(:meth:`DecisionEngine.frame_done`, with ``framed``), so all its crops are in. Everything about a camera is touched by one executor at a time (the scheduler
 guarantees it), so per-camera state needs no lock; a policy swap replaces the policy
 and the rule states in one assignment between two frames.
 
@@ -38,7 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
-from edge.core.contract import COMMAND_OPS, Alert, AlertState
+from edge.core.contract import COMMAND_OPS, Alert, AlertState, CropAnswer
 from edge.core.errors import EdgeError
 from edge.core.ids import new_id
 from edge.core.logs import fields
@@ -49,8 +56,9 @@ from edge.observe.quality import QualityReading
 from edge.schedule.scheduler import Result
 from edge.sync.events import Event, alert_audit, decision
 
+from .cascade import CropResult, crop_match, needs_crops, settle
 from .policy import Policy, Rule
-from .tracker import Observation, Track, Tracker, TrackerSettings
+from .tracker import NO_CROPS, Observation, Track, Tracker, TrackerSettings
 from .zones import anchor, area, inside, side, within_segment
 
 log = logging.getLogger("edge.decisions")
@@ -137,6 +145,7 @@ class _ObjectState:
     member: Debouncer  # inside the zone, or on side b of the line
     known: bool = False  # a line side is learnt from the first sighting, not assumed
     last_alert: float = float("-inf")
+    class_last: dict[str, float] = field(default_factory=dict)  # the clocks of class_cooldown_s
 
 
 @dataclass
@@ -145,6 +154,7 @@ class _RuleState:
     level: Debouncer
     level_alert: str | None = None  # the id of the alert that turned the level on (None: suppressed)
     last_alert: float = float("-inf")
+    class_last: dict[str, float] = field(default_factory=dict)  # the clocks of class_cooldown_s
     objects: dict[int, _ObjectState] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     events: int = 0
@@ -174,6 +184,24 @@ class _Camera:
     watches: dict[str, _Watch] = field(default_factory=dict)  # camera_tamper, image_quality, model_drift/{task}
     last_unsure_event: float = float("-inf")
     outcomes: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "unsure": 0})
+    crops: bool = False  # the policy joins crops on this camera: its frames wait for frame_done
+
+
+@dataclass
+class _Parent:
+    """A whole-frame result waiting for its crops."""
+
+    frame: "FrameInfo"
+    prediction: Prediction
+    crops: dict[int, dict[str, CropResult]] = field(default_factory=dict)  # detection index -> task -> answer
+
+
+@dataclass
+class _Pending:
+    """One camera's frame in progress: its whole-frame results, in the order they came."""
+
+    seq: int
+    parents: dict[str, _Parent] = field(default_factory=dict)  # task -> result
 
 
 @dataclass(frozen=True)
@@ -218,8 +246,12 @@ class DecisionEngine:
         model_version: Callable[[str, str], str | None] = lambda camera, task: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        framed: bool = False,
     ) -> None:
-        """``clock`` stamps what is published; ``monotonic`` times how long (camera health)."""
+        """``clock`` stamps what is published; ``monotonic`` times how long (camera health).
+        ``framed``: the caller calls :meth:`frame_done` after each frame's last result."""
+        self._framed = framed
+        self._pending: dict[str, _Pending] = {}  # camera -> its frame in progress (its executor's alone)
         self.device = device
         self._monotonic = monotonic
         self._alert_topic = topics
@@ -233,7 +265,7 @@ class DecisionEngine:
         self._count_lock = threading.Lock()
         self.counters: dict[str, Any] = {"alerts": {}, "cooldown_suppressed": 0, "policy_swaps": 0,
                                          "snapshots_requested": 0, "snapshots_skipped": 0, "muted": {},
-                                         "controls": 0}
+                                         "controls": 0, "verified": {}}
         # (camera, rule) -> control, replaced whole under _control_lock, read once per frame
         self._controls: Mapping[tuple[str, str], RuleControl] = {}
         self._control_lock = threading.Lock()
@@ -288,7 +320,7 @@ class DecisionEngine:
         tracker = Tracker(TrackerSettings(t.iou, t.max_distance, t.lost_after_s, t.min_hits))
         rules = [_RuleState(r, Debouncer(r.debounce.k, r.debounce.n)) for r in policy.rules
                  if not r.cameras or camera in r.cameras]
-        return _Camera(tracker, rules)
+        return _Camera(tracker, rules, crops=needs_crops(policy, camera))
 
     def _camera(self, current: _Current, camera: str) -> _Camera:
         cam = current.cameras.get(camera)
@@ -300,24 +332,56 @@ class DecisionEngine:
     # --- frames --------------------------------------------------------------------------
 
     def __call__(self, result: Result) -> None:
-        """Scheduler sink: one task's result on one frame. Crops are left to their parent."""
-        if self._current is None or result.crop is not None:
+        """Scheduler sink: one task's result on one frame. A crop's result joins its parent's
+        (when the policy uses crops and the frame is still in progress), else is left out."""
+        current = self._current
+        if current is None:
+            return
+        camera, seq = result.frame.camera, result.frame.seq
+        if result.crop is not None:
+            pending = self._pending.get(camera)
+            parent = pending.parents.get(result.parent[0]) if pending is not None and pending.seq == seq \
+                and result.parent is not None else None
+            if parent is not None:
+                parent.crops.setdefault(result.parent[1], {})[result.task] = CropResult.of(  # type: ignore[index]
+                    result.task, result.prediction)
             return
         h, w = result.frame.image.shape[:2]
-        frame = FrameInfo(result.frame.camera, result.frame.captured_at, w, h, result.model,
-                          self._model_version(result.frame.camera, result.task), result.frame.image,
+        frame = FrameInfo(camera, result.frame.captured_at, w, h, result.model,
+                          self._model_version(camera, result.task), result.frame.image,
                           result.frame.captured_mono)
+        if self._framed and self._camera(current, camera).crops:
+            pending = self._pending.get(camera)
+            if pending is not None and pending.seq != seq:  # a frame never said done: judge it as it is
+                self.frame_done(camera, pending.seq)
+                pending = None
+            if pending is None:
+                pending = self._pending[camera] = _Pending(seq)
+            pending.parents[result.task] = _Parent(frame, result.prediction)
+            return
         self.observe(frame, result.prediction)
 
-    def observe(self, frame: FrameInfo, prediction: Prediction) -> list[Alert]:
+    def frame_done(self, camera: str, seq: int) -> None:
+        """Every result of frame ``seq`` of ``camera`` is in: judge the results that waited
+        for their crops (scheduler ``on_frame_done``)."""
+        pending = self._pending.get(camera)
+        if pending is None or pending.seq != seq:
+            return
+        del self._pending[camera]
+        for parent in pending.parents.values():
+            self.observe(parent.frame, parent.prediction, parent.crops)
+
+    def observe(self, frame: FrameInfo, prediction: Prediction,
+                crops: Mapping[int, Mapping[str, CropResult]] | None = None) -> list[Alert]:
         """Evaluate one frame under the policy in force; returns the alerts it raised
-        (already handed to the alert sink). Does nothing without a policy."""
+        (already handed to the alert sink). Does nothing without a policy. ``crops``: per
+        detection (its index), what each trigger task answered on its crop."""
         current = self._current
         if current is None:
             return []
         policy = current.policy
         cam = self._camera(current, frame.camera)
-        observations = self._observations(policy, frame, prediction)
+        observations = self._observations(policy, frame, prediction, crops or {})
         for obs in observations:
             cam.outcomes[obs.outcome] += 1
         if any(o.outcome == "unsure" for o in observations):
@@ -344,12 +408,13 @@ class DecisionEngine:
             self._publish_state(policy, frame.camera, state.rule, False, frame.captured_at, None)
         cam.rules[i] = _RuleState(state.rule, Debouncer(state.rule.debounce.k, state.rule.debounce.n))
 
-    def _observations(self, policy: Policy, frame: FrameInfo, prediction: Prediction) -> list[Observation]:
+    def _observations(self, policy: Policy, frame: FrameInfo, prediction: Prediction,
+                      crops: Mapping[int, Mapping[str, CropResult]]) -> list[Observation]:
         anchor_at = policy.tracker.anchor
         excludes = [z.polygon for z in policy.zones.values() if z.mode == "exclude"]
         out = []
         if prediction.detections:
-            for det in prediction.detections:
+            for i, det in enumerate(prediction.detections):
                 if not all(map(math.isfinite, (det.score, *det.box))):
                     continue  # a broken model's NaN is no observation, and no alert could carry it
                 x1, y1, x2, y2 = det.box
@@ -359,7 +424,15 @@ class DecisionEngine:
                     continue
                 if excludes and any(inside(anchor(box, anchor_at), z) for z in excludes):
                     continue
-                out.append(Observation(det.label, det.score, box, limits.outcome(det.score)))
+                answers = crops.get(i, NO_CROPS)
+                outcome = limits.outcome(det.score)
+                verifier = policy.verifiers.get(det.label) if outcome == "unsure" else None
+                if verifier is not None:
+                    verdict = settle(verifier, answers)
+                    if verdict is not None:
+                        outcome = verdict
+                        self._count("verified", "confirmed" if verdict == "reject" else "dismissed")
+                out.append(Observation(det.label, det.score, box, outcome, answers))
         elif prediction.classes and math.isfinite(prediction.classes[0].score):
             top = prediction.classes[0]  # a classifier speaks for the whole frame: its top class
             out.append(Observation(top.label, top.score, (0.0, 0.0, 1.0, 1.0), policy.outcome(top.label, top.score)))
@@ -377,7 +450,21 @@ class DecisionEngine:
 
     def _wanted(self, rule: Rule, obj: Observation | Track) -> bool:
         when = rule.when
-        return (not when.classes or obj.label in when.classes) and obj.outcome in when.outcomes
+        return ((not when.classes or obj.label in when.classes) and obj.outcome in when.outcomes
+                and (when.crop is None or crop_match(when.crop, obj.crops) is not None))
+
+    @staticmethod
+    def _crop_answer(rule: Rule, obj: Any) -> tuple[str, float] | None:
+        """A crop rule's answer on the object, the one that made the rule want it."""
+        return crop_match(rule.when.crop, obj.crops) if rule.when.crop is not None and obj is not None else None
+
+    def _cooled_class(self, rule: Rule, obj: Any) -> str | None:
+        """The class whose own clock spaces this alert, or None: the rule's clock does."""
+        if not rule.class_cooldown_s or obj is None:
+            return None
+        answer = self._crop_answer(rule, obj)
+        label = rule.alert_class(obj.label, answer[0] if answer else None)
+        return label if label in rule.class_cooldown_s else None
 
     def _matching(self, policy: Policy, rule: Rule, observations: list[Observation],
                   tracks: list[Track]) -> list[Observation | Track]:
@@ -394,11 +481,19 @@ class DecisionEngine:
         flipped = state.level.feed(holds)
         best = max(matching, key=lambda o: o.score, default=None)
         alerts: list[Alert] = []
-        if rule.when.event == "every":
-            if state.level.state and self._cool(state, frame.mono):
+        if rule.when.event == "every" and rule.class_cooldown_s and state.level.state:
+            # each class alerts on its own clock: the best object of each
+            by_class: dict[str | None, list[Any]] = {}
+            for o in sorted(matching, key=lambda o: -o.score):
+                by_class.setdefault(self._cooled_class(rule, o), []).append(o)
+            for group in by_class.values():
+                if self._cool(state, frame.mono, group[0]):
+                    alerts.append(self._raise(policy, state, frame, "every", group[0], count=len(group)))
+        elif rule.when.event == "every":
+            if state.level.state and self._cool(state, frame.mono, best):
                 alerts.append(self._raise(policy, state, frame, "every", best, count=len(matching)))
         elif flipped and state.level.state:
-            if self._cool(state, frame.mono):
+            if self._cool(state, frame.mono, best):
                 alert = self._raise(policy, state, frame, "present", best, count=len(matching), on=True)
                 state.level_alert = alert.id
                 alerts.append(alert)
@@ -456,17 +551,30 @@ class DecisionEngine:
 
     def _object_alert(self, policy: Policy, state: _RuleState, obj: _ObjectState, frame: FrameInfo, event: str,
                       track: Track, **extra: Any) -> Alert | None:
-        if frame.mono - obj.last_alert < state.rule.cooldown_s:
+        label = self._cooled_class(state.rule, track)
+        last = obj.last_alert if label is None else obj.class_last.get(label, float("-inf"))
+        cooldown = state.rule.cooldown_s if label is None else state.rule.class_cooldown_s[label]
+        if frame.mono - last < cooldown:
             self._count("cooldown_suppressed")
             return None
-        obj.last_alert = frame.mono
+        if label is None:
+            obj.last_alert = frame.mono
+        else:
+            obj.class_last[label] = frame.mono
         return self._raise(policy, state, frame, event, track, **extra)
 
-    def _cool(self, state: _RuleState, t: float) -> bool:
-        if t - state.last_alert < state.rule.cooldown_s:
+    def _cool(self, state: _RuleState, t: float, obj: Any = None) -> bool:
+        label = self._cooled_class(state.rule, obj)
+        if label is None:
+            if t - state.last_alert < state.rule.cooldown_s:
+                self._count("cooldown_suppressed")
+                return False
+            state.last_alert = t
+            return True
+        if t - state.class_last.get(label, float("-inf")) < state.rule.class_cooldown_s[label]:
             self._count("cooldown_suppressed")
             return False
-        state.last_alert = t
+        state.class_last[label] = t
         return True
 
     # --- alerts --------------------------------------------------------------------------
@@ -479,6 +587,9 @@ class DecisionEngine:
             state.counts[obj.label] = state.counts.get(obj.label, 0) + 1
             state.events += 1
         snapshot = new_id() if rule.snapshot and self._snapshots is not None and frame.image is not None else None
+        answer = self._crop_answer(rule, obj) if event != "cleared" else None
+        crop = CropAnswer(task=rule.when.crop.task, label=answer[0], score=round(min(max(answer[1], 0.0), 1.0), 4)) \
+            if answer is not None and rule.when.crop is not None else None
         alert = Alert(
             v=1, id=new_id(), device=self.device, camera=frame.camera, rule=rule.name, event=event, state=on,
             label=getattr(obj, "label", None), confidence=round(obj.score, 4) if obj is not None else None,
@@ -487,7 +598,7 @@ class DecisionEngine:
             track=obj.id if isinstance(obj, Track) else None,
             count=count if count is not None else state.events, counts=dict(state.counts), detail=detail,
             captured_at=frame.captured_at, published_at=frame.captured_at, model=frame.model,
-            model_version=frame.model_version, policy_version=policy.version, snapshot=snapshot,
+            model_version=frame.model_version, policy_version=policy.version, snapshot=snapshot, crop=crop,
         )
         sent = self._send(alert, rule.topic, rule.expiry_s)
         # the audit row waits for the snapshot's hash; the alert itself never does

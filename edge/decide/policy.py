@@ -10,6 +10,11 @@ Outcomes: a score at or above a class's ``reject_at`` is **reject**, below its
 ``accept_at`` is **accept**, and the band between is **unsure**. For an inspection
 model "reject" is a rejected part; for a presence model (a person in a robot cell) it
 reads "the class is confidently there".
+
+Cascades: a rule may also ask what a trigger task (one run on the crops of a detection)
+said about the object (``when.crop``), and ``verifiers`` let a second model settle a
+class's unsure outcomes. Which tasks a camera runs is the device config's business, so
+those names are checked against a device by :func:`edge.decide.cascade.check_device`.
 """
 
 from __future__ import annotations
@@ -97,6 +102,37 @@ class Debounce(_Strict):
         return self
 
 
+def _one_class(data: object) -> object:
+    """``class: X`` is what people write for one class; it means ``classes: [X]``."""
+    if isinstance(data, dict) and "class" in data:
+        if "classes" in data:
+            raise ValueError("class: give class or classes, not both")
+        data = {("classes" if k == "class" else k): ([v] if k == "class" else v) for k, v in data.items()}
+    return data
+
+
+class CropCondition(_Strict):
+    """What a trigger task's result on the object's crop must say: its top class (a
+    classifier) or one of its detections is one of ``classes``, scored ``min_score`` or more."""
+
+    task: Name = Field(description="a trigger task of each camera the rule applies to")
+    classes: list[str] = Field(min_length=1, description="classes of that task's model")
+    min_score: float = Field(default=0.0, ge=0, le=1)
+
+    _class = model_validator(mode="before")(_one_class)
+
+
+class Verifier(_Strict):
+    """A second model that settles a class's unsure outcomes: its answer on the object's
+    crop confirms it (the outcome becomes reject: confidently there) when its top class
+    is one of ``confirm`` at ``min_score`` or more, and dismisses it (accept) otherwise.
+    Without an answer (the trigger did not run: budget, cadence) it stays unsure."""
+
+    task: Name = Field(description="a trigger task with `outcomes: [unsure]`")
+    confirm: list[str] = Field(min_length=1, description="classes of the verifier's model that confirm")
+    min_score: float = Field(default=0.0, ge=0, le=1)
+
+
 class Condition(_Strict):
     """What a rule looks for in each frame.
 
@@ -115,6 +151,9 @@ class Condition(_Strict):
     direction: Literal["a_to_b", "b_to_a", "any"] = "any"
     min_count: int = Field(default=1, ge=1)
     min_present_s: float = Field(default=0.0, ge=0)
+    crop: CropCondition | None = Field(default=None, description="what a trigger task said about the object's crop")
+
+    _class = model_validator(mode="before")(_one_class)
 
     @model_validator(mode="after")
     def _fits_event(self) -> "Condition":
@@ -138,6 +177,9 @@ class Rule(_Strict):
     when: Condition
     debounce: Debounce = Debounce()
     cooldown_s: float = Field(default=0.0, ge=0, description="least time between two alerts of this rule")
+    class_cooldown_s: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default={}, description="a class listed has a cooldown clock of its own, this long (the crop's class "
+                                "for a crop rule): one class's alerts never hold back another's")
     topic: str | None = Field(default=None, description="publish here instead of the camera's alert topic")
     state: bool = Field(default=False, description="keep a retained on/off state topic (present/every rules)")
     expiry_s: int = Field(default=60, ge=1, description="MQTT message expiry: a controller never acts on older alerts")
@@ -149,6 +191,19 @@ class Rule(_Strict):
         if value is not None and (not value or "+" in value or "#" in value or value.startswith("$")):
             raise ValueError("must be a plain topic: no wildcards, no leading '$'")
         return value
+
+    @model_validator(mode="after")
+    def _cooled_classes(self) -> "Rule":
+        alerting = self.when.crop.classes if self.when.crop is not None else self.when.classes
+        for label in self.class_cooldown_s:
+            if alerting and label not in alerting:
+                raise ValueError(f"class_cooldown_s.{label}: not a class this rule alerts on "
+                                 f"({', '.join(alerting)})")
+        return self
+
+    def alert_class(self, label: str, crop_label: str | None) -> str:
+        """The class an alert's cooldown is kept by: the crop's for a crop rule."""
+        return crop_label if self.when.crop is not None and crop_label is not None else label
 
 
 class CameraHealth(_Strict):
@@ -278,6 +333,7 @@ class Policy(_Strict):
     image_quality: ImageQuality = ImageQuality()
     drift: DriftLimits = DriftLimits()
     snapshot_unsure: bool = Field(default=False, description="keep a JPEG of frames with an unsure outcome")
+    verifiers: dict[str, Verifier] = Field(default={}, description="class -> the model that settles its unsure outcomes")
 
     @field_validator("version", mode="before")
     @classmethod

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from .zones import Box, iou
+
+NO_CROPS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +27,8 @@ class Observation:
     score: float
     box: Box
     outcome: str  # accept, reject or unsure
+    # trigger task -> its answer on this detection's crop (edge.decide.cascade)
+    crops: Mapping[str, Any] = field(default_factory=lambda: NO_CROPS)
 
 
 @dataclass(slots=True)
@@ -37,6 +43,7 @@ class Track:
     hits: int = 1
     confirmed: bool = False
     seen_now: bool = field(default=True)
+    crops: dict[str, Any] = field(default_factory=dict)  # each trigger task's latest answer on this object
 
     @property
     def age_s(self) -> float:
@@ -66,7 +73,7 @@ class Tracker:
         unmatched = self._associate(observations, t)
         for obs in unmatched:
             self.tracks[self._next_id] = Track(self._next_id, obs.label, obs.box, obs.score, obs.outcome, t, t,
-                                               confirmed=self.settings.min_hits <= 1)
+                                               confirmed=self.settings.min_hits <= 1, crops=dict(obs.crops))
             self._next_id += 1
         lost = [tr for tr in self.tracks.values() if t - tr.last_seen > self.settings.lost_after_s]
         for track in lost:
@@ -108,6 +115,7 @@ class Tracker:
     def _hit(self, track: Track, obs: Observation, t: float) -> None:
         track.box, track.score, track.outcome = obs.box, obs.score, obs.outcome
         track.last_seen = t
+        track.crops.update(obs.crops)  # a task that did not run on this frame keeps its last answer
         track.hits += 1
         track.seen_now = True
         if track.hits >= self.settings.min_hits:

@@ -16,14 +16,17 @@ Rules, in order:
   is still waiting in that frame: a budget overrun goes to the more important task.
 - A trigger task runs on the crops of its parent's matching detections, best score
   first, at most ``max_crops``; when the parent found nothing, it is skipped
-  (``trigger``).
+  (``trigger``). A trigger with ``outcomes`` fires only on detections whose outcome
+  (accept / reject / unsure, from the ``outcome`` function the planner is given) is one
+  of them: ``[unsure]`` runs a verifier on the uncertain cases alone. Each crop names
+  the detection it was cut from, so its result can be joined back to that object.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -33,6 +36,7 @@ from edge.inference.adapters import Prediction
 SKIP_REASONS = ("budget", "period", "trigger", "motion")
 
 Box = tuple[float, float, float, float]
+Outcome = Callable[[str, float], str]  # (label, score) -> accept, reject or unsure
 
 
 class CostModel:
@@ -84,14 +88,17 @@ class WorkItem:
     task: str
     crop: Box | None = None
     forced: bool = False
+    parent: tuple[str, int] | None = None  # a crop's (parent task, index of the detection it was cut from)
 
 
 class Planner:
     """Plans one camera's frames; owned by whichever executor holds the camera."""
 
-    def __init__(self, tasks: Iterable[TaskConfig], costs: CostModel, keepalive_ms: float) -> None:
+    def __init__(self, tasks: Iterable[TaskConfig], costs: CostModel, keepalive_ms: float,
+                 outcome: Outcome | None = None) -> None:
         self.costs = costs
         self.keepalive_ms = keepalive_ms
+        self.outcome = outcome  # for triggers with ``outcomes``; None: such triggers never fire
         self._states = {t.name: _TaskState(t, i) for i, t in enumerate(tasks)}
         self._children: dict[str, list[str]] = {}
         for t in self._states.values():
@@ -146,7 +153,8 @@ class FramePlan:
         self._frame_no = frame_no
         self._now_ms = now_ms
         self._top = due[0] if due else None
-        self._waiting: list[tuple[_TaskState, Box | None]] = [(s, None) for s in due[1:]]
+        self._waiting: list[tuple[_TaskState, Box | None, tuple[str, int] | None]] = [
+            (s, None, None) for s in due[1:]]
         self._ran: set[str] = set()
         self._fired: set[str] = set()
 
@@ -155,10 +163,10 @@ class FramePlan:
         if self._top is not None:
             top, self._top = self._top, None
             return WorkItem(top.spec.name)
-        for i, (state, crop) in enumerate(self._waiting):
+        for i, (state, crop, parent) in enumerate(self._waiting):
             if self._p.costs.estimate(state.spec.name) <= remaining_ms:
                 del self._waiting[i]
-                return WorkItem(state.spec.name, crop)
+                return WorkItem(state.spec.name, crop, parent=parent)
             # Overrunning the budget for a starving task is allowed only when no
             # higher-priority item is still waiting: that one would deserve it more.
             if i == 0 and crop is None and state.budget_skips >= state.spec.starve_after:
@@ -178,24 +186,28 @@ class FramePlan:
         self._ran.add(item.task)
         if item.crop is None and prediction is not None:
             for child in self._p._children.get(item.task, ()):
-                self._fire(self._p._states[child], prediction)
+                self._fire(self._p._states[child], item.task, prediction)
 
-    def _fire(self, child: _TaskState, prediction: Prediction) -> None:
+    def _fire(self, child: _TaskState, parent: str, prediction: Prediction) -> None:
         trig = child.spec.trigger
         assert trig is not None
-        hits = [d for d in prediction.detections
-                if d.score >= trig.min_score and (not trig.classes or d.label in trig.classes)]
-        hits.sort(key=lambda d: -d.score)
+        outcome = self._p.outcome
+        if trig.outcomes and outcome is None:
+            return
+        hits = [(i, d) for i, d in enumerate(prediction.detections)
+                if d.score >= trig.min_score and (not trig.classes or d.label in trig.classes)
+                and (not trig.outcomes or outcome(d.label, d.score) in trig.outcomes)]  # type: ignore[misc]
+        hits.sort(key=lambda h: -h[1].score)
         if not hits:
             return
         self._fired.add(child.spec.name)
-        crops = [(child, _pad(d.box, trig.padding)) for d in hits[: trig.max_crops]]
+        crops = [(child, _pad(d.box, trig.padding), (parent, i)) for i, d in hits[: trig.max_crops]]
         self._waiting.extend(crops)
         self._waiting.sort(key=lambda w: (-w[0].spec.priority, w[0].order))
 
     def close(self) -> None:
         """Count what was due but never ran, and triggers that did not fire."""
-        skipped_for_budget = {s.spec.name: s for s, _ in self._waiting if s.spec.name not in self._ran}
+        skipped_for_budget = {s.spec.name: s for s, _, _ in self._waiting if s.spec.name not in self._ran}
         for state in skipped_for_budget.values():
             state.counters.skips["budget"] += 1
             state.budget_skips += 1

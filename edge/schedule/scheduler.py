@@ -12,6 +12,10 @@ each camera's capture thread makes its primary task's input while the model work
 on the frame before, and a finisher thread decodes the outputs of a task no other
 task waits for and hands every result to the sinks, in the order the executors
 finished them, while the next invoke runs. The results are the same either way.
+
+A crop's result names the detection it was cut from (``parent``), and once every
+result of a frame has been through the sinks the scheduler says so (``on_frame_done``),
+in the same order: a sink that joins crops to their objects knows when a frame is whole.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Result:
     finished_at: float  # time.monotonic(), when the result was handed to the sinks
     crop: tuple[float, float, float, float] | None = None
     started_at: float | None = None  # time.monotonic(), when the executor took this task up
+    parent: tuple[str, int] | None = None  # a crop's (parent task, index of the detection it was cut from)
 
     @property
     def age_ms(self) -> float:
@@ -70,11 +75,14 @@ class Result:
         }
         if self.crop is not None:
             doc["crop"] = [round(v, 1) for v in self.crop]
+        if self.parent is not None:
+            doc["parent"] = {"task": self.parent[0], "detection": self.parent[1]}
         doc.update(self.prediction.to_dict())
         return doc
 
 
 Sink = Callable[[Result], None]
+FrameDone = Callable[[str, int], None]  # (camera, frame seq): every result of that frame is through the sinks
 
 
 @dataclass
@@ -126,11 +134,13 @@ class Executor:
 class CameraRunner:
     """One camera as the scheduler sees it: capture, plan, motion gate and counters."""
 
-    def __init__(self, cfg: CameraConfig, capture: CaptureThread, costs: CostModel) -> None:
+    def __init__(self, cfg: CameraConfig, capture: CaptureThread, costs: CostModel,
+                 outcome: Callable[[str, float], str] | None = None) -> None:
+        """``outcome`` (label, score) -> accept / reject / unsure serves triggers with ``outcomes``."""
         self.cfg = cfg
         self.capture = capture
         self.tasks = {t.name: t for t in cfg.effective_tasks()}
-        self.planner = Planner(self.tasks.values(), costs, cfg.motion.keepalive_ms)
+        self.planner = Planner(self.tasks.values(), costs, cfg.motion.keepalive_ms, outcome)
         self.motion = MotionDetector(cfg.motion) if self.planner.gated else None
         self.busy = False  # guarded by the scheduler's condition
         self.finishing = 0  # runs handed to the finisher and not yet through the sinks (guarded likewise)
@@ -202,6 +212,7 @@ class Scheduler:
         self.sink = sink
         self.overlap = overlap
         self.on_error: Callable[[str, str, str], None] | None = None  # (camera, task, model) of a failed run
+        self.on_frame_done: FrameDone | None = None  # set before start
         self.inference_errors = 0
         self.sink_errors = 0
         self.failures: list[str] = []  # executors that died, and why: the daemon exits non-zero
@@ -213,7 +224,8 @@ class Scheduler:
             for ex in executors
         ]
         self._executors_left = len(executors)  # guarded by _cond; the last one out ends the finisher
-        # (camera, task, model name, frame, crop, invoke or finished prediction, start); None: no more
+        # (camera, task, model name, frame, crop, invoke or finished prediction, start, parent), or
+        # (camera, frame) once a frame's runs are all queued; None: no more
         self._finishing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
         if overlap:
@@ -350,6 +362,11 @@ class Scheduler:
             plan.done(item, (t1 - t0) * 1e3, prediction)
             overhead += time.monotonic() - t1
         plan.close()
+        if self.on_frame_done is not None:
+            if self.overlap:  # behind the frame's results in the finisher's queue
+                self._finishing.put((camera, frame))
+            else:
+                self._frame_done(camera, frame)
         finished = time.monotonic()
         camera.frame_no += 1
         camera.processed += 1
@@ -383,20 +400,27 @@ class Scheduler:
         if self.overlap:
             with self._cond:
                 camera.finishing += 1
-            self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome, t0))
+            self._finishing.put((camera, task.name, model.name, frame, item.crop, outcome, t0, item.parent))
             return None if later else outcome[0]  # type: ignore[index]
         prediction, times = outcome  # type: ignore[misc]
-        self._deliver(camera, task.name, model.name, frame, item.crop, prediction, times, t0)
+        self._deliver(camera, task.name, model.name, frame, item.crop, prediction, times, t0, item.parent)
         return prediction
 
     def _deliver(self, camera: CameraRunner, task: str, model: str, frame: Frame, crop: Any,
-                 prediction: Prediction, times: StageTimes, started: float) -> None:
+                 prediction: Prediction, times: StageTimes, started: float,
+                 parent: tuple[str, int] | None = None) -> None:
         if self.sink is None:
             return
         try:
-            self.sink(Result(frame, task, model, prediction, times, time.monotonic(), crop, started))
+            self.sink(Result(frame, task, model, prediction, times, time.monotonic(), crop, started, parent))
         except Exception:  # a sink's bug or full disk must not stop inference for every sink
             self._sink_failed(camera.cfg.id, task)
+
+    def _frame_done(self, camera: CameraRunner, frame: Frame) -> None:
+        try:
+            self.on_frame_done(camera.cfg.id, frame.seq)  # type: ignore[misc]
+        except Exception:  # as a sink's
+            self._sink_failed(camera.cfg.id, "frame_done")
 
     def _sink_failed(self, camera: str, task: str) -> None:
         """Count every sink error; log one a minute at most, with its traceback."""
@@ -424,6 +448,9 @@ class Scheduler:
         """The finisher: decode what is left to decode, then the sinks, in order."""
         while (work := self._finishing.get()) is not None:
             camera = work[0]
+            if len(work) == 2:  # a frame's end, not a run: nothing to decode, not counted in finishing
+                self._frame_done(*work)
+                continue
             try:
                 self._finish_one(*work)
             finally:
@@ -431,14 +458,14 @@ class Scheduler:
                     camera.finishing -= 1
 
     def _finish_one(self, camera: CameraRunner, task: str, model: str, frame: Frame, box: Any,
-                    outcome: Any, started: float) -> None:
+                    outcome: Any, started: float, parent: tuple[str, int] | None) -> None:
         if isinstance(outcome, Invoked):
             try:
                 outcome = Model.finish(outcome)
             except Exception:
                 self._failed(camera, task, model)
                 return
-        self._deliver(camera, task, model, frame, box, *outcome, started)
+        self._deliver(camera, task, model, frame, box, *outcome, started, parent)
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and percentiles of every camera and executor."""

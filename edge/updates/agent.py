@@ -63,6 +63,7 @@ from .smoke import RuntimeOptions, SmokeError, SmokeResult, load_model, smoke_te
 log = logging.getLogger("edge.agent")
 
 ApplyPolicy = Callable[..., str]  # apply_policy(text, *, source) -> policy version; raises if invalid
+ReleasePolicy = Callable[[], None]  # the fleet no longer assigns a policy: the device's own takes over
 
 
 class Appender(Protocol):
@@ -111,8 +112,9 @@ class Agent:
                  factory: dict[str, Entry], rt: RuntimeOptions, *,
                  apply_policy: ApplyPolicy | None = None, outbox: Appender | None = None,
                  on_models: Callable[[dict[str, str]], None] | None = None,
-                 crash_loops: list[CrashLoop] | None = None) -> None:
+                 crash_loops: list[CrashLoop] | None = None, release_policy: ReleasePolicy | None = None) -> None:
         assert cfg.agent is not None and cfg.mqtt is not None
+        self.release_policy = release_policy
         self.cfg = cfg.agent
         self.device = cfg.device.id
         self.topics = Topics(cfg.mqtt.prefix)
@@ -346,6 +348,8 @@ class Agent:
             self._model_job(slot, assignment, desired.version)
         if desired.policy is not None and not self._stop.is_set():
             self._policy_job(desired.policy, desired.version)
+        elif desired.policy is None and state.policy.active is not None and not self._stop.is_set():
+            self._policy_withdrawn(desired.version)
         if self._stop.is_set():
             return
         with self.store.locked() as st:
@@ -561,6 +565,23 @@ class Agent:
         self._job(job, POLICY_SLOT, art.sha256, "committed")
         self._audit("policy_applied", POLICY_SLOT, entry.version, job=job)
         self._send_reported()
+
+    def _policy_withdrawn(self, version: int) -> None:
+        """A newer desired state assigns no policy: the assignment is no longer in force,
+        and the device's own policy (``decisions.policy``) takes over."""
+        with self.store.locked() as st:
+            withdrawn = st.policy.active
+            if withdrawn is None:
+                return
+            st.policy.previous, st.policy.active = withdrawn, None
+            st.last_change = Change(slot=POLICY_SLOT, at=time.time(),
+                                    reason=f"policy {withdrawn.name} {withdrawn.version} withdrawn by desired "
+                                           f"state {version}").model_dump()
+        log.warning("policy assignment withdrawn", extra=fields(policy=f"{withdrawn.name}@{withdrawn.version}",
+                                                                desired=version))
+        self._audit("policy_withdrawn", POLICY_SLOT, withdrawn.version)
+        if self.release_policy is not None:
+            self.release_policy()
 
     # --- reporting ---------------------------------------------------------------------------
 
