@@ -208,6 +208,7 @@ class Daemon:
         self.policy_source: PolicySource | None = (
             PolicySource("local", policy.version, str(d.policy), time.time()) if policy is not None else None)
         self._policy_changed = threading.Event()  # the stats file is rewritten at once, for `edge policy show`
+        self._policy_changed.set()  # and written first when the daemon runs
         self.alerts: AlertPublisher | None = None
         if cfg.mqtt is not None:
             from edge.decide.alerts import AlertPublisher

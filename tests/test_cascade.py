@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 
 from edge.capture.thread import Frame
+from edge.cli import main
 from edge.config import TaskConfig, parse_config
 from edge.decide.cascade import CropResult, TaskView, check_device, device_view
 from edge.decide.engine import DecisionEngine, FrameInfo
@@ -312,3 +314,45 @@ def test_a_trigger_on_an_outcome_never_fires_without_an_outcome_to_judge_by():
     first = plan.next(100.0)
     plan.done(first, 1.0, Prediction("detect", detections=(det("person", 0.45, 0.3),)))
     assert plan.next(100.0) is None
+
+
+# --- the command line: exit 2 naming the key ------------------------------------------------------
+
+
+def cli_files(tmp_path, policy: str):
+    from conftest import manifest_for, shared_path
+
+    det, cls = "models/yolov8n_full_integer_quant-b.tflite", "models/mobilenet_v1_0.25_128_quant.tflite"
+    doc = {**DEVICE, "models": {"det": {"path": str(shared_path(det)), "manifest": str(manifest_for(det))},
+                                "cls": {"path": str(shared_path(cls)), "manifest": str(manifest_for(cls))}}}
+    (tmp_path / "policy.yaml").write_text(policy)
+    doc["decisions"] = {"policy": str(tmp_path / "policy.yaml")}
+    (tmp_path / "device.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path / "policy.yaml", tmp_path / "device.yaml"
+
+
+TALL_HAT = HELMETS.replace("class: no_helmet", "class: 'bearskin, busby, shako'").replace(
+    "cooldown_s: 100", "cameras: [cam1]")
+
+
+def test_policy_check_against_a_device_passes_with_the_models_real_classes(tmp_path, capsys):
+    policy, device = cli_files(tmp_path, TALL_HAT)
+    assert main(["policy", "check", str(policy)]) == 0
+    assert "give --config to check them against a device" in capsys.readouterr().out
+    assert main(["policy", "check", str(policy), "--config", str(device)]) == 0
+    assert main(["config", "check", str(device)]) == 0
+
+
+@pytest.mark.parametrize("change, key", [
+    (("cameras: [cam1]", "cameras: []"), "rules[0].when.crop.task: 'helmet' is not a trigger task of camera 'cam2'"),
+    (("bearskin, busby, shako", "no_helmet"),
+     "rules[0].when.crop.classes: 'no_helmet' is not a class of model 'cls' (task 'helmet' on camera 'cam1')"),
+])
+@pytest.mark.parametrize("command", ["policy", "config"])
+def test_a_policy_that_does_not_fit_the_device_exits_2_naming_the_key(tmp_path, capsys, change, key, command):
+    policy, device = cli_files(tmp_path, TALL_HAT.replace(*change))
+    argv = ["policy", "check", str(policy), "--config", str(device)] if command == "policy" else \
+        ["config", "check", str(device)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{policy}: {key}" in err, err
