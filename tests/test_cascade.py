@@ -356,3 +356,12 @@ def test_a_policy_that_does_not_fit_the_device_exits_2_naming_the_key(tmp_path, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{policy}: {key}" in err, err
+
+
+def test_a_broken_crop_models_nan_is_no_answer():
+    nan = float("nan")
+    broken = CropResult.of("helmet", Prediction("classify", classes=(Classification(1, "no_helmet", nan),)))
+    assert broken.answers == ()
+    eng, sink = engine(HELMETS.replace("min_present_s: 0.05", "event: every").replace("min_score: 0.6", "min_score: 0"))
+    observe(eng, 1000.0, [det("person", 0.9, 0.85)], {0: {"helmet": broken}})
+    assert sink.alerts == []

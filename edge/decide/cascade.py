@@ -31,11 +31,14 @@ class CropResult:
 
     @classmethod
     def of(cls, task: str, prediction: Prediction) -> "CropResult":
+        """A crop's prediction as answers; a score that is not a number in 0..1 (a broken
+        model) is no answer, so no alert can carry it."""
         if prediction.detections:
-            pairs = sorted(((d.label, d.score) for d in prediction.detections), key=lambda p: -p[1])
-            return cls(task, tuple(pairs))
-        top = prediction.classes[:1]
-        return cls(task, tuple((c.label, c.score) for c in top))
+            pairs = [(d.label, d.score) for d in prediction.detections]
+        else:
+            pairs = [(c.label, c.score) for c in prediction.classes[:1]]
+        return cls(task, tuple(sorted(((label, float(score)) for label, score in pairs if 0.0 <= score <= 1.0),
+                                      key=lambda p: -p[1])))
 
     def best(self, classes: Iterable[str], min_score: float) -> tuple[str, float] | None:
         """The best answer that is one of ``classes`` at ``min_score`` or more."""

@@ -19,7 +19,9 @@ from, so the object carries what each trigger task said about it (a track keeps 
 task's latest answer). A rule with ``when.crop`` wants only objects whose answer fits,
 and a ``verifier`` settles an unsure object to reject or accept. On a camera whose policy
 uses crops, a frame's results wait until the scheduler says the frame is done
-(:meth:`DecisionEngine.frame_done`, with ``framed``), so all its crops are in. Everything about a camera is touched by one executor at a time (the scheduler
+(:meth:`DecisionEngine.frame_done`, with ``framed``), so all its crops are in.
+
+Everything about a camera is touched by one executor at a time (the scheduler
 guarantees it), so per-camera state needs no lock; a policy swap replaces the policy
 and the rule states in one assignment between two frames.
 
@@ -588,7 +590,7 @@ class DecisionEngine:
             state.events += 1
         snapshot = new_id() if rule.snapshot and self._snapshots is not None and frame.image is not None else None
         answer = self._crop_answer(rule, obj) if event != "cleared" else None
-        crop = CropAnswer(task=rule.when.crop.task, label=answer[0], score=round(min(max(answer[1], 0.0), 1.0), 4)) \
+        crop = CropAnswer(task=rule.when.crop.task, label=answer[0], score=round(answer[1], 4)) \
             if answer is not None and rule.when.crop is not None else None
         alert = Alert(
             v=1, id=new_id(), device=self.device, camera=frame.camera, rule=rule.name, event=event, state=on,
