@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(metavar="ACTION")
     policy_check = policy_sub.add_parser("check", parents=[common], help="validate a policy file")
     policy_check.add_argument("file", type=Path, help="the policy (YAML)")
+    policy_check.add_argument("--model", type=Path, action="append", default=[],
+                              help="a model (.tflite, its manifest beside it) or manifest (.yaml) the policy is for: "
+                                   "its share rules must name classes a segmentation model has (repeatable)")
     policy_check.set_defaults(func=_cmd_policy_check)
 
     models = sub.add_parser("models", parents=[common], help="the models the device holds, by slot")
@@ -167,14 +170,21 @@ def _checked_config(path: Path):
     ConfigError / PolicyError (exit 2: systemd does not restart a daemon whose config must
     be fixed first)."""
     from edge.config import load_config, missing_files
-    from edge.decide.policy import load_policy
+    from edge.decide.policy import check_classes, load_policy
+    from edge.inference.manifest import load_manifest, manifest_path_for
 
     cfg = load_config(path)
     problems = missing_files(cfg)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if cfg.decisions.policy is not None:
-        load_policy(cfg.decisions.policy)
+        policy = load_policy(cfg.decisions.policy)
+        for slot, model in cfg.models.items():
+            manifest = model.manifest or manifest_path_for(model.path)
+            spec = load_manifest(manifest, model_dir=model.path.parent) if manifest.is_file() else None
+            if spec is not None and spec.task == "segment":
+                check_classes(policy, spec.labels, model=f"models.{slot} ({spec.name})",
+                              source=str(cfg.decisions.policy))
     return cfg
 
 
@@ -333,6 +343,8 @@ def _describe(path: Path, prediction) -> str:
         lines.append(f"  {d.score:6.3f}  {d.label:<16} [{box}]")
     for k in prediction.keypoints:
         lines.append(f"  {k.score:6.3f}  {k.name:<16} ({k.x:.0f}, {k.y:.0f})")
+    for s in prediction.segments:
+        lines.append(f"  {s.share:6.1%}  {s.label}")
     if len(lines) == 1:
         lines.append("  nothing above the score threshold")
     return "\n".join(lines)
@@ -345,12 +357,27 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from edge.decide.policy import load_policy
+    from edge.decide.policy import check_classes, load_policy
 
     policy = load_policy(args.file)
+    for path in args.model:
+        manifest = _manifest_of(path)
+        if manifest.task == "segment":
+            check_classes(policy, manifest.labels, model=f"{manifest.name} ({path})", source=str(args.file))
     print(f"{args.file}: ok (version {policy.version}, {len(policy.rules)} rule(s), {len(policy.zones)} zone(s), "
           f"{len(policy.lines)} line(s))")
     return 0
+
+
+def _manifest_of(path: Path):
+    """The manifest of a model file (beside it, else guessed from its tensors), or the manifest file itself."""
+    from edge.inference.manifest import load_manifest, manifest_path_for
+    from edge.inference.model import Model
+
+    if path.suffix in (".yaml", ".yml"):
+        return load_manifest(path)
+    beside = manifest_path_for(path)
+    return load_manifest(beside, model_dir=path.parent) if beside.is_file() else Model.load(path, num_threads=1).manifest
 
 
 def _model_store(config: Path):

@@ -27,7 +27,7 @@ from edge.core.files import replace_file, sha256_file
 from edge.core.logs import fields
 from edge.core.stats import rss_mb
 from edge.decide.engine import DecisionEngine
-from edge.decide.policy import load_policy, parse_policy
+from edge.decide.policy import Policy, check_classes, load_policy, parse_policy
 from edge.decide.snapshots import SnapshotLimits, SnapshotStore
 from edge.inference.manifest import BaselineError
 from edge.inference.model import Model
@@ -176,7 +176,7 @@ class Daemon:
     def _decisions_setup(self) -> None:
         cfg = self.cfg
         d = cfg.decisions
-        policy = load_policy(d.policy) if d.policy is not None else None
+        policy = self._fits_models(load_policy(d.policy), str(d.policy)) if d.policy is not None else None
         self.alerts: AlertPublisher | None = None
         if cfg.mqtt is not None:
             from edge.decide.alerts import AlertPublisher
@@ -268,12 +268,19 @@ class Daemon:
 
         Raises PolicyError for a policy that does not parse or validate; the policy in
         force then stays."""
-        policy = parse_policy(text, source=source)
+        policy = self._fits_models(parse_policy(text, source=source), source)
         old = self.decisions.policy
         self.decisions.set_policy(policy)
         log.info("policy applied", extra=fields(version=policy.version, previous=old.version if old else None,
                                                 source=source, rules=len(policy.rules)))
         return policy.version
+
+    def _fits_models(self, policy: Policy, source: str) -> Policy:
+        """``policy``, or PolicyError if a share rule names a class no segmentation model has."""
+        for slot, model in self.executors[0].models.items():
+            if model.manifest.task == "segment":
+                check_classes(policy, model.manifest.labels, model=f"{slot} ({model.name})", source=source)
+        return policy
 
     def reload_policy(self) -> None:
         """SIGHUP: read the configured policy file again; a broken one is refused and logged."""
