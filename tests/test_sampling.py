@@ -133,6 +133,16 @@ def test_a_random_share_of_frames_is_kept_with_the_seeded_draws():
     assert all(s["sampled"] == ["random"] and "label" not in s for s in got)
 
 
+def test_the_random_sampler_draws_once_a_frame_whatever_the_tasks_on_it():
+    eng, store, _ = engine("{random: {share: 0.1, per_hour: 1000, per_day: 1000}}", rng=random.Random(7))
+    for i in range(300):
+        f = frame(float(i), mono=float(i))
+        eng.observe(f, Prediction("segment"))  # two tasks' results on each frame
+        eng.observe(f, Prediction("yolov8"))
+    draws = random.Random(7)
+    assert len(store.taken) == sum(draws.random() < 0.1 for _ in range(300))
+
+
 def test_one_frame_wanted_by_several_samplers_is_one_snapshot_with_every_reason():
     eng, store, audit = engine("{near_threshold: {}, rare_classes: {classes: [dog]}, random: {share: 0.1}}",
                                rng=random.Random(1))

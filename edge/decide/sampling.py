@@ -95,6 +95,7 @@ class CameraSamples:
     windows: dict[str, Window] = field(default_factory=lambda: {r: Window() for r in REASONS})
     counts: dict[str, int] = field(default_factory=dict)
     seen: int = 0
+    drawn: float | None = None  # the frame (its monotonic capture time) the random sampler last drew for
 
     def count(self, observations: Sequence[Observation], outcomes: Sequence[str]) -> None:
         for o in observations:
@@ -121,8 +122,10 @@ Thresholds = Callable[[str], tuple[float, float]]  # label -> (accept_at, reject
 
 
 def wanted(spec: Sampling, cam: CameraSamples, observations: Sequence[Observation], thresholds: Thresholds,
-           rng: random.Random) -> dict[str, tuple[Observation | None, str | None]]:
-    """The samplers that want this frame, each with the observation that made it want it."""
+           rng: random.Random, frame: float) -> dict[str, tuple[Observation | None, str | None]]:
+    """The samplers that want this result, each with the observation that made it want it.
+    ``frame`` tells frames apart (their monotonic capture time): the random sampler draws
+    once a frame, however many tasks' results it has."""
     out: dict[str, tuple[Observation | None, str | None]] = {}
     near = spec.near_threshold
     if near is not None:
@@ -146,8 +149,10 @@ def wanted(spec: Sampling, cam: CameraSamples, observations: Sequence[Observatio
                 if "rare_class" not in out or o.score > out["rare_class"][0].score:  # type: ignore[union-attr]
                     out["rare_class"] = (o, None)
         cam.count(observations, rare.outcomes)  # after judging: a class is not common by its own frame
-    if spec.random is not None and rng.random() < spec.random.share:
-        out["random"] = (None, None)
+    if spec.random is not None and cam.drawn != frame:
+        cam.drawn = frame
+        if rng.random() < spec.random.share:
+            out["random"] = (None, None)
     return out
 
 
@@ -155,7 +160,7 @@ def pick(spec: Sampling, cam: CameraSamples, observations: Sequence[Observation]
          rng: random.Random, now: float) -> Pick | None:
     """Whether to keep this frame, and why; None when no sampler wants it. Takes nothing
     from the caps: :func:`take` does, once the store has accepted the snapshot."""
-    want = wanted(spec, cam, observations, thresholds, rng)
+    want = wanted(spec, cam, observations, thresholds, rng, now)
     if not want:
         return None
     caps = {"near_threshold": spec.near_threshold, "rare_class": spec.rare_classes, "random": spec.random}
