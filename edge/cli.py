@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(metavar="ACTION")
     policy_check = policy_sub.add_parser("check", parents=[common], help="validate a policy file")
     policy_check.add_argument("file", type=Path, help="the policy (YAML)")
-    policy_check.add_argument("--model", type=Path, action="append", default=[],
+    policy_check.add_argument("--model", type=Path, action="append",
                               help="a model (.tflite, its manifest beside it) or manifest (.yaml) the policy is for: "
                                    "its share rules must name classes a segmentation model has (repeatable)")
     policy_check.set_defaults(func=_cmd_policy_check)
@@ -360,7 +360,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
     from edge.decide.policy import check_classes, load_policy
 
     policy = load_policy(args.file)
-    for path in args.model:
+    for path in args.model or []:
         manifest = _manifest_of(path)
         if manifest.task == "segment":
             check_classes(policy, manifest.labels, model=f"{manifest.name} ({path})", source=str(args.file))

@@ -167,11 +167,13 @@ def test_a_busy_store_takes_nothing_from_the_caps():
     assert len(store.taken) == 1 and eng.stats()["samples"] == {"near_threshold": 1}
 
 
-def test_without_a_store_nothing_is_sampled_or_counted():
+def test_without_a_store_nothing_is_sampled_or_counted_and_a_warning_says_so(caplog):
     policy = parse_policy("version: 1\nsampling: {random: {share: 0.1}}")
-    eng = DecisionEngine("dev-1", lambda cam: "t", None, policy=policy)
-    eng.observe(frame(1.0), Prediction("yolov8"))
-    assert eng.stats()["samples"] == {}
+    eng = DecisionEngine("dev-1", lambda cam: "t", None, policy=policy, rng=random.Random(0))
+    for i in range(50):
+        eng.observe(frame(float(i)), Prediction("yolov8"))
+    assert eng.stats()["samples"] == {} and eng.stats()["samples_capped"] == {}
+    assert any("no snapshot store" in r.getMessage() for r in caplog.records)
 
 
 def test_a_classifiers_top_class_is_sampled_near_its_threshold():
