@@ -214,6 +214,10 @@ def test_a_sample_is_a_real_jpeg_on_the_device_and_only_its_id_and_hash_are_reco
     ("{rare_classes: {outcomes: [maybe]}}", "sampling.rare_classes.outcomes[0]"),
     ("{often: {}}", "sampling.often: unknown key"),
     ("{random: {per_day: 1000000}}", "sampling.random.per_day: must be <= 100000"),
+    ("{near_threshold: {epsilon: .nan}}", "sampling.near_threshold.epsilon: must be <= 0.5"),
+    ("{near_threshold: {per_hour: 1.5}}", "sampling.near_threshold.per_hour: input should be a valid integer"),
+    ("{rare_classes: {classes: forklift}}", "sampling.rare_classes.classes: input should be a valid list"),
+    ("[random]", "sampling: input should be a valid dictionary"),
 ])
 def test_a_malformed_sampler_is_refused_naming_the_key(sampling, key):
     with pytest.raises(PolicyError, match=key.replace("[", r"\[").replace("]", r"\]")):

@@ -22,6 +22,7 @@ from conftest import REPO, manifest_for, shared_path
 from edge.core.errors import ModelError
 from edge.decide.engine import DecisionEngine, FrameInfo
 from edge.decide.policy import PolicyError, check_classes, parse_policy
+from edge.decide.shares import ShareMeter
 from edge.inference.adapters import Detection, Prediction, SegmentMap, make_decoder
 from edge.inference.manifest import Manifest, check_manifest, guess_manifest
 from edge.inference.model import Model
@@ -134,6 +135,25 @@ def test_a_class_id_past_the_labels_is_named_by_its_number():
     assert segmap.shares() == {"bg": 0.5, "7": 0.25, "255": 0.25}
 
 
+def test_class_ids_no_uint8_holds_are_counted_as_255_not_wrapped():
+    """A broken model's ids (negative, or past 255) must not wrap onto real classes."""
+    out = TensorInfo("ids", 0, (1, 2, 2), np.dtype(np.int64), 0.0, 0)
+    decode = make_decoder(Manifest(name="s", version="1", task="segment", labels=["bg", "person"]), [out], (2, 2))
+    raw = np.array([[[1, 256 + 1], [-255, 0]]], np.int64)  # 257 and -255 wrap to 1 as uint8
+    prediction = decode([raw], Transform(1.0, 1.0, 0, 0, 2, 2))
+    assert {s.label: s.share for s in prediction.segments} == {"person": 0.25, "bg": 0.25, "255": 0.5}
+
+
+def test_a_zone_all_excluded_has_no_share_rather_than_a_division_by_zero():
+    segmap = SegmentMap(np.full((4, 4), 1, np.uint8), ["bg", "person"])
+    meter = ShareMeter()
+    whole = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    assert meter.share(segmap, ["person"], whole, [whole]) == (0.0, "person")
+    # a zone smaller than a map pixel still has the pixel it falls in
+    assert meter.share(segmap, ["person"], [(0.3, 0.3), (0.31, 0.3), (0.31, 0.31)]) == (1.0, "person")
+    assert meter.share(segmap, ["person", "cat"], None) == (1.0, "person")  # cat: not a class of this map
+
+
 # --- rules on shares -------------------------------------------------------------------------
 
 POLICY = """
@@ -233,6 +253,7 @@ def test_segmentations_leave_box_rules_and_their_objects_alone():
     ("{event: present, min_share: 0.1}", "rules[0].when.classes: required with min_share"),
     ("{event: present, classes: [person], min_share: 1.5}", "rules[0].when.min_share: must be <= 1"),
     ("{event: present, classes: [person], min_share: 0}", "rules[0].when.min_share: must be > 0"),
+    ("{event: present, classes: [person], min_share: .nan}", "rules[0].when.min_share: must be <= 1"),
     ("{event: present, classes: [person], min_share: 0.1, min_count: 2}", "rules[0].when.min_share: a share has"),
 ])
 def test_a_malformed_share_rule_is_refused_naming_the_key(when, key):
