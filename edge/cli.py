@@ -233,6 +233,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print("models: " + ", ".join(f"{slot} {name}" for slot, name in sorted(snap["models"].items())))
     if snap.get("process"):
         print(f"memory: {snap['process']['rss_mb']:g} MB resident, peak {snap['process']['peak_rss_mb']:g} MB")
+    d = snap.get("decisions") or {}
+    if d.get("samples") or d.get("samples_capped"):
+        kept, capped, busy = (d.get(k, {}) for k in ("samples", "samples_capped", "samples_skipped"))
+        print("samples kept: " + ", ".join(
+            f"{r} {kept.get(r, 0)} (capped {capped.get(r, 0)}, store busy {busy.get(r, 0)})"
+            for r in sorted({*kept, *capped, *busy})))
     for cam in snap["cameras"]:
         dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(cam["dropped"].items()))
         age = " / ".join(f"{k} {v:.0f} ms" for k, v in cam["age_ms"].items()) or "-"

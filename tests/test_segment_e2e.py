@@ -46,7 +46,7 @@ def config(tmp_path, policy: str, broker: Broker | None = None, port: int | None
     (tmp_path / "policy.yaml").write_text(policy)
     cfg = {
         "device": {"id": "cam-seg", "site": "plant-a", "line": "3"},
-        "runtime": {"num_threads": 2},
+        "runtime": {"num_threads": 2, "stats_file": str(tmp_path / "stats.json")},
         "logging": {"format": "json"},
         "models": {"seg": {"path": str(shared_path(DEEPLAB)), "manifest": str(manifest_for(DEEPLAB))},
                    "cls": {"path": str(shared_path(CLASSIFIER)), "manifest": str(manifest_for(CLASSIFIER))}},
@@ -69,6 +69,13 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def sampled(tmp_path) -> list[dict]:
+    """The payloads of the sampled snapshots' decision events in the outbox."""
+    with sqlite3.connect(f"file:{tmp_path / 'outbox.db'}?mode=ro", uri=True) as conn:
+        bodies = [json.loads(b) for (b,) in conn.execute("select body from events where kind = 'decision'")]
+    return [b["payload"] for b in bodies if "sampled" in b["payload"]]
+
+
 def test_share_alerts_and_capped_samples_on_a_running_daemon(tmp_path, broker):
     port = free_port()
     cfg_path = tmp_path / "cam.yaml"
@@ -88,6 +95,8 @@ def test_share_alerts_and_capped_samples_on_a_running_daemon(tmp_path, broker):
         wait_until(lambda: scrape(port).get(("edgecam_samples_capped_total", (("reason", "random"),)), 0) > 0,
                    120, "the random sampler's cap to refuse a frame")
         metrics = scrape(port)
+        # the last snapshot's event is made once its JPEG is on disk, on the store's thread
+        wait_until(lambda: len(sampled(tmp_path)) == 5, 30, "every sampled snapshot's event in the outbox")
     finally:
         code = run.stop()
         controller.close()
@@ -96,9 +105,12 @@ def test_share_alerts_and_capped_samples_on_a_running_daemon(tmp_path, broker):
     assert on.rule == "person-in-view" and on.label == "person" and 0.6 < on.values["share"] < 0.72
     assert metrics[("edgecam_samples_total", (("reason", "near_threshold"),))] == 3
     assert metrics[("edgecam_samples_total", (("reason", "random"),))] == 2
-    with sqlite3.connect(f"file:{tmp_path / 'outbox.db'}?mode=ro", uri=True) as conn:
-        bodies = [json.loads(b) for (b,) in conn.execute("select body from events where kind = 'decision'")]
-    kept = [b["payload"] for b in bodies if "sampled" in b["payload"]]
+    stats = subprocess.run([sys.executable, "-m", "edge", "stats", "--config", str(cfg_path)], capture_output=True,
+                           text=True, cwd=REPO, timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    line = next(x for x in stats.stdout.splitlines() if x.startswith("samples kept: "))
+    assert "near_threshold 3 (capped " in line and "random 2 (capped " in line
+    kept = sampled(tmp_path)
     reasons = sorted(r for p in kept for r in p["sampled"])
     assert reasons == ["near_threshold"] * 3 + ["random"] * 2
     for p in kept:
