@@ -245,6 +245,17 @@ def test_segmentations_leave_box_rules_and_their_objects_alone():
     assert len(eng.tracks("cam-1")) == 1
 
 
+def test_a_share_rule_ignores_a_segmentation_model_without_its_classes():
+    """Two segmenters on one camera: the one that knows no person must not clear a person rule."""
+    sink = Sink()
+    eng = DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(POLICY))
+    people = Prediction("segment", segmap=SegmentMap(np.full((4, 4), 1, np.uint8), ["background", "person"]))
+    cats = Prediction("segment", segmap=SegmentMap(np.zeros((4, 4), np.uint8), ["background", "cat"]))
+    for i in range(4):
+        eng.observe(FrameInfo("cam-1", 100 + i * 0.1, 100, 100, "m", "1"), people if i % 2 == 0 else cats)
+    assert [(a.rule, a.event) for a in sink.alerts if a.rule == "person-in-frame"] == [("person-in-frame", "present")]
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 

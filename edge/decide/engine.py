@@ -404,6 +404,8 @@ class DecisionEngine:
         """A ``min_share`` rule on one segmentation: a level, on while its classes cover enough
         of its zone; the alert's label is the class covering most, its confidence the share."""
         when = state.rule.when
+        if not any(c in segmap.labels for c in when.classes):
+            return []  # another segmentation model's result (one camera may run two): not this rule's to judge
         zone = policy.zones[when.zone].polygon if when.zone else None
         excludes = [z.polygon for z in policy.zones.values() if z.mode == "exclude"]
         share, label = self._meter.share(segmap, when.classes, zone, excludes)
