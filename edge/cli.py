@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     policy_check.add_argument("file", type=Path, help="the policy (YAML)")
     policy_check.add_argument("--config", type=Path,
                               help="device config: also check the trigger tasks and classes the policy names")
+    policy_check.add_argument("--model", type=Path, action="append",
+                              help="a model (.tflite, its manifest beside it) or manifest (.yaml) the policy is for: "
+                                   "its share rules must name classes a segmentation model has (repeatable)")
     policy_check.set_defaults(func=_cmd_policy_check)
     policy_show = policy_sub.add_parser("show", parents=[common],
                                         help="the policy in force and where it came from (local file or fleet)")
@@ -174,14 +177,22 @@ def _checked_config(path: Path):
     ConfigError / PolicyError (exit 2: systemd does not restart a daemon whose config must
     be fixed first)."""
     from edge.config import load_config, missing_files
-    from edge.decide.policy import load_policy
+    from edge.decide.policy import check_classes, load_policy
+    from edge.inference.manifest import load_manifest, manifest_path_for
 
     cfg = load_config(path)
     problems = missing_files(cfg)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if cfg.decisions.policy is not None:
-        _check_on_device(load_policy(cfg.decisions.policy), cfg, str(cfg.decisions.policy))
+        policy = load_policy(cfg.decisions.policy)
+        _check_on_device(policy, cfg, str(cfg.decisions.policy))
+        for slot, model in cfg.models.items():
+            manifest = model.manifest or manifest_path_for(model.path)
+            spec = load_manifest(manifest, model_dir=model.path.parent) if manifest.is_file() else None
+            if spec is not None and spec.task == "segment":
+                check_classes(policy, spec.labels, model=f"models.{slot} ({spec.name})",
+                              source=str(cfg.decisions.policy))
     return cfg
 
 
@@ -244,6 +255,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print("models: " + ", ".join(f"{slot} {name}" for slot, name in sorted(snap["models"].items())))
     if snap.get("process"):
         print(f"memory: {snap['process']['rss_mb']:g} MB resident, peak {snap['process']['peak_rss_mb']:g} MB")
+    d = snap.get("decisions") or {}
+    if d.get("samples") or d.get("samples_capped"):
+        kept, capped, busy = (d.get(k, {}) for k in ("samples", "samples_capped", "samples_skipped"))
+        print("samples kept: " + ", ".join(
+            f"{r} {kept.get(r, 0)} (capped {capped.get(r, 0)}, store busy {busy.get(r, 0)})"
+            for r in sorted({*kept, *capped, *busy})))
     for cam in snap["cameras"]:
         dropped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(cam["dropped"].items()))
         age = " / ".join(f"{k} {v:.0f} ms" for k, v in cam["age_ms"].items()) or "-"
@@ -354,6 +371,8 @@ def _describe(path: Path, prediction) -> str:
         lines.append(f"  {d.score:6.3f}  {d.label:<16} [{box}]")
     for k in prediction.keypoints:
         lines.append(f"  {k.score:6.3f}  {k.name:<16} ({k.x:.0f}, {k.y:.0f})")
+    for s in prediction.segments:
+        lines.append(f"  {s.share:6.1%}  {s.label}")
     if len(lines) == 1:
         lines.append("  nothing above the score threshold")
     return "\n".join(lines)
@@ -367,12 +386,16 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
     from edge.config import load_config
-    from edge.decide.policy import load_policy
+    from edge.decide.policy import check_classes, load_policy
 
     policy = load_policy(args.file)
     cascades = any(r.when.crop is not None for r in policy.rules) or policy.verifiers
     if args.config is not None:
         _check_on_device(policy, load_config(args.config), str(args.file))
+    for path in args.model or []:
+        manifest = _manifest_of(path)
+        if manifest.task == "segment":
+            check_classes(policy, manifest.labels, model=f"{manifest.name} ({path})", source=str(args.file))
     note = "" if args.config is not None or not cascades else \
         "; its crop rules and verifiers name trigger tasks: give --config to check them against a device"
     print(f"{args.file}: ok (version {policy.version}, {len(policy.rules)} rule(s), {len(policy.zones)} zone(s), "
@@ -446,6 +469,17 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
         print(f"  fleet assignment: {a['name']}@{a['version']} (job {a['job']})")
     print("  rule: the fleet's assignment wins while one is in force; SIGHUP applies the local file otherwise")
     return 0
+
+
+def _manifest_of(path: Path):
+    """The manifest of a model file (beside it, else guessed from its tensors), or the manifest file itself."""
+    from edge.inference.manifest import load_manifest, manifest_path_for
+    from edge.inference.model import Model
+
+    if path.suffix in (".yaml", ".yml"):
+        return load_manifest(path)
+    beside = manifest_path_for(path)
+    return load_manifest(beside, model_dir=path.parent) if beside.is_file() else Model.load(path, num_threads=1).manifest
 
 
 def _model_store(config: Path):

@@ -36,7 +36,7 @@ from edge.core.logs import fields
 from edge.core.stats import rss_mb
 from edge.decide.cascade import check_device, device_view
 from edge.decide.engine import DecisionEngine
-from edge.decide.policy import Policy, PolicyError, load_policy, parse_policy
+from edge.decide.policy import Policy, PolicyError, check_classes, load_policy, parse_policy
 from edge.decide.snapshots import SnapshotLimits, SnapshotStore
 from edge.inference.manifest import BaselineError
 from edge.inference.model import Model
@@ -202,7 +202,7 @@ class Daemon:
         cfg = self.cfg
         d = cfg.decisions
         self._device = device_view(cfg, lambda slot: self.executors[0].models[slot].manifest.labels)
-        policy = load_policy(d.policy) if d.policy is not None else None
+        policy = self._fits_models(load_policy(d.policy), str(d.policy)) if d.policy is not None else None
         if policy is not None:
             check_device(policy, self._device, source=str(d.policy))
         self.policy_source: PolicySource | None = (
@@ -297,7 +297,7 @@ class Daemon:
 
     def checked_policy(self, text: str, *, source: str) -> Policy:
         """The policy in ``text`` if it validates and fits this device's tasks, else PolicyError."""
-        policy = parse_policy(text, source=source)
+        policy = self._fits_models(parse_policy(text, source=source), source)
         check_device(policy, self._device, source=source)
         return policy
 
@@ -305,7 +305,7 @@ class Daemon:
         """Use the policy in ``text`` from the next frame on; returns its version.
 
         Raises PolicyError for a policy that does not parse or validate, or names tasks
-        or classes this device does not have; the policy in force then stays."""
+        or classes this device's models do not have; the policy in force then stays."""
         policy = self.checked_policy(text, source=source)
         old = self.decisions.policy
         self.decisions.set_policy(policy)
@@ -322,6 +322,13 @@ class Daemon:
     def _fleet_in_force(self) -> bool:
         s = self.policy_source
         return s is not None and s.origin == "fleet" and not s.withdrawn
+
+    def _fits_models(self, policy: Policy, source: str) -> Policy:
+        """``policy``, or PolicyError if a share rule names a class no segmentation model has."""
+        for slot, model in self.executors[0].models.items():
+            if model.manifest.task == "segment":
+                check_classes(policy, model.manifest.labels, model=f"{slot} ({model.name})", source=source)
+        return policy
 
     def reload_policy(self) -> None:
         """SIGHUP: read the configured policy file again; a broken one is refused and logged.

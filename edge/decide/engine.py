@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -51,15 +52,17 @@ from edge.core.contract import COMMAND_OPS, Alert, AlertState, CropAnswer
 from edge.core.errors import EdgeError
 from edge.core.ids import new_id
 from edge.core.logs import fields
-from edge.inference.adapters import Prediction
+from edge.inference.adapters import Prediction, SegmentMap
 from edge.observe.drift import DriftReport
 from edge.observe.observer import ObserveSnapshot
 from edge.observe.quality import QualityReading
 from edge.schedule.scheduler import Result
-from edge.sync.events import Event, alert_audit, decision
+from edge.sync.events import Event, alert_audit, decision, sample
 
 from .cascade import CropResult, crop_match, needs_crops, settle
 from .policy import Policy, Rule
+from .sampling import CameraSamples, Pick, pick, take
+from .shares import ShareMeter, bounds
 from .tracker import NO_CROPS, Observation, Track, Tracker, TrackerSettings
 from .zones import anchor, area, inside, side, within_segment
 
@@ -249,9 +252,11 @@ class DecisionEngine:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         framed: bool = False,
+        rng: random.Random | None = None,
     ) -> None:
         """``clock`` stamps what is published; ``monotonic`` times how long (camera health).
-        ``framed``: the caller calls :meth:`frame_done` after each frame's last result."""
+        ``framed``: the caller calls :meth:`frame_done` after each frame's last result.
+        ``rng`` draws the random sampler's frames."""
         self._framed = framed
         self._pending: dict[str, _Pending] = {}  # camera -> its frame in progress (its executor's alone)
         self.device = device
@@ -267,7 +272,13 @@ class DecisionEngine:
         self._count_lock = threading.Lock()
         self.counters: dict[str, Any] = {"alerts": {}, "cooldown_suppressed": 0, "policy_swaps": 0,
                                          "snapshots_requested": 0, "snapshots_skipped": 0, "muted": {},
-                                         "controls": 0, "verified": {}}
+                                         "controls": 0, "verified": {}, "samples": {}, "samples_capped": {},
+                                         "samples_skipped": {}}
+        self._rng = rng or random.Random()
+        self._samples: dict[str, CameraSamples] = {}  # camera -> its samplers' caps and class counts
+        self._meter = ShareMeter()
+        if policy is not None:
+            self._warn_sampling(policy)
         # (camera, rule) -> control, replaced whole under _control_lock, read once per frame
         self._controls: Mapping[tuple[str, str], RuleControl] = {}
         self._control_lock = threading.Lock()
@@ -299,6 +310,7 @@ class DecisionEngine:
                 cameras[camera_id] = cam
             self._current = _Current(policy, cameras)  # one assignment, read once per frame
             self._count("policy_swaps")
+        self._warn_sampling(policy)
         names = {r.name for r in policy.rules} | set(DEVICE_RULES)
         with self._control_lock:
             dropped = sorted({rule for (_, rule) in self._controls if rule not in names})
@@ -307,6 +319,11 @@ class DecisionEngine:
         if dropped:
             log.warning("rule controls dropped: the new policy has no such rules",
                         extra=fields(rules=dropped, policy=policy.version))
+
+    def _warn_sampling(self, policy: Policy) -> None:
+        if policy.sampling.active and self._snapshots is None:
+            log.warning("the policy samples frames but no snapshot store is configured (decisions.snapshots): "
+                        "none is kept", extra=fields(policy=policy.version))
 
     @staticmethod
     def _kept(state: _RuleState, same_tracker: bool) -> _RuleState:
@@ -388,16 +405,24 @@ class DecisionEngine:
             cam.outcomes[obs.outcome] += 1
         if any(o.outcome == "unsure" for o in observations):
             self._unsure(policy, cam, frame, observations)
-        # "accept" is below a class's accept_at: noise, not an object worth an id
-        tracks, lost = cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.mono)
+        if policy.sampling.active and self._snapshots is not None and frame.image is not None:
+            self._sample(policy, frame, observations)
+        segmap = prediction.segmap
+        # "accept" is below a class's accept_at: noise, not an object worth an id; a
+        # segmentation has no objects, and must not age the tracker's
+        tracks, lost = (cam.tracker.update([o for o in observations if o.outcome != "accept"], frame.mono)
+                        if segmap is None else ([], []))
         raised: list[Alert] = []
         controls = self._controls
         for i, state in enumerate(cam.rules):
+            if (state.rule.when.min_share is not None) != (segmap is not None):
+                continue  # share rules judge segmentations; the others, boxes and classes
             control = controls.get((frame.camera, state.rule.name)) if controls else None
             if control is not None and not control.enabled:
                 self._disabled(policy, cam, i, frame)
                 continue
-            raised.extend(self._evaluate(policy, state, frame, observations, tracks, lost))
+            raised.extend(self._evaluate(policy, state, frame, observations, tracks, lost) if segmap is None
+                          else self._shares(policy, state, frame, segmap))
         return raised
 
     def _disabled(self, policy: Policy, cam: _Camera, i: int, frame: FrameInfo) -> None:
@@ -450,6 +475,19 @@ class DecisionEngine:
         return self._objects(policy, state, frame, [t for t in tracks if t.seen_now and self._wanted(state.rule, t)],
                              lost)
 
+    def _shares(self, policy: Policy, state: _RuleState, frame: FrameInfo, segmap: SegmentMap) -> list[Alert]:
+        """A ``min_share`` rule on one segmentation: a level, on while its classes cover enough
+        of its zone; the alert's label is the class covering most, its confidence the share."""
+        when = state.rule.when
+        if not any(c in segmap.labels for c in when.classes):
+            return []  # another segmentation model's result (one camera may run two): not this rule's to judge
+        zone = policy.zones[when.zone].polygon if when.zone else None
+        excludes = [z.polygon for z in policy.zones.values() if z.mode == "exclude"]
+        share, label = self._meter.share(segmap, when.classes, zone, excludes)
+        held = share >= (when.min_share or 0.0)
+        matching = [Observation(label, share, bounds(zone), "reject")] if held else []
+        return self._level(policy, state, frame, matching, values={"share": round(share, 4)})
+
     def _wanted(self, rule: Rule, obj: Observation | Track) -> bool:
         when = rule.when
         return ((not when.classes or obj.label in when.classes) and obj.outcome in when.outcomes
@@ -477,7 +515,8 @@ class DecisionEngine:
         at = policy.tracker.anchor
         return [o for o in pool if self._wanted(rule, o) and (zone is None or inside(anchor(o.box, at), zone))]
 
-    def _level(self, policy: Policy, state: _RuleState, frame: FrameInfo, matching: list[Any]) -> list[Alert]:
+    def _level(self, policy: Policy, state: _RuleState, frame: FrameInfo, matching: list[Any],
+               values: dict[str, float] | None = None) -> list[Alert]:
         rule = state.rule
         holds = len(matching) >= rule.when.min_count
         flipped = state.level.feed(holds)
@@ -490,19 +529,22 @@ class DecisionEngine:
                 by_class.setdefault(self._cooled_class(rule, o), []).append(o)
             for group in by_class.values():
                 if self._cool(state, frame.mono, group[0]):
-                    alerts.append(self._raise(policy, state, frame, "every", group[0], count=len(group)))
+                    alerts.append(self._raise(policy, state, frame, "every", group[0], count=len(group),
+                                              values=values))
         elif rule.when.event == "every":
             if state.level.state and self._cool(state, frame.mono, best):
-                alerts.append(self._raise(policy, state, frame, "every", best, count=len(matching)))
+                alerts.append(self._raise(policy, state, frame, "every", best, count=len(matching), values=values))
         elif flipped and state.level.state:
             if self._cool(state, frame.mono, best):
-                alert = self._raise(policy, state, frame, "present", best, count=len(matching), on=True)
+                alert = self._raise(policy, state, frame, "present", best, count=len(matching), on=True,
+                                    values=values)
                 state.level_alert = alert.id
                 alerts.append(alert)
             else:
                 state.level_alert = None
         elif flipped and state.level_alert is not None:  # a cleared level is news only if its start was
-            alerts.append(self._raise(policy, state, frame, "cleared", None, count=len(matching), on=False))
+            alerts.append(self._raise(policy, state, frame, "cleared", None, count=len(matching), on=False,
+                                      values=values))
             state.level_alert = None
         if flipped and rule.state:
             self._publish_state(policy, frame.camera, rule, state.level.state, frame.captured_at,
@@ -583,7 +625,7 @@ class DecisionEngine:
 
     def _raise(self, policy: Policy, state: _RuleState, frame: FrameInfo, event: str, obj: Any, *,
                count: int | None = None, on: bool | None = None, direction: str | None = None,
-               detail: str | None = None) -> Alert:
+               detail: str | None = None, values: dict[str, float] | None = None) -> Alert:
         rule = state.rule
         if obj is not None and event != "cleared":
             state.counts[obj.label] = state.counts.get(obj.label, 0) + 1
@@ -601,6 +643,7 @@ class DecisionEngine:
             count=count if count is not None else state.events, counts=dict(state.counts), detail=detail,
             captured_at=frame.captured_at, published_at=frame.captured_at, model=frame.model,
             model_version=frame.model_version, policy_version=policy.version, snapshot=snapshot, crop=crop,
+            values=values or {},
         )
         sent = self._send(alert, rule.topic, rule.expiry_s)
         # the audit row waits for the snapshot's hash; the alert itself never does
@@ -668,6 +711,42 @@ class DecisionEngine:
             if self._snapshot(frame.image, sid, lambda sha: record(sid, sha)):
                 return
         record()
+
+    def _sample(self, policy: Policy, frame: FrameInfo, observations: list[Observation]) -> None:
+        """Keep the frame for review when a sampler wants it and its caps have room."""
+        cam = self._samples.get(frame.camera) or self._samples.setdefault(frame.camera, CameraSamples())
+
+        def thresholds(label: str) -> tuple[float, float]:
+            t = policy.thresholds(label)
+            return t.accept_at, t.reject_at
+
+        chosen = pick(policy.sampling, cam, observations, thresholds, self._rng, frame.mono)
+        if chosen is None:
+            return
+        for reason in chosen.capped:
+            self._count("samples_capped", reason)
+        if not chosen.reasons:
+            return
+        sid = new_id()
+        assert frame.image is not None
+        if not self._snapshot(frame.image, sid, lambda sha: self._record_sample(policy, frame, chosen, sid, sha)):
+            for reason in chosen.reasons:
+                self._count("samples_skipped", reason)
+            return
+        take(cam, chosen.reasons, frame.mono)
+        for reason in chosen.reasons:
+            self._count("samples", reason)
+
+    def _record_sample(self, policy: Policy, frame: FrameInfo, chosen: Pick, sid: str, sha256: str) -> None:
+        if self._audit is None:
+            return
+        detail: dict[str, Any] = {"policy_version": policy.version}
+        o = chosen.obs
+        if o is not None:
+            detail.update(label=o.label, score=round(o.score, 4), outcome=o.outcome, box=[round(v, 4) for v in o.box])
+        if chosen.threshold is not None:
+            detail["threshold"] = chosen.threshold
+        self._audit(sample(frame.camera, frame.captured_at, frame.model, chosen.reasons, sid, sha256, **detail))
 
     def _snapshot(self, image: np.ndarray, sid: str, done: Callable[[str], None]) -> bool:
         taken = self._snapshots is not None and self._snapshots.request(image, sid, done)

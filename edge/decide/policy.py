@@ -20,13 +20,15 @@ those names are checked against a device by :func:`edge.decide.cascade.check_dev
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Collection, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.config import format_validation_error
 from edge.core.errors import EdgeError
+
+from .sampling import Sampling
 
 OUTCOMES = ("accept", "reject", "unsure")
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -140,7 +142,9 @@ class Condition(_Strict):
     ``min_present_s``: a level that turns on and off. ``every``: the same, but it
     fires on every frame it holds (a rejected part per inspected frame). ``entered`` /
     ``left``: a tracked object's anchor enters or leaves ``zone``. ``crossed``: it
-    crosses ``line`` in ``direction``.
+    crosses ``line`` in ``direction``. With ``min_share`` (``present`` / ``every``) the rule
+    reads a segmentation instead: it holds while ``classes`` cover at least that share of
+    ``zone`` (or of the frame).
     """
 
     event: Literal["present", "every", "entered", "left", "crossed"] = "present"
@@ -152,11 +156,22 @@ class Condition(_Strict):
     min_count: int = Field(default=1, ge=1)
     min_present_s: float = Field(default=0.0, ge=0)
     crop: CropCondition | None = Field(default=None, description="what a trigger task said about the object's crop")
+    min_share: float | None = Field(default=None, gt=0, le=1, description=(
+        "segmentation: holds while the classes cover at least this share of the zone (or the frame)"))
 
     _class = model_validator(mode="before")(_one_class)
 
     @model_validator(mode="after")
     def _fits_event(self) -> "Condition":
+        if self.min_share is not None:
+            if self.event not in ("present", "every"):
+                raise ValueError(f"min_share: only for events 'present' and 'every', not {self.event!r}")
+            if not self.classes:
+                raise ValueError("classes: required with min_share (the classes whose share counts)")
+            if self.min_count != 1 or self.min_present_s:
+                raise ValueError("min_share: a share has no objects to count or time; use debounce to hold it")
+            if self.crop is not None:
+                raise ValueError("crop: a share has no objects whose crops a trigger task could judge")
         if self.event in ("entered", "left") and self.zone is None:
             raise ValueError(f"zone: required for event {self.event!r}")
         if self.event == "crossed" and self.line is None:
@@ -334,6 +349,7 @@ class Policy(_Strict):
     drift: DriftLimits = DriftLimits()
     snapshot_unsure: bool = Field(default=False, description="keep a JPEG of frames with an unsure outcome")
     verifiers: dict[str, Verifier] = Field(default={}, description="class -> the model that settles its unsure outcomes")
+    sampling: Sampling = Field(default=Sampling(), description="frames kept on the device for review and retraining")
 
     @field_validator("version", mode="before")
     @classmethod
@@ -363,6 +379,19 @@ class Policy(_Strict):
     def outcome(self, label: str, score: float) -> str:
         """accept, reject or unsure for one score of one class."""
         return self.thresholds(label).outcome(score)
+
+
+def check_classes(policy: Policy, labels: Collection[str], *, model: str, source: str = "policy") -> None:
+    """PolicyError naming the first class of a share rule (``min_share``) that the
+    segmentation model ``model``, with ``labels``, does not have: such a rule could never hold."""
+    for i, rule in enumerate(policy.rules):
+        if rule.when.min_share is None:
+            continue
+        for j, label in enumerate(rule.when.classes):
+            if label not in labels:
+                known = ", ".join(list(labels)[:30]) + (", ..." if len(labels) > 30 else "")
+                raise PolicyError(f"{source}: rules[{i}].when.classes[{j}]: {label!r} is not a class of "
+                                  f"segmentation model {model} (known: {known or 'none'})")
 
 
 def parse_policy(text: str, *, source: str = "policy") -> Policy:

@@ -2,7 +2,8 @@
 
 Each adapter works on the tensors as the model produced them and dequantizes only
 what survives its threshold: a YOLOv8 head has 8400 anchors × 80 classes, of which
-a handful matter.
+a handful matter. A segmentation model's per-pixel classes stay on the device as a
+:class:`SegmentMap` beside the prediction; only the share of each class leaves.
 """
 
 from __future__ import annotations
@@ -47,18 +48,74 @@ class Keypoint:
     score: float
 
 
+@dataclass(frozen=True, slots=True)
+class ClassShare:
+    """The share of the frame (0..1) a segmentation model gave one class."""
+
+    class_id: int
+    label: str
+    share: float
+
+
+class SegmentMap:
+    """A segmentation model's class per pixel, cropped to the frame (letterbox padding
+    removed), at the model's output resolution. Never serialised: it stays on the device;
+    what leaves is :meth:`shares`, of the frame or of a zone."""
+
+    __slots__ = ("classes", "labels")
+
+    def __init__(self, classes: np.ndarray, labels: Sequence[str]) -> None:
+        self.classes = classes  # [h, w] uint8 class ids
+        self.labels = tuple(labels)
+
+    def region(self, polygon: Sequence[tuple[float, float]]) -> np.ndarray:
+        """A boolean mask of the map's pixels whose centre is inside ``polygon`` (normalised
+        frame coordinates)."""
+        h, w = self.classes.shape
+        mask = np.zeros((h, w), np.uint8)
+        # 8 fractional bits: a zone edge falls between pixels as it does in the frame
+        points = np.array([[(x * w - 0.5) * 256, (y * h - 0.5) * 256] for x, y in polygon], np.int32)
+        cv2.fillPoly(mask, [points], 1, lineType=cv2.LINE_8, shift=8)
+        return mask.astype(bool)
+
+    def counts(self, region: np.ndarray | None = None) -> np.ndarray:
+        """Pixels per class id (of ``region`` only, when given)."""
+        ids = self.classes if region is None else self.classes[region]
+        return np.bincount(ids.ravel(), minlength=max(len(self.labels), 1))
+
+    def class_shares(self, region: np.ndarray | None = None) -> list[ClassShare]:
+        """Each class present with its share of the frame (or of ``region``), largest first."""
+        counts = self.counts(region)
+        total = int(counts.sum())
+        if total == 0:
+            return []
+        order = np.flatnonzero(counts)
+        order = order[np.argsort(-counts[order], kind="stable")]
+        return [ClassShare(int(i), self.label(int(i)), float(counts[i]) / total) for i in order]
+
+    def shares(self, region: np.ndarray | None = None) -> dict[str, float]:
+        """Label → share of the frame (or of ``region``), for the classes present."""
+        return {c.label: c.share for c in self.class_shares(region)}
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """What one model said about one frame. Metadata only: no pixels."""
+    """What one model said about one frame. Metadata only: no pixels (a segmentation's
+    ``segmap`` is kept beside it for the decisions and never serialised)."""
 
     task: str
     classes: tuple[Classification, ...] = field(default=())
     detections: tuple[Detection, ...] = field(default=())
     keypoints: tuple[Keypoint, ...] = field(default=())
+    segments: tuple[ClassShare, ...] = field(default=())
+    segmap: SegmentMap | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"kind": self.task}
-        for name in ("classes", "detections", "keypoints"):
+        for name in ("classes", "detections", "keypoints", "segments"):
             items = getattr(self, name)
             if items:
                 doc[name] = [_rounded(asdict(i)) for i in items]
@@ -92,7 +149,7 @@ def make_decoder(
     manifest: Manifest, outputs: Sequence[TensorInfo], input_size: tuple[int, int]
 ) -> Decoder:
     """The decoder for the manifest's task, bound to the model's output tensors."""
-    builders = {"classify": _classifier, "yolov8": _yolov8, "ssd": _ssd, "pose": _movenet}
+    builders = {"classify": _classifier, "yolov8": _yolov8, "ssd": _ssd, "pose": _movenet, "segment": _segment}
     return builders[manifest.task](manifest, outputs, input_size)
 
 
@@ -211,5 +268,31 @@ def _movenet(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) 
                 Keypoint(names[i], float(xy[i, 0]), float(xy[i, 1]), float(kp[i, 2])) for i in range(17)
             ),
         )
+
+    return decode
+
+
+def _segment(m: Manifest, outputs: Sequence[TensorInfo], size: tuple[int, int]) -> Decoder:
+    """DeepLab-style output: ``[1, h, w]`` class ids (an ArgMax in the model) or
+    ``[1, h, w, C]`` per-class scores, whose argmax needs no dequantizing (one scale
+    for all classes keeps the order)."""
+    in_w, in_h = size
+    labels = m.labels
+
+    def decode(raw: Sequence[np.ndarray], transform: Transform) -> Prediction:
+        out = raw[0][0]
+        ids = out.argmax(axis=-1) if out.ndim == 3 else out
+        h, w = ids.shape
+        # the part of the input the frame fills (all of it when stretched), in map pixels
+        x0 = transform.pad_x * w / in_w
+        y0 = transform.pad_y * h / in_h
+        x1 = x0 + transform.frame_w * transform.scale_x * w / in_w
+        y1 = y0 + transform.frame_h * transform.scale_y * h / in_h
+        ids = ids[int(round(y0)):max(int(round(y1)), int(round(y0)) + 1),
+                  int(round(x0)):max(int(round(x1)), int(round(x0)) + 1)]
+        # ids past 255 (or below 0) are no class the labels know: the last uint8 value
+        classes = np.where((ids >= 0) & (ids < 255), ids, 255).astype(np.uint8)
+        segmap = SegmentMap(classes, labels)
+        return Prediction("segment", segments=tuple(segmap.class_shares()), segmap=segmap)
 
     return decode

@@ -19,7 +19,7 @@ from edge.core.errors import ModelError
 
 from .runtime import LoadedModel, TensorInfo
 
-Task = Literal["classify", "yolov8", "ssd", "pose"]
+Task = Literal["classify", "yolov8", "ssd", "pose", "segment"]
 
 
 class _Strict(BaseModel):
@@ -195,7 +195,27 @@ def _output_problem(m: Manifest, outputs: Sequence[TensorInfo]) -> str | None:
     elif m.task == "pose":
         if len(outputs) != 1 or shapes[0][-2:] != [17, 3]:
             return f"task pose expects one output [1, 1, 17, 3], model has {shapes}"
+    elif m.task == "segment":
+        if len(outputs) != 1 or len(shapes[0]) not in (3, 4) or shapes[0][0] != 1:
+            return f"task segment expects one output [1, H, W] (class ids) or [1, H, W, classes], model has {shapes}"
+        if len(shapes[0]) == 3 and outputs[0].dtype.kind not in "iu":
+            return f"task segment: a [1, H, W] output must hold class ids, model's is {outputs[0].dtype.name}"
+        if len(shapes[0]) == 4 and n_labels and n_labels != shapes[0][3]:
+            return f"{n_labels} labels for {shapes[0][3]} output classes"
+        if n_labels > 255:
+            return f"task segment: at most 255 classes, manifest has {n_labels} labels"
     return None
+
+
+def _is_segmentation(model: LoadedModel) -> bool:
+    """One output of class ids per pixel (an ArgMax, int32/int64), or of per-class scores as
+    wide and high as a quarter of the input or more: DeepLab's two export styles."""
+    if len(model.outputs) != 1:
+        return False
+    out, inp = model.outputs[0], model.inputs[0]
+    if len(out.shape) == 3:
+        return out.dtype.name in ("int32", "int64")
+    return len(out.shape) == 4 and out.shape[1] * 4 >= inp.shape[1] and out.shape[2] * 4 >= inp.shape[2]
 
 
 def guess_manifest(model: LoadedModel, labels: list[str] | None = None) -> Manifest:
@@ -207,6 +227,8 @@ def guess_manifest(model: LoadedModel, labels: list[str] | None = None) -> Manif
     shapes = [list(t.shape) for t in model.outputs]
     if len(shapes) == 4:
         task: Task = "ssd"
+    elif _is_segmentation(model):
+        task = "segment"
     elif len(shapes) == 1 and shapes[0][-2:] == [17, 3]:
         task = "pose"
     elif len(shapes) == 1 and len(shapes[0]) == 3:

@@ -192,6 +192,10 @@ class Collector:
                        [((rule,), n) for rule, n in sorted(d["alerts"].items())])
         yield _counter("edgecam_alert_cooldown_suppressed", "Alerts held back by a rule's cooldown", [],
                        [((), d["cooldown_suppressed"])])
+        for key, doc in (("samples", "Frames kept as snapshots for review, by the sampler that wanted them"),
+                         ("samples_capped", "Frames a sampler wanted but its hourly or daily cap refused"),
+                         ("samples_skipped", "Frames a sampler wanted but the busy snapshot store refused")):
+            yield _counter(f"edgecam_{key}", doc, ["reason"], [((r,), n) for r, n in sorted(d.get(key, {}).items())])
         outcomes = [((camera, outcome), n) for camera, by in sorted(d["outcomes"].items())
                     for outcome, n in by.items()]
         yield _counter("edgecam_outcomes", "Scored outputs by decision outcome", ["camera", "outcome"], outcomes)

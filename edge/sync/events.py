@@ -247,6 +247,14 @@ def decision(
     return new_event(Kind.DECISION, payload, camera=camera, captured_at=captured_at)
 
 
+def sample(camera: str, captured_at: float, model: str, reasons: Iterable[str], snapshot: str, sha256: str,
+           **detail: Any) -> Event:
+    """A frame kept on the device for review (``edge.decide.sampling``): the snapshot's id and
+    hash and why it was sampled; a ``decision`` event, like the unsure frames' snapshots."""
+    payload = {"model": model, "sampled": list(reasons), "snapshot": snapshot, "snapshot_sha256": sha256, **detail}
+    return new_event(Kind.DECISION, payload, camera=camera, captured_at=captured_at)
+
+
 def alert_audit(
     camera: str, captured_at: float, rule: str, topic: str, delivered: bool, **detail: Any
 ) -> Event:
