@@ -22,6 +22,9 @@ from edge.core.signing import init_keys, load_private_key, sign
 from edge.inference.manifest import load_manifest
 from edge.updates.modelstore import ModelStore
 
+# the swap's gates (smoke test, health window) judge -b's latency on what the cores give
+pytestmark = pytest.mark.alone
+
 YOLO_A = "models/yolov8n_full_integer_quant-a.tflite"
 YOLO_B = "models/yolov8n_full_integer_quant-b.tflite"
 TINY = "models/mobilenet_v1_0.25_128_quant.tflite"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import cv2
+import pytest
 import yaml
 from broker import FleetProcess, wait_until
 from conftest import REPO, EdgeRun, edge_run, manifest_for, shared_path
@@ -88,6 +89,7 @@ def test_edge_run_detections_reach_the_fleet_and_are_queryable(tmp_path, broker)
         fleet.stop()
 
 
+@pytest.mark.alone  # twenty starts, each to its first committed events, within one window
 def test_kill_9_edge_run_twenty_times_loses_and_duplicates_nothing(tmp_path, broker):
     fleet = FleetProcess(tmp_path / "fleet.db", broker)
     outbox = tmp_path / "outbox.db"

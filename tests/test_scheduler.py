@@ -14,12 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import pytest
 from conftest import manifest_for, shared_path
 
 from edge.config import parse_config
 from edge.daemon import Daemon
 from edge.inference.adapters import Prediction
 from edge.schedule.scheduler import Result
+
+# rates, budgets and fairness on what two cores give a real model: nothing may run beside them
+pytestmark = pytest.mark.alone
 
 MODELS = {
     "yolo": "models/yolov8n_full_integer_quant-b.tflite",
