@@ -222,6 +222,33 @@ class Store:
         rows = self._rows(q.order_by(e.c.rowid).limit(limit))
         return self.skipped.load("events", rows, load_event), (rows[-1]["rowid"] if rows else rowid)
 
+    def snapshot_events(self, *, snapshot: str | None = None, device: str | None = None,
+                        kinds: Sequence[str] = ("decision", "alert"), limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` events of ``kinds`` that name a kept snapshot (its id and
+        hash), or the one naming ``snapshot``; oldest first. Payloads are compact JSON, so
+        a plain LIKE finds the key (a scan of those kinds: review lists are short)."""
+        e = S.events
+        q = _event_filter(sa.select(*_columns(e, ("rowid", *EVENT_COLUMNS))), device, None)
+        q = q.where(e.c.kind.in_(list(kinds)), e.c.payload.like('%"snapshot_sha256":"%'))
+        if snapshot is not None:
+            q = q.where(e.c.payload.like(f'%"snapshot":"{snapshot}"%'))
+        rows = self._rows(q.order_by(e.c.id.desc()).limit(limit))
+        rows.reverse()
+        return self.skipped.load("events", rows, load_event)
+
+    def add_event(self, *, id: str, device: str, kind: str, camera: str | None, captured_at: float,
+                  payload: Mapping[str, Any], now: float) -> bool:
+        """Store one event the fleet itself makes (an operator's review label); False when
+        an event with that id is stored already."""
+        text = to_json(dict(payload)).decode()
+        if len(text) > MAX_PAYLOAD_BYTES:
+            raise ContractError("oversized", f"payload: {len(text)} bytes > {MAX_PAYLOAD_BYTES}")
+        row = {"id": id, "device": device, "seq": 0, "kind": kind, "camera": camera, "captured_at": captured_at,
+               "recorded_at": now, "priority": 4, "payload": text, "batch": id, "received_at": now}
+        stmt = self._insert(S.events).on_conflict_do_nothing(index_elements=["id"]).returning(S.events.c.id)
+        with self.engine.begin() as c:
+            return bool(c.execute(stmt, [row]).all())
+
     def last_rowid(self) -> int:
         return self._scalar(sa.select(sa.func.coalesce(sa.func.max(S.events.c.rowid), 0)))
 
