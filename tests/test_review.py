@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -121,7 +122,6 @@ def test_a_snapshot_gone_says_whether_it_expired_or_was_evicted(tmp_path):
         path = store.path(sid)
         path.write_bytes(b"\xff\xd8\xff" + b"x" * (size - 3))
         t = time.time() - age
-        import os
         os.utime(path, (t, t))
     store._prune()
     assert (store.gone(old), store.gone(big), store.gone(kept)) == ("expired", "evicted", None)
@@ -142,6 +142,23 @@ def test_a_snapshot_gone_says_whether_it_expired_or_was_evicted(tmp_path):
         off._serve(C.ReviewRequest(v=1, device="cam-1", operator="alice", snapshot=kept, request="r",
                                    reply_topic=T.review_reply("cam-1", "alice", "r")))
     assert exc.value.reason == "export_off" and "privacy.snapshot_export is off" in exc.value.detail
+
+
+def test_export_on_without_snapshots_or_mqtt_is_a_config_error_naming_the_key(tmp_path):
+    from edge.config import load_config
+    from edge.core.errors import ConfigError
+
+    base = {"device": {"id": "cam-1"}, "models": {"m": {"path": str(tmp_path / "m.tflite")}},
+            "cameras": [{"id": "c", "source": {"kind": "video", "path": "x.avi"}, "model": "m"}],
+            "privacy": {"snapshot_export": True}}
+    for extra, why in (({}, "needs `mqtt`"), ({"mqtt": {"host": "localhost"}}, "needs `decisions.snapshots`")):
+        path = tmp_path / "cam.yaml"
+        path.write_text(yaml.safe_dump(base | extra))
+        with pytest.raises(ConfigError, match="privacy.snapshot_export") as exc:
+            load_config(path)
+        assert why in str(exc.value) and exc.value.exit_code == 2
+    path.write_text(yaml.safe_dump({k: v for k, v in base.items() if k != "privacy"}))
+    assert load_config(path).privacy.snapshot_export is False, "off by default"
 
 
 def test_coco_boxes_and_jpeg_sizes(shared):
@@ -300,8 +317,8 @@ def _newest(capsys, broker, device: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fetched(root, broker, daemons, policy_rolled_out):
-    """What alice fetched from cam-on (ids), in order."""
+def fetched() -> list[str]:
+    """What alice fetched from cam-on (ids), in order: the tests that fetch add to it."""
     return []
 
 
