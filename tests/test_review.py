@@ -15,13 +15,14 @@ import json
 import os
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from broker import Broker, FleetProcess, wait_until
-from conftest import EdgeRun, manifest_for, shared_path
+from broker import Broker, FleetProcess, free_port, wait_until
+from conftest import EdgeRun, both_engines, manifest_for, shared_path
 from controller import Controller
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -33,6 +34,7 @@ from edge.decide.snapshots import SnapshotLimits, SnapshotStore
 from edge.sync.review import Exporter, RateLimit, Refusal
 from fleet.cli import main as fleet_main
 from fleet.client import FleetClient
+from fleet.errors import OpError
 from fleet.review_cli import coco_box, jpeg_size
 from fleet.store import Store
 from fleet.upload import push_file
@@ -161,6 +163,47 @@ def test_export_on_without_snapshots_or_mqtt_is_a_config_error_naming_the_key(tm
     assert load_config(path).privacy.snapshot_export is False, "off by default"
 
 
+@both_engines
+def test_the_store_finds_snapshots_and_keeps_verdicts_on_either_engine(fleet_db):
+    from fleet.review import LabelArgs, ListArgs, find, label, list_cases
+
+    store = Store.open(fleet_db)
+    try:
+        snaps, events = [], []
+        for i in range(6):
+            sid = new_id()
+            snaps.append(sid)
+            if i % 2:
+                kind, payload = "alert", {"rule": "r", "topic": "t", "delivered": True, "label": "person",
+                                          "confidence": 0.9, "snapshot": sid, "snapshot_sha256": f"{i:02d}" * 32,
+                                          "model_version": "1", "policy_version": "p"}
+            else:
+                kind, payload = "decision", {"model": "m", "outcome": "unsure", "label": "person", "score": 0.4,
+                                             "snapshot": sid, "snapshot_sha256": f"{i:02d}" * 32,
+                                             "model_version": "1", "policy_version": "p"}
+            events.append(C.WireEvent(id=new_id(), seq=i, kind=kind, device="cam-1", camera="door",
+                                      captured_at=time.time(), recorded_at=time.time(), priority=2, payload=payload))
+        events.append(C.WireEvent(id=new_id(), seq=9, kind="alert", device="cam-1", camera="door", captured_at=0,
+                                  recorded_at=0, priority=4, payload={"rule": "r", "topic": "t", "delivered": True}))
+        store.add_batch(C.OutboxBatch(v=1, device="cam-1", batch=new_id(), sent_at=time.time(), events=events),
+                        time.time())
+        assert [c["snapshot"] for c in list_cases(store, ListArgs())] == snaps
+        assert [c["snapshot"] for c in list_cases(store, ListArgs(outcome="unsure"))] == snaps[::2]
+        assert [c["snapshot"] for c in list_cases(store, ListArgs(limit=2))] == snaps[-2:]
+        assert find(store, snaps[3])["sha256"] == "03" * 32 and find(store, snaps[3])["outcome"] == "alert"
+        with pytest.raises(OpError) as exc:
+            find(store, new_id())
+        assert exc.value.code == "not_found"
+        verdict = label(store, LabelArgs(snapshot=snaps[0], label="person"), "alice", time.time())
+        label(store, LabelArgs(snapshot=snaps[0], label="coat", note="on a hook"), "bob", time.time())
+        assert verdict["model_version"] == "1" and verdict["policy_version"] == "p" and verdict["device"] == "cam-1"
+        (first,) = [c for c in list_cases(store, ListArgs()) if c["snapshot"] == snaps[0]]
+        assert first["review"]["label"] == "coat" and first["review"]["by"] == "bob"
+        assert store.count_events("cam-1") == 9
+    finally:
+        store.close()
+
+
 def test_coco_boxes_and_jpeg_sizes(shared):
     import cv2
 
@@ -210,6 +253,9 @@ def manager(root, broker, wire, keys):
     assert proc.stop() == 0, proc.lines[-5:]
 
 
+METRICS_PORT = free_port()
+
+
 def device_config(root: Path, broker: Broker, keys: Path, name: str, privacy: dict) -> Path:
     d = root / name
     d.mkdir()
@@ -231,6 +277,8 @@ def device_config(root: Path, broker: Broker, keys: Path, name: str, privacy: di
                              "max_unsure_increase": 1, "max_confidence_drop": 1, "detections_ratio": [0, 1000]}},
         "privacy": privacy,
     }
+    if privacy:
+        cfg["metrics"] = {"listen": f"127.0.0.1:{METRICS_PORT}"}
     path = d / "device.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -409,6 +457,11 @@ def test_bad_fetches_get_clear_errors_and_hostile_requests_are_rejected_counted_
     wait_until(lambda: stats(root, "cam-on")["sync"]["review"]["refused"] == {
         "evicted": 1, "forbidden": 1, "rate_limited": 1}, 10, "each refusal counted by its reason")
     wait_until(lambda: len(_exports(root)) == 3, 20, "three exports audited")
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    for line in ("edgecam_review_exported_total 3.0", 'edgecam_review_refused_total{reason="rate_limited"} 1.0',
+                 'edgecam_review_rejected_total{reason="wrong_device"} 2.0'):
+        assert line in metrics.splitlines(), line
 
 
 def test_labels_are_review_events_tied_to_versions_and_export_writes_the_fetched_ones(

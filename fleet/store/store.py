@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edge.core.contract import MAX_PAYLOAD_BYTES, Artifact, ContractError, JobStatus, OutboxBatch, Status
+from edge.core.ids import encode_ulid, ulid_time
 
 from . import engine as db
 from . import schema as S
@@ -48,6 +49,9 @@ log = logging.getLogger("fleet.store")
 StoreError = db.StoreError
 # what a failing database raises: the caller keeps the batch unacked, the device sends it again
 DatabaseError = sa.exc.SQLAlchemyError
+
+
+SNAPSHOT_EVENT_WINDOW_S = 3600.0  # a snapshot's event is made within this of the snapshot (in ms, in practice)
 
 
 class Conflict(StoreError):
@@ -225,15 +229,23 @@ class Store:
     def snapshot_events(self, *, snapshot: str | None = None, device: str | None = None,
                         kinds: Sequence[str] = ("decision", "alert"), limit: int = 50) -> list[dict[str, Any]]:
         """The newest ``limit`` events of ``kinds`` that name a kept snapshot (its id and
-        hash), or the one naming ``snapshot``; oldest first. Payloads are compact JSON, so
-        a plain LIKE finds the key (a scan of those kinds: review lists are short)."""
+        hash), or the one naming ``snapshot``; oldest first.
+
+        Payloads are compact JSON, so a LIKE finds the key; each kind is read newest first
+        down its (kind, id) index and stops at ``limit``. A snapshot's event is made on the
+        device right after the snapshot is written, by the same id generator, so its id
+        lies within :data:`SNAPSHOT_EVENT_WINDOW_S` after the snapshot's: that range of the
+        index is all a lookup reads."""
         e = S.events
-        q = _event_filter(sa.select(*_columns(e, ("rowid", *EVENT_COLUMNS))), device, None)
-        q = q.where(e.c.kind.in_(list(kinds)), e.c.payload.like('%"snapshot_sha256":"%'))
-        if snapshot is not None:
-            q = q.where(e.c.payload.like(f'%"snapshot":"{snapshot}"%'))
-        rows = self._rows(q.order_by(e.c.id.desc()).limit(limit))
-        rows.reverse()
+        found: list[dict[str, Any]] = []
+        for kind in kinds:
+            q = _event_filter(sa.select(*_columns(e, ("rowid", *EVENT_COLUMNS))), device, kind)
+            q = q.where(e.c.payload.like('%"snapshot_sha256":"%'))
+            if snapshot is not None:
+                until = encode_ulid(int((ulid_time(snapshot) + SNAPSHOT_EVENT_WINDOW_S) * 1000), 0)
+                q = q.where(e.c.id >= snapshot, e.c.id < until, e.c.payload.like(f'%"snapshot":"{snapshot}"%'))
+            found += self._rows(q.order_by(e.c.id.desc()).limit(limit))
+        rows = sorted(found, key=lambda r: r["id"])[-limit:]
         return self.skipped.load("events", rows, load_event)
 
     def add_event(self, *, id: str, device: str, kind: str, camera: str | None, captured_at: float,
