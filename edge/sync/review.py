@@ -119,7 +119,7 @@ class Exporter:
             log.warning("snapshot fetch refused", extra=fields(reason=exc.reason, detail=exc.detail,
                                                                operator=operator, snapshot=req.snapshot))
             self._send(client, req, ReviewChunk(v=1, device=self.device, snapshot=req.snapshot, request=req.request,
-                                                error=exc.reason, detail=exc.detail))
+                                                error=exc.reason, detail=exc.detail[:512]))
             return
         for offset in range(0, max(1, len(data)), MAX_CHUNK_BYTES):
             piece = data[offset:offset + MAX_CHUNK_BYTES]
