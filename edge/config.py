@@ -502,6 +502,18 @@ class CommandsConfig(_Strict):
                                    description="keeps rule controls (disabled, muted, acknowledged) across restarts")
 
 
+class PrivacyConfig(_Strict):
+    """Whether any pixel may leave the device: only a snapshot an operator fetches for
+    review, and only with ``snapshot_export`` on."""
+
+    snapshot_export: bool = Field(default=False, description="let operators fetch kept snapshots for review "
+                                                             "(off: every fetch is refused, no pixel leaves)")
+    reviewers: list[Annotated[str, Field(pattern=_ID)]] = Field(
+        default=[], description="operator identities allowed to fetch (empty: any operator the broker lets ask)")
+    max_fetches: int = Field(default=20, gt=0, le=10_000, description="fetches served per `per_s` seconds")
+    per_s: float = Field(default=3600.0, gt=0, description="the rate limit's window")
+
+
 class DeviceConfig(_Strict):
     """The whole ``edge run`` config file."""
 
@@ -519,6 +531,17 @@ class DeviceConfig(_Strict):
     sparkplug: SparkplugConfig | None = Field(default=None, description="a Sparkplug B edge node beside the alerts")
     homeassistant: HomeAssistantConfig | None = Field(default=None, description="Home Assistant MQTT discovery")
     commands: CommandsConfig | None = Field(default=None, description="rule commands from line controllers")
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _export_needs_snapshots(self) -> "DeviceConfig":
+        if self.privacy.snapshot_export:
+            if self.mqtt is None:
+                raise _KeyedError("privacy.snapshot_export", "needs `mqtt`: a fetch comes and goes through the broker")
+            if self.decisions.snapshots is None:
+                raise _KeyedError("privacy.snapshot_export", "needs `decisions.snapshots`: no snapshot is kept "
+                                                             "without it, so there is nothing to fetch")
+        return self
 
     @model_validator(mode="after")
     def _agent_needs_mqtt(self) -> "DeviceConfig":

@@ -178,6 +178,8 @@ class Daemon:
                         for cam in cfg.cameras]
         self.reload_requested = threading.Event()  # SIGHUP: read the policy file again
         self._decisions_setup()
+        if self.sync is not None:  # before the link starts: it subscribes on connect
+            self.sync.review = self._exporter(cfg)
         self.health = self._health_watch()
         # decisions first: an alert must not wait for the results file or the outbox
         self.scheduler = Scheduler(self.cameras, self.executors,
@@ -234,6 +236,14 @@ class Daemon:
         from edge.comms.service import LineComms
         return LineComms(cfg, self.decisions, self.cameras, self.observer.snapshot, self._model_version,
                          audit=self.outbox.append if self.outbox is not None else None)
+
+    def _exporter(self, cfg: DeviceConfig) -> Any:
+        """The answerer of operators' snapshot fetches: every device has one, so a fetch
+        from a device with export off is refused with that reason rather than unanswered."""
+        from edge.sync.review import Exporter
+
+        assert cfg.mqtt is not None and self.outbox is not None
+        return Exporter(cfg.device.id, Topics(cfg.mqtt.prefix), cfg.privacy, self.snapshots, self.outbox.append)
 
     # --- observe (edge/observe) ---------------------------------------------------------------------
 

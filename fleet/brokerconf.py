@@ -107,10 +107,12 @@ def rights(identity: IdentityRow, topics: Topics) -> list[dict[str, Any]]:
         d = f"{p}/dev/{identity.name}"
         command = topics.command(identity.site or "", identity.line or "", identity.name)
         send = [f"{d}/status", f"{d}/outbox", f"{d}/reported", f"{d}/job/+", f"{d}/artifact/get",
+                f"{d}/review/reply/+/+",  # Topics.review_reply: to any operator that asks it
                 f"{p}/alerts/{identity.site}/{identity.line}/#", f"{command}/result",
                 *_sparkplug_node(identity), f"{HA_PREFIX}/device/{ha_object_id(identity.name)}/config"]
         # the managers' "ingest online" announcement and Home Assistant's status: everyone's, so not its own topics
-        subscribe = receive = [f"{d}/desired", f"{d}/ack", f"{d}/artifact/+", topics.ingest_online(), command,
+        subscribe = receive = [f"{d}/desired", f"{d}/ack", f"{d}/artifact/+", topics.review_gets(identity.name),
+                               topics.ingest_online(), command,
                                f"{SPARKPLUG}/{identity.site}/NCMD/{identity.name}",
                                f"{SPARKPLUG}/{identity.site}/DCMD/{identity.name}/+", f"{HA_PREFIX}/status"]
     elif identity.role == "manager":
@@ -121,8 +123,10 @@ def rights(identity: IdentityRow, topics: Topics) -> list[dict[str, Any]]:
         send = [f"{p}/dev/+/ack", f"{p}/dev/+/desired", f"{p}/dev/+/artifact/+", f"{p}/fleet/reply/#",
                 topics.ingest_online()]
     elif identity.role == "operator":
-        send = [topics.rpc(identity.name)]
-        subscribe = receive = [f"{p}/fleet/reply/{identity.name}/#"]
+        # snapshot fetches go to the devices directly, under the operator's own name, and
+        # come back on topics only it reads: the managers can neither ask nor read them
+        send = [topics.rpc(identity.name), f"{p}/dev/+/review/get/{identity.name}"]  # Topics.review_get
+        subscribe = receive = [f"{p}/fleet/reply/{identity.name}/#", topics.review_replies(identity.name)]
     elif identity.role == "controller":
         line = identity.line or "+"  # a controller without a line is the site's
         where = f"{identity.site}" + (f"/{identity.line}" if identity.line else "")

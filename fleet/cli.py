@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from edge.core.contract import DEFAULT_PREFIX, EVENT_KINDS, Topics
 from edge.core.errors import UsageError, run_command
 
-from . import __version__, admin, operate
+from . import __version__, admin, operate, review_cli
 
 if TYPE_CHECKING:
     from .client import Tls
@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     ids.set_defaults(func=_cmd_identities_list)
 
     operate.add_commands(sub, common, _rpc_parent())
+    review_cli.add_commands(sub, common, _rpc_parent())
     return parser
 
 

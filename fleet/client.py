@@ -10,6 +10,7 @@ identity takes the first one's connection over, and the first one says so and st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import ssl
@@ -23,7 +24,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.core.contract import DEFAULT_PREFIX, ContractError, RpcRequest, Topics, decode_rpc_response, encode
+from edge.core.contract import (
+    DEFAULT_PREFIX,
+    ContractError,
+    ReviewRequest,
+    RpcRequest,
+    Topics,
+    decode_review_chunk,
+    decode_rpc_response,
+    encode,
+)
 from edge.core.tls import client_context, refusal
 
 from .errors import OpError
@@ -71,7 +81,10 @@ class FleetClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_log = self._on_log
-        self._client.on_subscribe = lambda c, u, mid, reasons, props: self._subscribed(reasons)
+        self._client.on_subscribe = lambda c, u, mid, reasons, props: self._on_subscribe(mid, reasons)
+        self._reply_mid: int | None = None
+        self._subacks: dict[int, list] = {}
+        self._chunks: dict[str, list[bytes]] = {}  # a fetch's reply topic -> what arrived on it
         self._client.on_message = self._on_message
 
     def __enter__(self) -> "FleetClient":
@@ -101,10 +114,18 @@ class FleetClient:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not reason.is_failure:
-            client.subscribe(self._reply_topic, qos=1)
+            self._reply_mid = client.subscribe(self._reply_topic, qos=1)[1]
             return
         self._fail(f"the broker at {self._host}:{self._port} refused {self.identity!r}: {reason} (a wrong password, "
                    "a revoked identity, or a client id other than the identity)")
+
+    def _on_subscribe(self, mid: int, reasons: list) -> None:
+        if mid == self._reply_mid:
+            self._subscribed(reasons)
+            return
+        with self._cond:
+            self._subacks[mid] = reasons
+            self._cond.notify_all()
 
     def _subscribed(self, reasons: list) -> None:
         if any(r.is_failure for r in reasons):
@@ -136,6 +157,11 @@ class FleetClient:
             self._cond.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            if message.topic in self._chunks:
+                self._chunks[message.topic].append(message.payload)
+                self._cond.notify_all()
+                return
         correlation = getattr(message.properties, "CorrelationData", None)
         with self._cond:
             self._answers[bytes(correlation or b"")] = message.payload
@@ -173,6 +199,70 @@ class FleetClient:
             error = response.error
             raise OpError(error.code if error else "internal", error.message if error else "request failed")
         return response.result
+
+    def fetch_snapshot(self, device: str, snapshot: str, *, sha256: str | None = None,
+                       timeout: float | None = None) -> bytes:
+        """The JPEG of ``snapshot``, straight from ``device`` to this identity's own reply
+        topic (the manager is not on the way); OpError with the device's reason when it
+        refuses, ``bad_data`` when the bytes do not match ``sha256`` (the hash the fleet
+        store holds)."""
+        request = secrets.token_hex(8)
+        reply = self.topics.review_reply(device, self.identity, request)
+        wait = timeout or self.timeout
+        with self._cond:
+            self._chunks[reply] = []
+        try:
+            mid = self._client.subscribe(reply, qos=1)[1]
+            deadline = time.monotonic() + wait
+            with self._cond:
+                if not self._cond.wait_for(lambda: mid in self._subacks or self._failure is not None,
+                                           max(0.0, deadline - time.monotonic())):
+                    raise OpError("timeout", "the broker did not answer the subscription to the reply topic")
+                if self._failure is not None:
+                    raise OpError("unavailable", self._failure)
+                if any(r.is_failure for r in self._subacks.pop(mid)):
+                    raise OpError("forbidden", f"the broker does not let {self.identity!r} read {reply}: is it "
+                                               "enrolled as an operator under a broker config that knows reviews?")
+            body = ReviewRequest(v=1, device=device, operator=self.identity, snapshot=snapshot, request=request,
+                                 reply_topic=reply)
+            self._client.publish(self.topics.review_get(device, self.identity), encode(body), qos=1)
+            return self._assemble(device, snapshot, reply, sha256, deadline)
+        finally:
+            self._client.unsubscribe(reply)
+            with self._cond:
+                self._chunks.pop(reply, None)
+
+    def _assemble(self, device: str, snapshot: str, reply: str, sha256: str | None, deadline: float) -> bytes:
+        parts: dict[int, bytes] = {}
+        total: int | None = None
+        digest: str | None = None
+        while total is None or sum(map(len, parts.values())) < total:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._chunks[reply] or self._failure is not None,
+                                           max(0.0, deadline - time.monotonic())):
+                    raise OpError("timeout", f"no answer from {device} (is it online, and does its runtime "
+                                             "serve snapshot fetches?)" if total is None else
+                                  f"{device} stopped sending {snapshot} halfway; fetch it again")
+                if self._failure is not None:
+                    raise OpError("unavailable", self._failure)
+                arrived, self._chunks[reply] = self._chunks[reply], []
+            for payload in arrived:
+                try:
+                    header, data = decode_review_chunk(payload, device=device)
+                except ContractError as exc:
+                    raise OpError("bad_data", f"{device} sent a chunk that breaks the contract: {exc}") from None
+                if header.snapshot != snapshot:
+                    raise OpError("bad_data", f"{device} answered with another snapshot, {header.snapshot}")
+                if header.error is not None:
+                    raise OpError(header.error, f"{device} refused: {header.detail or header.error}")
+                total, digest = header.total, header.sha256
+                parts[header.offset] = data
+        blob = b"".join(parts[k] for k in sorted(parts))
+        got = hashlib.sha256(blob).hexdigest()
+        if len(blob) != total or got != digest or (sha256 is not None and got != sha256):
+            raise OpError("bad_data", f"{snapshot} from {device} does not match its hash "
+                                      f"({got[:16]}…, the fleet store has {(sha256 or digest or '')[:16]}…)")
+        return blob
 
     def publish_raw(self, payload: bytes, *, topic: str | None = None, reply: bool = True) -> dict[str, Any] | None:
         """Send arbitrary bytes as a request (for tests of malformed input); the raw answer."""

@@ -66,7 +66,7 @@ FLUSH_S = 0.1  # the longest a job status waits for its commit
 SESSION_EXPIRY_S = 3600
 DEFAULT_FAILOVER_S = 10.0
 MUTATING = frozenset({"artifacts.push", "rollouts.start", "rollouts.pause", "rollouts.resume", "rollouts.abort",
-                      "rollouts.rollback"})
+                      "rollouts.rollback", "review.label"})
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,9 @@ class Operations:
             "devices.list": Op(NoArgs, lambda a, by, now: engine.store.devices()),
             "devices.show": Op(DeviceArgs, lambda a, by, now: engine.device_view(a.id)),
         }
+        from .review import operations as review_operations  # it builds on this module's Op
+
+        self.ops.update(review_operations(engine.store))
 
     def handle(self, identity: str, req: RpcRequest, now: float) -> RpcResponse:
         try:

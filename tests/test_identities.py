@@ -103,17 +103,19 @@ def test_rights_are_exactly_what_each_role_needs(store, ca):
     assert acl(dev, "publishClientSend") == sorted([
         f"{p}/dev/cam-1/status", f"{p}/dev/cam-1/outbox", f"{p}/dev/cam-1/reported", f"{p}/dev/cam-1/job/+",
         f"{p}/dev/cam-1/artifact/get", f"{p}/alerts/plant-a/3/#", f"{p}/commands/plant-a/3/cam-1/result",
-        *(node.format(v) for v in ("NBIRTH", "NDATA", "NDEATH")),
+        f"{p}/dev/cam-1/review/reply/+/+", *(node.format(v) for v in ("NBIRTH", "NDATA", "NDEATH")),
         *(node.format(v) + "/+" for v in ("DBIRTH", "DDATA", "DDEATH")), "homeassistant/device/cam-1/config"])
     assert acl(dev, "subscribePattern") == acl(dev, "publishClientReceive") == sorted(
-        [f"{p}/dev/cam-1/desired", f"{p}/dev/cam-1/ack", f"{p}/dev/cam-1/artifact/+", T.ingest_online(),
+        [f"{p}/dev/cam-1/desired", f"{p}/dev/cam-1/ack", f"{p}/dev/cam-1/artifact/+", T.review_gets("cam-1"),
+         T.ingest_online(),
          f"{p}/commands/plant-a/3/cam-1", node.format("NCMD"), node.format("DCMD") + "/+", "homeassistant/status"])
     assert acl(dev, "subscribeLiteral") == []
     assert T.shared_outbox() in acl(mgr, "subscribeLiteral") and T.all_jobs() in acl(mgr, "subscribeLiteral")
     assert T.ingest_online() in acl(mgr, "publishClientSend"), "only a manager announces its ingest"
     assert connections(mgr) == ["fleet", "fleet~jobs", "fleet~ingest"], "one client id per link of a manager"
-    assert acl(op, "publishClientSend") == [T.rpc("alice")]
-    assert acl(op, "subscribePattern") == [f"{p}/fleet/reply/alice/#"]
+    assert acl(op, "publishClientSend") == sorted([T.rpc("alice"), f"{p}/dev/+/review/get/alice"])
+    assert acl(op, "subscribePattern") == sorted([f"{p}/fleet/reply/alice/#", T.review_replies("alice")])
+    assert not [a for a in rights(mgr, T) if "/review/" in a["topic"]], "a manager may neither ask nor read a fetch"
     assert acl(plc, "publishClientSend") == sorted([f"{p}/commands/plant-a/3/+", "homeassistant/status"])
     assert acl(plc, "subscribePattern") == sorted([f"{p}/alerts/plant-a/3/#", f"{p}/commands/plant-a/3/+/result",
                                                    "homeassistant/device/+/config"]), "a line's: no Sparkplug"

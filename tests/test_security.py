@@ -647,6 +647,70 @@ def test_line_commands_and_sparkplug_reach_only_where_each_identity_belongs(f, b
             client.close()
 
 
+# --- snapshot review ------------------------------------------------------------------------------------
+
+
+def _as(f: Fleet, name: str) -> Raw:
+    t = f.tls(name)
+    return Raw(f, client_id=name, cert=t.cert, key=t.key)
+
+
+def test_only_an_operator_asks_a_device_for_a_snapshot_and_only_under_its_own_name(f, broker):
+    ask = C.encode(C.ReviewRequest(v=1, device="cam-a", operator="alice", snapshot=new_id(), request="r1",
+                                   reply_topic=T.review_reply("cam-a", "alice", "r1")))
+    alice, bob, plc, thief, x = _as(f, "alice"), _as(f, "bob"), _as(f, "plc-x"), _as(f, "fleet-2"), Raw.device(f, "cam-x")
+    try:
+        assert alice.pub(T.review_get("cam-a", "alice"), ask) in DELIVERED
+        assert bob.pub(T.review_get("cam-a", "bob"), ask) in DELIVERED, "bob asks as bob"
+        assert bob.pub(T.review_get("cam-a", "alice"), ask) == "Not authorized", "not as alice"
+        for who, client in (("a device", x), ("a controller", plc), ("a manager", thief)):
+            for asker in ("alice", "cam-x", "plc-x", "fleet-2"):
+                assert client.pub(T.review_get("cam-a", asker), ask) == "Not authorized", (who, asker)
+        # nobody but the device reads what is asked of it
+        for client in (bob, plc, thief, x):
+            assert client.sub(T.review_gets("cam-a")) == "Not authorized"
+        assert x.sub(T.review_gets("cam-x")) == "Granted QoS 1"
+    finally:
+        for client in (alice, bob, plc, thief, x):
+            client.close()
+
+
+def test_only_the_addressed_device_answers_and_only_the_asking_operator_reads_the_answer(f, broker):
+    bob, plc, thief, x = _as(f, "bob"), _as(f, "plc-x"), _as(f, "fleet-2"), Raw.device(f, "cam-x")
+    try:
+        chunk = C.encode_review_chunk(C.ReviewChunk(v=1, device="cam-a", snapshot=new_id(), request="r1",
+                                                    sha256="ab" * 32, total=3), b"\xff\xd8\xff")
+        assert x.pub(T.review_reply("cam-a", "alice", "r1"), chunk) == "Not authorized", "an answer as cam-a"
+        assert x.pub(T.review_reply("cam-x", "alice", "r1"), chunk) in DELIVERED, "its own answers only"
+        for client in (bob, plc):
+            assert client.pub(T.review_reply("cam-a", "alice", "r1"), chunk) == "Not authorized"
+        for topic in (T.review_replies("alice"), T.review_reply("cam-a", "alice", "r1"), f"{P}/dev/+/review/reply/#",
+                      f"{P}/dev/cam-a/review/#"):
+            for client in (bob, plc, thief, x):
+                assert client.sub(topic) == "Not authorized", topic
+        assert bob.sub(T.review_replies("bob")) == "Granted QoS 1"
+    finally:
+        for client in (bob, plc, thief, x):
+            client.close()
+
+
+def test_a_fetch_goes_to_the_daemon_and_its_refusal_back_to_the_asker_alone_through_the_generated_acl(f, daemons):
+    """cam-a runs with privacy.snapshot_export off (the default): alice's fetch reaches it
+    and its answer reaches her, while bob, listening to all he may, hears nothing of it."""
+    bob = _as(f, "bob")
+    try:
+        assert bob.sub(T.review_replies("bob")) == "Granted QoS 1"
+        with f.client("alice") as client, pytest.raises(OpError, match="privacy.snapshot_export is off") as exc:
+            client.fetch_snapshot("cam-a", new_id(), timeout=15)
+        assert exc.value.code == "export_off"
+        wait_until(lambda: stats(f, "cam-a")["sync"].get("review", {}).get("refused", {}).get("export_off"), 10,
+                   "the refusal counted on cam-a")
+        time.sleep(0.5)
+        assert not [m for m in bob.messages if "/review/" in m.topic]
+    finally:
+        bob.close()
+
+
 # --- several managers ---------------------------------------------------------------------------------
 
 

@@ -50,6 +50,8 @@ MAX_COMMAND_BYTES = 2 * 1024  # a line controller's command: a handful of short 
 MAX_SUMMARY_BYTES = 64 * 1024  # a camera's summary: every rule's state and count
 MAX_ARTIFACT_BYTES = 2**31  # a model or policy file; a FlatBuffer (TFLite) cannot be larger
 MAX_ARTIFACT_DOC_BYTES = 48 * 1024  # one artifact's description: four slots and a policy fit one desired state
+MAX_REVIEW_REQUEST_BYTES = 1024  # an operator's snapshot fetch: a handful of ids
+MAX_SNAPSHOT_BYTES = 16 * 1024 * 1024  # a snapshot a device sends; a 4K JPEG at quality 100 fits
 
 # Numbers. Times are seconds since the epoch: never negative, and at most the last
 # second of the year 9999, which every date library can show; there is no lower bound
@@ -65,7 +67,16 @@ MAX_INT = 2**63 - 1
 CHUNK_ERRORS = ("unknown_artifact", "out_of_range", "busy", "not_assigned")
 CHUNK_BUSY_RETRY_S = 1.0
 
-EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift", "command")
+EVENT_KINDS = ("detection_summary", "decision", "alert", "health", "model", "outbox_eviction", "drift", "command",
+               "snapshot_exported", "review")
+
+# Why a device sent no pixels for a snapshot fetch (``ReviewChunk.error``): its config
+# keeps export off (``privacy.snapshot_export``), the identity is not one of its
+# reviewers, it served as many fetches as its rate allows, it holds no such snapshot
+# (never, or no longer: ``expired`` past its age cap, ``evicted`` for room), or the file
+# could not be read or is larger than a fetch may carry.
+REVIEW_ERRORS = ("export_off", "forbidden", "rate_limited", "unknown_snapshot", "expired", "evicted",
+                 "unreadable", "too_large")
 
 # Alert events. A rule's own: present, cleared, every, entered, left, crossed. Raised by
 # the device about itself, each on a rule of the same name with retained state (on, then
@@ -176,6 +187,31 @@ class Topics:
     def rpc_reply(self, identity: str, session: str) -> str:
         """Where a client of ``identity`` wants its responses (ACL: read ``{p}/fleet/reply/%u/#``)."""
         return f"{self.prefix}/fleet/reply/{_level(identity)}/{_level(session)}"
+
+    def review_get(self, device: str, operator: str) -> str:
+        """Where ``operator`` asks ``device`` for one snapshot. Both are topic levels, so
+        the broker's ACL vouches for who asks (an operator writes only
+        ``{p}/dev/+/review/get/{itself}``) and who may read it (only the device)."""
+        return f"{self.prefix}/dev/{_level(device)}/review/get/{_level(operator)}"
+
+    def review_gets(self, device: str) -> str:
+        """The device's subscription to every operator's fetch requests."""
+        return f"{self.prefix}/dev/{_level(device)}/review/get/+"
+
+    def review_reply(self, device: str, operator: str, request: str) -> str:
+        """Where ``device`` sends the snapshot ``operator`` asked for: under the device's own
+        topics (only it may write there) and the operator's name (only it may read)."""
+        return f"{self.prefix}/dev/{_level(device)}/review/reply/{_level(operator)}/{_level(request)}"
+
+    def review_replies(self, operator: str) -> str:
+        """``operator``'s subscription to the answers of every device it asks."""
+        return f"{self.prefix}/dev/+/review/reply/{_level(operator)}/+"
+
+    def review_requester(self, device: str, topic: str) -> str | None:
+        """The operator in ``{p}/dev/{device}/review/get/{operator}``, or None for any other topic."""
+        head = f"{self.prefix}/dev/{device}/review/get/"
+        rest = topic[len(head):] if topic.startswith(head) else ""
+        return rest if rest and "/" not in rest else None
 
     def alert(self, site: str, line: str, camera: str) -> str:
         return f"{self.prefix}/alerts/{_level(site)}/{_level(line)}/{_level(camera)}"
@@ -485,6 +521,36 @@ class RpcResponse(_Body):
     error: RpcError | None = None
 
 
+class ReviewRequest(_Body):
+    """``{p}/dev/{id}/review/get/{operator}``: an operator asks for one snapshot's JPEG.
+
+    ``operator`` must be the topic's last level and ``reply_topic`` exactly
+    :meth:`Topics.review_reply` for this device, that operator and ``request``: the
+    device sends nothing anywhere else."""
+
+    v: Version
+    device: Ident
+    operator: Ident
+    snapshot: Ulid
+    request: Ident
+    reply_topic: str = Field(max_length=512)
+
+
+class ReviewChunk(_Body):
+    """The JSON line in front of a snapshot chunk's raw bytes; ``error`` set means no data
+    (one of :data:`REVIEW_ERRORS`, said in words in ``detail``)."""
+
+    v: Version
+    device: Ident
+    snapshot: Ulid
+    request: Ident
+    sha256: Sha256 | None = None
+    offset: Annotated[int, Field(ge=0, le=MAX_SNAPSHOT_BYTES)] = 0
+    total: Annotated[int, Field(ge=0, le=MAX_SNAPSHOT_BYTES)] = 0
+    error: str | None = Field(default=None, max_length=32)
+    detail: str | None = Field(default=None, max_length=512)
+
+
 class CropAnswer(_Body):
     """What a trigger task said about an alert's object, on the object's crop."""
 
@@ -782,6 +848,42 @@ def decode_chunk(data: bytes) -> tuple[ChunkHeader, bytes]:
     header = _decode(ChunkHeader, data[:end], limit=MAX_CHUNK_HEADER_BYTES, device=None)
     if header.error is not None and payload:
         raise ContractError("schema", "a chunk with an error carries no data")
+    if header.offset + len(payload) > header.total:
+        raise ContractError("schema", f"chunk ends at {header.offset + len(payload)} > total {header.total}")
+    return header, payload
+
+
+def decode_review_request(data: bytes, topics: Topics, *, device: str, operator: str) -> ReviewRequest:
+    """A snapshot fetch that arrived on ``{p}/dev/{device}/review/get/{operator}``, or
+    ContractError (``wrong_device`` for another device, operator or reply topic)."""
+    body = _decode(ReviewRequest, data, limit=MAX_REVIEW_REQUEST_BYTES, device=device)
+    if body.operator != operator:
+        raise ContractError("wrong_device", f"body names operator {body.operator!r} on {operator!r}'s topic")
+    if body.reply_topic != topics.review_reply(device, operator, body.request):
+        raise ContractError("wrong_device", f"reply topic {body.reply_topic!r} is not {operator!r}'s own")
+    return body
+
+
+def encode_review_chunk(header: ReviewChunk, data: bytes = b"") -> bytes:
+    """A snapshot chunk on the wire, framed as artifact chunks are: a JSON line, then raw bytes."""
+    if len(data) > MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk of {len(data)} bytes > {MAX_CHUNK_BYTES}")
+    return encode(header) + b"\n" + data
+
+
+def decode_review_chunk(data: bytes, *, device: str) -> tuple[ReviewChunk, bytes]:
+    """A snapshot chunk from ``device``'s reply topic, or ContractError."""
+    end = data.find(b"\n", 0, MAX_CHUNK_HEADER_BYTES)
+    if end < 0:
+        raise ContractError("malformed_json", "no header line")
+    payload = data[end + 1:]
+    if len(payload) > MAX_CHUNK_BYTES:
+        raise ContractError("oversized", f"{len(payload)} bytes of data > {MAX_CHUNK_BYTES}")
+    header = _decode(ReviewChunk, data[:end], limit=MAX_CHUNK_HEADER_BYTES, device=device)
+    if header.error is not None and payload:
+        raise ContractError("schema", "a chunk with an error carries no data")
+    if header.error is None and header.sha256 is None:
+        raise ContractError("schema", "a chunk with data names the snapshot's sha256")
     if header.offset + len(payload) > header.total:
         raise ContractError("schema", f"chunk ends at {header.offset + len(payload)} > total {header.total}")
     return header, payload

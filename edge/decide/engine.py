@@ -703,7 +703,7 @@ class DecisionEngine:
         def record(snapshot: str | None = None, sha256: str | None = None) -> None:
             extra = {"snapshot": snapshot, "snapshot_sha256": sha256} if snapshot else {}
             audit(decision(frame.camera, frame.captured_at, frame.model, "unsure", unsure.label, unsure.score,
-                           unsure=unsure_count, policy_version=policy.version,
+                           unsure=unsure_count, policy_version=policy.version, model_version=frame.model_version,
                            box=[round(v, 4) for v in unsure.box], **extra))
 
         if policy.snapshot_unsure and self._snapshots is not None and frame.image is not None:

@@ -1,7 +1,8 @@
 """JPEG snapshots of alert and unsure frames, kept on the device under a size and age cap.
 
 Pixels never leave the device: only a snapshot's id and sha256 travel in metadata, and
-a technician (or a future upload on request) reads the file here. Encoding a 720p JPEG
+a technician reads the file here, or, with ``privacy.snapshot_export`` on, an operator
+fetches one for review (:mod:`edge.sync.review`). Encoding a 720p JPEG
 takes milliseconds, so it happens on the store's own thread; requests wait in a small
 bounded queue and are skipped (and counted) when it is full, never slowing inference.
 The caps are enforced after each write and on a timer, so a picture past its age goes
@@ -15,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ log = logging.getLogger("edge.snapshots")
 
 QUEUE_SIZE = 4
 PRUNE_EVERY_S = 60.0
+GONE_KEPT = 10_000  # ids of deleted snapshots remembered, so a fetch can say why one is gone
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class SnapshotStore:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
         self.counters = {"written": 0, "skipped_busy": 0, "pruned": 0, "errors": 0}
+        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "expired" or "evicted", newest last
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,10 @@ class SnapshotStore:
 
     def path(self, sid: str) -> Path:
         return self.dir / f"{sid}.jpg"
+
+    def gone(self, sid: str) -> str | None:
+        """Why snapshot ``sid`` was deleted by this process (``expired``, ``evicted``), if it was."""
+        return self._gone.get(sid)
 
     def _run(self) -> None:
         next_prune = time.monotonic()
@@ -128,6 +136,9 @@ class SnapshotStore:
             path.unlink(missing_ok=True)
             total -= size
             self.counters["pruned"] += 1
+            self._gone[path.stem] = "expired" if mtime < horizon else "evicted"
+            while len(self._gone) > GONE_KEPT:
+                self._gone.popitem(last=False)
 
     def stats(self) -> dict[str, Any]:
         return dict(self.counters)

@@ -268,6 +268,16 @@ class Collector:
                          ("events_sent", "Events published in batches"), ("resent", "Batches sent again")):
             yield _counter(f"edgecam_sync_{key}", doc, [], [((), y[key])])
         yield _gauge("edgecam_sync_inflight_batches", "Batches awaiting the fleet's ack", [], [((), y["inflight"])])
+        review = y.get("review")
+        if review is not None:  # snapshot fetches (edge/sync/review): the one way pixels leave
+            yield _counter("edgecam_review_exported", "Snapshots sent to an operator who asked", [],
+                           [((), review["exported"])])
+            yield _counter("edgecam_review_exported_bytes", "Bytes of snapshots sent to operators", [],
+                           [((), review["bytes"])])
+            for key, doc in (("refused", "Snapshot fetches refused, by reason"),
+                             ("rejected", "Snapshot fetch requests that broke the contract, by reason")):
+                yield _counter(f"edgecam_review_{key}", doc, ["reason"],
+                               [((reason,), n) for reason, n in sorted(review[key].items())])
 
 
 class MetricsServer:

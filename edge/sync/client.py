@@ -47,6 +47,7 @@ from edge.core.link import Link, LinkSettings, Will, publish
 from edge.core.logs import fields
 
 from .outbox import Batch, Outbox
+from .review import Exporter
 
 log = logging.getLogger("edge.sync")
 
@@ -90,8 +91,10 @@ class Sync:
     """Syncs ``outbox`` to the fleet through the broker in ``mqtt``. ``start`` / ``stop``."""
 
     def __init__(self, mqtt_cfg: MqttConfig, device: DeviceInfo, outbox: Outbox, *,
-                 models: Mapping[str, str] | None = None, runtime: str = __version__) -> None:
+                 models: Mapping[str, str] | None = None, runtime: str = __version__,
+                 review: Exporter | None = None) -> None:
         self.device = device
+        self.review = review  # operators' snapshot fetches ride this link: the device's own identity
         self.outbox = outbox
         self.topics = Topics(mqtt_cfg.prefix)
         self._cfg = outbox.cfg
@@ -139,7 +142,8 @@ class Sync:
         return {**self._link.counters.as_dict(), "inflight": len(self._inflight), "parked": len(self._parked),
                 "parked_events": sum(f.batch.count for f in list(self._parked.values())),
                 **self._counters, "acks_rejected": dict(self._counters["acks_rejected"]),
-                "ingest_online_rejected": dict(self._counters["ingest_online_rejected"])}
+                "ingest_online_rejected": dict(self._counters["ingest_online_rejected"]),
+                **({"review": self.review.stats()} if self.review is not None else {})}
 
     # --- link handler (all on the link's thread) ------------------------------------------
 
@@ -147,6 +151,8 @@ class Sync:
         # subscribe every time: the broker may have lost the session (restart without persistence);
         # before the re-sends below, so an announcement that follows them is heard
         client.subscribe([(self.topics.ack(self.device.id), 1), (self.topics.ingest_online(), 0)])
+        if self.review is not None:
+            self.review.on_connect(client)
         self._publish_status(client, "online")
         # paho re-sends only what the broker never acknowledged; what it did may have
         # reached no manager (the broker restarted, or had no subscriber): all of it, now
@@ -155,6 +161,8 @@ class Sync:
     def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topics.ingest_online():
             return self._ingest_online(message.payload)
+        if self.review is not None and self.review.handles(message.topic):
+            return self.review.on_message(client, message)
         try:
             ack = decode_ack(message.payload, device=self.device.id)
         except ContractError as exc:

@@ -37,6 +37,8 @@ class Kind(str, Enum):
     OUTBOX_EVICTION = "outbox_eviction"
     DRIFT = "drift"
     COMMAND = "command"
+    SNAPSHOT_EXPORTED = "snapshot_exported"
+    REVIEW = "review"
 
 
 assert tuple(k.value for k in Kind) == EVENT_KINDS, "events.Kind and contract.EVENT_KINDS differ"
@@ -52,6 +54,8 @@ PRIORITY: dict[Kind, int] = {
     Kind.OUTBOX_EVICTION: 3,
     Kind.ALERT: 4,
     Kind.COMMAND: 4,  # who changed what on the line: kept as long as the alerts
+    Kind.SNAPSHOT_EXPORTED: 4,  # which pixels left the device, to whom: the audit trail
+    Kind.REVIEW: 4,  # made by the fleet (an operator's label), never by a device
 }
 
 
@@ -268,6 +272,13 @@ def command_audit(camera: str | None, source: str, topic: str, op: str | None, o
     or refused (``ok`` false, and why in ``detail``)."""
     payload = {"source": source, "topic": topic, "op": op, "ok": bool(ok), **detail}
     return new_event(Kind.COMMAND, payload, camera=camera)
+
+
+def snapshot_exported(snapshot: str, sha256: str, operator: str, request: str, size: int) -> Event:
+    """The audit row of one snapshot sent to ``operator`` (who asked, which file, when)."""
+    payload = {"action": "snapshot_exported", "snapshot": snapshot, "sha256": sha256, "operator": operator,
+               "request": request, "bytes": int(size)}
+    return new_event(Kind.SNAPSHOT_EXPORTED, payload)
 
 
 def health_snapshot(camera: str | None, stats: Mapping[str, Any]) -> Event:

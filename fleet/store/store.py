@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edge.core.contract import MAX_PAYLOAD_BYTES, Artifact, ContractError, JobStatus, OutboxBatch, Status
+from edge.core.ids import encode_ulid, ulid_time
 
 from . import engine as db
 from . import schema as S
@@ -48,6 +49,9 @@ log = logging.getLogger("fleet.store")
 StoreError = db.StoreError
 # what a failing database raises: the caller keeps the batch unacked, the device sends it again
 DatabaseError = sa.exc.SQLAlchemyError
+
+
+SNAPSHOT_EVENT_WINDOW_S = 3600.0  # a snapshot's event is made within this of the snapshot (in ms, in practice)
 
 
 class Conflict(StoreError):
@@ -221,6 +225,41 @@ class Store:
         q = _event_filter(sa.select(*_columns(e, ("rowid", *EVENT_COLUMNS))), device, kind).where(e.c.rowid > rowid)
         rows = self._rows(q.order_by(e.c.rowid).limit(limit))
         return self.skipped.load("events", rows, load_event), (rows[-1]["rowid"] if rows else rowid)
+
+    def snapshot_events(self, *, snapshot: str | None = None, device: str | None = None,
+                        kinds: Sequence[str] = ("decision", "alert"), limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` events of ``kinds`` that name a kept snapshot (its id and
+        hash), or the one naming ``snapshot``; oldest first.
+
+        Payloads are compact JSON, so a LIKE finds the key; each kind is read newest first
+        down its (kind, id) index and stops at ``limit``. A snapshot's event is made on the
+        device right after the snapshot is written, by the same id generator, so its id
+        lies within :data:`SNAPSHOT_EVENT_WINDOW_S` after the snapshot's: that range of the
+        index is all a lookup reads."""
+        e = S.events
+        found: list[dict[str, Any]] = []
+        for kind in kinds:
+            q = _event_filter(sa.select(*_columns(e, ("rowid", *EVENT_COLUMNS))), device, kind)
+            q = q.where(e.c.payload.like('%"snapshot_sha256":"%'))
+            if snapshot is not None:
+                until = encode_ulid(int((ulid_time(snapshot) + SNAPSHOT_EVENT_WINDOW_S) * 1000), 0)
+                q = q.where(e.c.id >= snapshot, e.c.id < until, e.c.payload.like(f'%"snapshot":"{snapshot}"%'))
+            found += self._rows(q.order_by(e.c.id.desc()).limit(limit))
+        rows = sorted(found, key=lambda r: r["id"])[-limit:]
+        return self.skipped.load("events", rows, load_event)
+
+    def add_event(self, *, id: str, device: str, kind: str, camera: str | None, captured_at: float,
+                  payload: Mapping[str, Any], now: float) -> bool:
+        """Store one event the fleet itself makes (an operator's review label); False when
+        an event with that id is stored already."""
+        text = to_json(dict(payload)).decode()
+        if len(text) > MAX_PAYLOAD_BYTES:
+            raise ContractError("oversized", f"payload: {len(text)} bytes > {MAX_PAYLOAD_BYTES}")
+        row = {"id": id, "device": device, "seq": 0, "kind": kind, "camera": camera, "captured_at": captured_at,
+               "recorded_at": now, "priority": 4, "payload": text, "batch": id, "received_at": now}
+        stmt = self._insert(S.events).on_conflict_do_nothing(index_elements=["id"]).returning(S.events.c.id)
+        with self.engine.begin() as c:
+            return bool(c.execute(stmt, [row]).all())
 
     def last_rowid(self) -> int:
         return self._scalar(sa.select(sa.func.coalesce(sa.func.max(S.events.c.rowid), 0)))
