@@ -15,6 +15,7 @@ policy show``.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -133,6 +134,24 @@ def warm_up(executor: Executor, cameras: list[CameraRunner]) -> None:
             for task in camera.tasks.values():
                 if task.model == slot:
                     camera.planner.costs.observe(task.name, ms)
+
+
+
+REFREEZE_EVERY_S = 600.0
+
+
+def _refreeze() -> None:
+    """Collect once, then put every object alive out of the collector's sight.
+
+    What the daemon has built (imports, models, config) lives as long as it does; a full
+    collection over it takes 30 ms or more, a pause of every executor inside some frame's
+    budget. Frozen, a collection scans only what was made since. Cycles among frozen
+    objects (a model or policy swapped out) are freed by the next refreeze, every
+    REFREEZE_EVERY_S.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class Daemon:
@@ -445,6 +464,8 @@ class Daemon:
         """Run until ``stop`` is set or every source has ended; returns the exit code."""
         started: list[CameraRunner] = []
         failure: str | None = None
+        _refreeze()
+        next_refreeze = time.monotonic() + REFREEZE_EVERY_S
         try:
             if self.sync is not None:
                 self.sync.start()
@@ -485,7 +506,11 @@ class Daemon:
                 if time.monotonic() >= next_stats:
                     self.report()
                     next_stats += interval
+                if time.monotonic() >= next_refreeze:
+                    _refreeze()
+                    next_refreeze += REFREEZE_EVERY_S
         finally:
+            gc.unfreeze()
             stopping = time.monotonic()
             self.liveness.stopping()
             if self.agent is not None:
