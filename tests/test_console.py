@@ -486,15 +486,22 @@ def test_rollout_page_stage_bars_advance_while_watched(world, browser):
     browser.get(f"{world.url}/rollouts/{rollout}")
     seen: list[int] = []
 
-    def finished() -> int:
-        return sum(int(s.get_attribute("data-finished")) for s in browser.find_elements(By.CSS_SELECTOR, "#stages .stage"))
-
     def settled() -> bool:
+        # the state and the bars read in one script, from one loaded page: read one after
+        # the other, the page's own refresh could come between them (old bars, new state)
         try:
-            seen.append(finished())
-            return browser.find_element(By.ID, "state").text == "completed"
+            read = browser.execute_script(
+                "if (document.readyState !== 'complete') return null;"
+                "const state = document.getElementById('state');"
+                "const done = [...document.querySelectorAll('#stages .stage')]"
+                "  .reduce((n, s) => n + Number(s.dataset.finished), 0);"
+                "return state ? [state.textContent.trim(), done] : null;")
         except Exception:  # the page is being reloaded by its own refresh
             return False
+        if read is None:
+            return False
+        seen.append(read[1])
+        return read[0] == "completed"
 
     wait_until(settled, 60, "the rollout page to show the rollout completed", interval=0.5)
     shot(browser, "rollout")
