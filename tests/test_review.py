@@ -94,15 +94,15 @@ def test_a_review_request_must_agree_with_its_topic():
 
 def test_a_chunk_with_an_error_carries_no_data_and_data_names_its_hash():
     header = C.ReviewChunk(v=1, device="cam-1", snapshot=new_id(), request="r1", sha256="ab" * 32, total=3)
-    assert C.decode_review_chunk(C.encode_review_chunk(header, b"abc"), device="cam-1") == (header, b"abc")
+    assert C.decode_review_chunk(C.encode_chunk(header, b"abc"), device="cam-1") == (header, b"abc")
     refused = header.model_copy(update={"sha256": None, "error": "export_off", "total": 0})
     with pytest.raises(C.ContractError):
-        C.decode_review_chunk(C.encode_review_chunk(refused, b"x"), device="cam-1")
+        C.decode_review_chunk(C.encode_chunk(refused, b"x"), device="cam-1")
     with pytest.raises(C.ContractError):
-        C.decode_review_chunk(C.encode_review_chunk(header.model_copy(update={"sha256": None}), b"abc"),
+        C.decode_review_chunk(C.encode_chunk(header.model_copy(update={"sha256": None}), b"abc"),
                               device="cam-1")
     with pytest.raises(C.ContractError) as exc:
-        C.decode_review_chunk(C.encode_review_chunk(header, b"abc"), device="cam-2")
+        C.decode_review_chunk(C.encode_chunk(header, b"abc"), device="cam-2")
     assert exc.value.reason == "wrong_device"
 
 

@@ -678,7 +678,7 @@ def test_only_an_operator_asks_a_device_for_a_snapshot_and_only_under_its_own_na
 def test_only_the_addressed_device_answers_and_only_the_asking_operator_reads_the_answer(f, broker):
     bob, plc, thief, x = _as(f, "bob"), _as(f, "plc-x"), _as(f, "fleet-2"), Raw.device(f, "cam-x")
     try:
-        chunk = C.encode_review_chunk(C.ReviewChunk(v=1, device="cam-a", snapshot=new_id(), request="r1",
+        chunk = C.encode_chunk(C.ReviewChunk(v=1, device="cam-a", snapshot=new_id(), request="r1",
                                                     sha256="ab" * 32, total=3), b"\xff\xd8\xff")
         assert x.pub(T.review_reply("cam-a", "alice", "r1"), chunk) == "Not authorized", "an answer as cam-a"
         assert x.pub(T.review_reply("cam-x", "alice", "r1"), chunk) in DELIVERED, "its own answers only"

@@ -40,7 +40,7 @@ from edge.core.contract import (
     ReviewRequest,
     Topics,
     decode_review_request,
-    encode_review_chunk,
+    encode_chunk,
 )
 from edge.core.link import publish
 from edge.core.logs import fields
@@ -163,7 +163,7 @@ class Exporter:
         return data, hashlib.sha256(data).hexdigest()
 
     def _send(self, client: mqtt.Client, req: ReviewRequest, header: ReviewChunk, data: bytes = b"") -> None:
-        publish(client, req.reply_topic, encode_review_chunk(header, data))
+        publish(client, req.reply_topic, encode_chunk(header, data))
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "refused": dict(self.counters["refused"]),
