@@ -212,8 +212,10 @@ def _check_on_device(policy, cfg, source: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge.core.logs import setup_logging
+    from edge.core.memory import tune_allocator
     from edge.daemon import Daemon, open_results
 
+    tune_allocator()  # before any thread starts: the arenas are made as threads first allocate
     cfg = _checked_config(args.config)
     try:
         sink, stream = open_results(args.results)

@@ -71,3 +71,64 @@ def test_edge_run_reports_its_memory_in_the_stats_line_file_and_edge_stats(tmp_p
     assert out.returncode == 0, out.stderr
     memory = out.stdout.splitlines()[2]
     assert memory.startswith("memory: ") and " MB resident, peak " in memory, out.stdout
+
+
+def _resident_kb(path: Path) -> int:
+    """This process's resident kB of the mappings of ``path``."""
+    total, inside, target = 0, False, str(path.resolve())
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:  # a mapping's header line
+            inside = len(parts) > 5 and parts[5] == target
+        elif inside and parts[0] == "Rss:":
+            total += int(parts[1])
+    return total
+
+
+def test_release_file_pages_drops_a_read_mapping_whose_data_stays_readable(tmp_path):
+    import mmap
+
+    from edge.core.memory import release_file_pages
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(bytes(range(256)) * 4096)  # 1 MB
+    with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        checksum = sum(view[::4096])  # touches every page
+        assert _resident_kb(data) > 0
+        assert release_file_pages(data) >= len(view)
+        assert _resident_kb(data) == 0
+        assert sum(view[::4096]) == checksum  # faulted back in from the file, unchanged
+
+
+def test_a_loaded_model_keeps_little_of_its_file_resident_and_still_answers_the_same():
+    import numpy as np
+
+    from edge.core.memory import release_file_pages
+    from edge.inference.runtime import load_interpreter
+
+    path = shared_path(YOLO)
+    loaded = load_interpreter(path, num_threads=1)
+    # XNNPACK packed the weights at allocation: what is read again is the tensors' descriptions
+    assert _resident_kb(path) < path.stat().st_size / 1024 / 10
+    it, tensor = loaded.interpreter, loaded.inputs[0]
+    frame = np.random.default_rng(1).integers(0, 255, tensor.shape, dtype=np.uint8).astype(tensor.dtype)
+
+    def outputs() -> list[np.ndarray]:
+        it.set_tensor(tensor.index, frame)
+        it.invoke()
+        return [it.get_tensor(o.index).copy() for o in loaded.outputs]
+
+    first = outputs()
+    release_file_pages(path)  # again, after an invoke: whatever it read comes back from the file
+    assert all(np.array_equal(a, b) for a, b in zip(first, outputs()))
+
+
+def test_the_allocator_settings_apply_on_glibc():
+    import platform
+
+    from edge.core import memory
+
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+        pytest.skip("mallopt is glibc's")
+    assert memory.tune_allocator() is True
