@@ -132,3 +132,25 @@ def test_the_allocator_settings_apply_on_glibc():
         import pytest
         pytest.skip("mallopt is glibc's")
     assert memory.tune_allocator() is True
+
+
+def test_a_video_source_decodes_with_the_configured_threads_and_the_same_frames():
+    import cv2
+    import numpy as np
+
+    from edge.capture.sources import make_source
+    from edge.config import VideoSource
+
+    clip = str(shared_path("media/pedestrians-720p50.avi"))
+    frames = {}
+    for threads, expected in ((None, 1), (0, cv2.getNumberOfCPUs()), (2, 2)):
+        cfg = VideoSource.model_validate({"kind": "video", "path": clip, "pace": "fast",
+                                          **({} if threads is None else {"decoder_threads": threads})})
+        source = make_source(cfg)
+        source.open()
+        try:
+            assert source._cap.get(cv2.CAP_PROP_N_THREADS) == expected  # what FFmpeg was told
+            frames[threads] = [source.read() for _ in range(5)]
+        finally:
+            source.close()
+    assert all(np.array_equal(a, b) for a, b in zip(frames[None], frames[2]))
