@@ -154,3 +154,33 @@ def test_a_video_source_decodes_with_the_configured_threads_and_the_same_frames(
         finally:
             source.close()
     assert all(np.array_equal(a, b) for a, b in zip(frames[None], frames[2]))
+
+
+def test_edge_bench_memory_reports_each_run_split_into_anonymous_and_file_pages(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "bench", "memory", "--model", str(shared_path(YOLO)),
+         "--manifest", str(manifest_for(YOLO)), "--source", str(shared_path("media/pedestrians-360p10.avi")),
+         "--extra-source", str(shared_path("media/pedestrians-720p50.avi")), "--extra-cameras", "0,1",
+         "--warmup", "1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    one, two = report["runs"]
+    assert (one["cameras"], two["cameras"]) == (1, 2)
+    for run in (one, two):
+        assert run["rss_mb"] <= run["peak_rss_mb"]
+        assert abs(run["anon_mb"] + run["file_mb"] - run["rss_mb"]) <= 1.0  # the split accounts for the whole
+    assert "per_extra_camera_mb" not in one
+    assert two["per_extra_camera_mb"] == round(two["rss_mb"] - one["rss_mb"], 1)
+    assert len(report["load_average_before"]) == 3
+    # each run's daemon really ran the cameras it was given
+    logged = (tmp_path / "run-1" / "edge.log").read_text()
+    assert '"cameras": 2' in logged or '"cameras":2' in logged
+
+
+def test_edge_bench_memory_refuses_extra_cameras_without_their_source(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "bench", "memory", "--model", str(shared_path(YOLO)),
+         "--source", str(shared_path("media/pedestrians-360p10.avi")), "--extra-cameras", "0,1"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "--extra-source" in out.stderr
