@@ -184,3 +184,18 @@ def test_edge_bench_memory_refuses_extra_cameras_without_their_source(tmp_path):
          "--source", str(shared_path("media/pedestrians-360p10.avi")), "--extra-cameras", "0,1"],
         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 2 and "--extra-source" in out.stderr
+
+
+def test_release_file_pages_leaves_a_librarys_written_pages_alone():
+    """A library's relocated data lives in its file's private mappings: dropping those pages
+    would revert them to the file's bytes and crash the next call. A child, in case it does."""
+    script = (
+        "import numpy as np\n"
+        "from edge.core.memory import release_file_pages\n"
+        "lib = next(line.split()[-1] for line in open('/proc/self/maps') if '_multiarray_umath' in line)\n"
+        "assert release_file_pages(lib) > 0\n"  # its clean mappings (code) were dropped
+        "print(int(np.arange(1000).sum()), float(np.linalg.norm(np.ones(4))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["499500", "2.0"]

@@ -63,22 +63,33 @@ def release_file_pages(path: str | Path) -> int:
     For a model file the runtime maps and then copies into its own layout (XNNPACK packs
     the weights at allocation): the mapped copy is no longer read, yet its pages stay
     resident. They are clean file pages, so dropping them loses nothing: a page still
-    read is faulted back in from the page cache.
+    read is faulted back in from the page cache. A mapping holding any page of its own
+    (a private mapping written to, such as a library's relocated data) is left alone:
+    dropping those pages would lose what was written.
     """
     target = os.path.realpath(path)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    advised = 0
     try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.readlines()
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.readlines()
     except OSError:
         return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    candidates: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[5].strip() != target or "w" in parts[1]:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:  # a mapping's header line
+            current = None
+            if len(parts) == 6 and parts[5].strip() == target and "w" not in parts[1]:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                current = (start, end)
+        elif current is not None and parts[0] == "Anonymous:":
+            if int(parts[1]) == 0:
+                candidates.append(current)
+            current = None
+    advised = 0
+    for start, end in candidates:
         if libc.madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
             advised += end - start
     return advised
