@@ -131,6 +131,19 @@ def _parser() -> argparse.ArgumentParser:
                              "topic, with a Sparkplug host subscribed (default: off, alerts alone)")
     alerts.set_defaults(func=_cmd_bench_alerts)
     outbox.set_defaults(func=_cmd_bench_outbox)
+    memory = bench_sub.add_parser("memory", parents=[common],
+                                  help="edge run's resident memory after warm-up: one camera, then more")
+    memory.add_argument("--model", required=True, type=Path, help=".tflite file (the demo's: YOLOv8n)")
+    memory.add_argument("--manifest", type=Path, help="manifest (default: beside the model)")
+    memory.add_argument("--source", required=True, type=Path, help="the first camera's video, looped")
+    memory.add_argument("--extra-source", type=Path, help="each further camera's video, looped")
+    memory.add_argument("--extra-cameras", default="0,1,2",
+                        help="cameras beyond the first, a run for each count (default 0,1,2)")
+    memory.add_argument("--warmup", type=float, default=25.0,
+                        help="seconds after the daemon says it runs before reading (default 25)")
+    memory.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    memory.add_argument("--workdir", type=Path, help="keep each run's config and log here")
+    memory.set_defaults(func=_cmd_bench_memory)
     observe = bench_sub.add_parser("observe", parents=[common],
                                    help="cost of the quality measures and of a scrape a second, against the budget")
     _daemon_bench_args(observe, model=".tflite file", source="a video, looped at its own pace (720p: the budget "
@@ -212,8 +225,10 @@ def _check_on_device(policy, cfg, source: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge.core.logs import setup_logging
+    from edge.core.memory import tune_allocator
     from edge.daemon import Daemon, open_results
 
+    tune_allocator()  # before any thread starts: the arenas are made as threads first allocate
     cfg = _checked_config(args.config)
     try:
         sink, stream = open_results(args.results)
@@ -575,6 +590,19 @@ def _cmd_bench_alerts(args: argparse.Namespace) -> int:
 
     report = run_alerts_bench(args.model, args.source, manifest=args.manifest, seconds=args.seconds,
                               threads=args.threads, line_protocols=args.line_protocols)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from edge.bench.memory import run_memory_bench
+
+    try:
+        extra = tuple(int(n) for n in args.extra_cameras.split(","))
+    except ValueError:
+        raise UsageError(f"--extra-cameras {args.extra_cameras!r}: counts separated by commas, e.g. 0,1,2") from None
+    report = run_memory_bench(args.model, args.source, manifest=args.manifest, extra_source=args.extra_source,
+                              extra=extra, warmup_s=args.warmup, threads=args.threads, workdir=args.workdir)
     print(json.dumps(report, indent=2))
     return 0
 

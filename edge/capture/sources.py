@@ -121,8 +121,10 @@ class VideoFileSource:
 
     live = False
 
-    def __init__(self, path: Path, *, pace: str = "native", loop: bool = False, fps: float | None = None):
+    def __init__(self, path: Path, *, pace: str = "native", loop: bool = False, fps: float | None = None,
+                 decoder_threads: int = 1):
         self.path = Path(path)
+        self.decoder_threads = decoder_threads
         self.loop = loop
         self.paced = pace == "native"
         self.description = f"video {self.path}"
@@ -177,7 +179,7 @@ class VideoFileSource:
             cap.release()
 
     def _new_capture(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(self.path))
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, self.decoder_threads])
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot open video '{self.path}': not a video OpenCV can decode")
@@ -365,9 +367,10 @@ class UsbCameraSource(_CvLiveSource):
 class UrlStreamSource(_CvLiveSource):
     """An RTSP/HTTP/... stream through OpenCV's FFmpeg backend, with open and read timeouts."""
 
-    def __init__(self, url: str, *, open_timeout_s: float = 10.0):
+    def __init__(self, url: str, *, open_timeout_s: float = 10.0, decoder_threads: int = 1):
         self.url = url
         self.open_timeout_s = open_timeout_s
+        self.decoder_threads = decoder_threads
         super().__init__(f"url {redact(url)}")
 
     def open(self) -> None:
@@ -375,7 +378,8 @@ class UrlStreamSource(_CvLiveSource):
         self.close()
         timeout_ms = int(self.open_timeout_s * 1000)
         # the same bound on reads, so a stream that stops sending makes read() return
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms,
+                  cv2.CAP_PROP_N_THREADS, self.decoder_threads]
         try:
             cap = cv2.VideoCapture(self.url, cv2.CAP_FFMPEG, params)
         except cv2.error as exc:
@@ -570,13 +574,13 @@ class TestPatternSource:
 def make_source(cfg: Any) -> Source:
     """Build (but do not open) the source described by a source config model."""
     if isinstance(cfg, VideoSource):
-        return VideoFileSource(cfg.path, pace=cfg.pace, loop=cfg.loop, fps=cfg.fps)
+        return VideoFileSource(cfg.path, pace=cfg.pace, loop=cfg.loop, fps=cfg.fps, decoder_threads=cfg.decoder_threads)
     if isinstance(cfg, ImagesSource):
         return ImageDirSource(cfg.path, fps=cfg.fps, loop=cfg.loop)
     if isinstance(cfg, UsbSource):
         return UsbCameraSource(cfg.device, width=cfg.width, height=cfg.height, fps=cfg.fps, fourcc=cfg.fourcc)
     if isinstance(cfg, UrlSource):
-        return UrlStreamSource(cfg.url, open_timeout_s=cfg.open_timeout_s)
+        return UrlStreamSource(cfg.url, open_timeout_s=cfg.open_timeout_s, decoder_threads=cfg.decoder_threads)
     if isinstance(cfg, GStreamerSource):
         return GStreamerPipelineSource(cfg.pipeline)
     if isinstance(cfg, Picamera2Source):

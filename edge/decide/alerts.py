@@ -56,6 +56,9 @@ class AlertPublisher:
         self.counters: dict[str, int] = {"published": 0, "delayed": 0, "dropped_queue_full": 0,
                                          "publish_errors": 0, "states": 0, "connects": 0, "disconnects": 0}
         self.by_rule: dict[str, dict[str, int]] = {}  # rule -> published, delayed, dropped
+        # told (alert as sent, clock time paho's publish call was entered, and returned) after
+        # each publish: a benchmark splits with it the device's share of a publish from the broker's
+        self.on_sent: Callable[[Alert, float, float], None] | None = None
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng)
         client = new_client(settings)
         client.on_connect = self._on_connect
@@ -120,10 +123,14 @@ class AlertPublisher:
                 self._states[topic] = body
 
     def _publish(self, alert: Alert, topic: str, expiry_s: int, *, delayed: bool) -> bool:
-        body = encode(alert.model_copy(update={"published_at": self._clock(), "delayed": delayed}))
+        sent = alert.model_copy(update={"published_at": self._clock(), "delayed": delayed})
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = expiry_s
+        body = encode(sent)
+        entered = self._clock()
         ok = self._raw(topic, body, properties=props)
+        if ok and self.on_sent is not None:
+            self.on_sent(sent, entered, self._clock())
         if ok:
             self.counters["published"] += 1
             self.counters["delayed"] += delayed

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge.core.errors import ModelError
+from edge.core.memory import release_file_pages
 
 TFLITE_IDENTIFIER = b"TFL3"  # the flatbuffer file identifier, bytes 4..8 of every .tflite
 TRIAL_TIMEOUT_S = 120.0  # a first load that takes longer than this is refused
@@ -132,6 +133,8 @@ def load_interpreter(
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: {describe_load_error(exc)}") from None
+    # the runtime has copied the weights into its own layout: the file's pages are not read again
+    release_file_pages(path)
     return LoadedModel(
         path=path,
         interpreter=interpreter,
