@@ -145,3 +145,18 @@ def db_rows(db: str, sql: str, *args) -> list[tuple]:
             return [tuple(r) for r in conn.execute(sa.text(text), {f"p{i}": a for i, a in enumerate(args)})]
     finally:
         engine.dispose()
+
+
+class AlertRecorder:
+    """A pure-logic stand-in for the alert publisher: records what would be sent."""
+
+    def __init__(self) -> None:
+        self.alerts: list = []
+        self.states: list = []
+
+    def submit(self, alert, topic, expiry_s) -> bool:
+        self.alerts.append(alert)
+        return True
+
+    def set_state(self, state, topic) -> None:
+        self.states.append(state)

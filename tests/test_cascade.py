@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from conftest import AlertRecorder
 
 from edge.capture.thread import Frame
 from edge.cli import main
@@ -35,24 +36,14 @@ rules:
 """
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.alerts = []
-
-    def submit(self, alert, topic, expiry_s) -> bool:
-        self.alerts.append(alert)
-        return True
-
-    def set_state(self, state, topic) -> None:
-        pass
 
 
 def det(label: str, score: float, cx: float, cy: float = 0.5, w: float = 0.1, h: float = 0.2) -> Detection:
     return Detection(0, label, score, ((cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H))
 
 
-def engine(policy: str, **kw) -> tuple[DecisionEngine, Recorder]:
-    sink = Recorder()
+def engine(policy: str, **kw) -> tuple[DecisionEngine, AlertRecorder]:
+    sink = AlertRecorder()
     return DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(policy), **kw), sink
 
 

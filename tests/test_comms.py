@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import AlertRecorder
 from ha_schema import check_device_discovery
 
 from edge.comms import sparkplug_b_pb2 as pb
@@ -146,16 +147,6 @@ camera_health: {enabled: false}
 """
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.alerts, self.states = [], []
-
-    def submit(self, alert, topic, expiry_s) -> bool:
-        self.alerts.append(alert)
-        return True
-
-    def set_state(self, state, topic) -> None:
-        self.states.append(state)
 
 
 def frame(engine: DecisionEngine, t: float, person: bool = True) -> list:
@@ -165,7 +156,7 @@ def frame(engine: DecisionEngine, t: float, person: bool = True) -> list:
 
 def test_rule_controls_apply_from_the_next_frame_and_outlive_a_policy_swap():
     clock = [100.0]
-    sink, audit = Sink(), []
+    sink, audit = AlertRecorder(), []
     engine = DecisionEngine("cam-1", lambda c: "t", sink, policy=parse_policy(POLICY), audit=audit.append,
                             clock=lambda: clock[0])
     with pytest.raises(ControlError, match="nothing_to_ack"):

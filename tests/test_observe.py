@@ -13,11 +13,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import manifest_for, shared_path
+from conftest import AlertRecorder, manifest_for, shared_path
 
 from edge.cli import main
 from edge.config import ObserveConfig, parse_config
-from edge.core.contract import Alert
 from edge.core.errors import ConfigError
 from edge.decide.engine import DecisionEngine
 from edge.decide.policy import parse_policy
@@ -113,17 +112,6 @@ def test_quality_measures_tell_black_covered_and_defocused_frames_from_the_real_
     assert failing["defocused"] == ["sharpness"] and "brightness" in failing["blinded"]
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.alerts: list[Alert] = []
-        self.states: list = []
-
-    def submit(self, alert, topic, expiry_s) -> bool:
-        self.alerts.append(alert)
-        return True
-
-    def set_state(self, state, topic) -> None:
-        self.states.append(state)
 
 
 def _reading(at: float, brightness: float = 120.0, sharpness: float = 2000.0) -> ObserveSnapshot:
@@ -141,7 +129,7 @@ image_quality:
   quality: {min_brightness: 40, min_sharpness: 500}
   profiles: [{name: night, start: "22:00", end: "05:00", quality: {min_brightness: 5}}]
 """)
-    sink = Sink()
+    sink = AlertRecorder()
     engine = DecisionEngine("dev", lambda c: "t", sink, policy=policy)
     noon = time.mktime((2030, 6, 1, 12, 0, 0, 0, 0, -1))
     for i in range(4):  # dark at noon for 1.5 s: not yet
@@ -177,7 +165,7 @@ def _report(window: int, psi_value: float, detections: int = 500) -> ObserveSnap
 
 
 def test_model_drift_needs_its_windows_in_a_row_and_clears_on_a_good_one():
-    sink = Sink()
+    sink = AlertRecorder()
     engine = DecisionEngine("dev", lambda c: "t", sink,
                             policy=parse_policy("version: d\ndrift: {max_psi: 0.2, windows: 2, min_detections: 100}"))
     engine.poll_observe(_report(1, 0.5))

@@ -17,7 +17,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, manifest_for, shared_path
+from conftest import REPO, AlertRecorder, manifest_for, shared_path
 
 from edge.core.errors import ModelError
 from edge.decide.engine import DecisionEngine, FrameInfo
@@ -176,17 +176,6 @@ rules:
 """
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.alerts: list = []
-        self.states: list = []
-
-    def submit(self, alert, topic, expiry_s) -> bool:
-        self.alerts.append(alert)
-        return True
-
-    def set_state(self, state, topic) -> None:
-        self.states.append(state)
 
 
 def run(eng: DecisionEngine, deeplab: Model, names: list[str], t0: float = 100.0) -> None:
@@ -198,7 +187,7 @@ def run(eng: DecisionEngine, deeplab: Model, names: list[str], t0: float = 100.0
 
 
 def test_a_share_rule_turns_on_and_clears_with_the_share(deeplab):
-    sink = Sink()
+    sink = AlertRecorder()
     eng = DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(POLICY))
     run(eng, deeplab, ["grace_hopper.bmp", "grace_hopper.bmp", "cat.bmp"])
     mine = [a for a in sink.alerts if a.rule == "person-in-frame"]
@@ -215,7 +204,7 @@ def test_a_share_rule_turns_on_and_clears_with_the_share(deeplab):
 
 
 def test_a_zone_share_fires_only_where_the_class_is(deeplab):
-    sink = Sink()
+    sink = AlertRecorder()
     eng = DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(POLICY))
     run(eng, deeplab, ["kite_and_cold.jpg"])
     (alert,) = [a for a in sink.alerts if a.rule.startswith("someone")]
@@ -226,7 +215,7 @@ def test_a_zone_share_fires_only_where_the_class_is(deeplab):
 def test_an_exclude_zone_takes_its_pixels_out_of_every_share(deeplab):
     policy = POLICY.replace("zones:\n", "zones:\n  poster: {polygon: [[0, 0.5], [0.5, 0.5], [0.5, 1], [0, 1]], "
                                         "mode: exclude}\n")
-    sink = Sink()
+    sink = AlertRecorder()
     eng = DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(policy))
     run(eng, deeplab, ["kite_and_cold.jpg"])
     assert not [a for a in sink.alerts if a.rule == "someone-at-desk"]  # the desk is all poster now
@@ -235,7 +224,7 @@ def test_an_exclude_zone_takes_its_pixels_out_of_every_share(deeplab):
 def test_segmentations_leave_box_rules_and_their_objects_alone():
     """A camera running a detector and a segmenter: the segmenter's frames, which have no
     boxes, must not clear the detector's level or lose its objects."""
-    sink = Sink()
+    sink = AlertRecorder()
     eng = DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(POLICY))
     person = Prediction("yolov8", detections=(Detection(15, "person", 0.9, (10, 10, 50, 90)),))
     empty = Prediction("segment", segmap=SegmentMap(np.zeros((4, 4), np.uint8), ["background", "person"]))
@@ -247,7 +236,7 @@ def test_segmentations_leave_box_rules_and_their_objects_alone():
 
 def test_a_share_rule_ignores_a_segmentation_model_without_its_classes():
     """Two segmenters on one camera: the one that knows no person must not clear a person rule."""
-    sink = Sink()
+    sink = AlertRecorder()
     eng = DecisionEngine("dev-1", lambda cam: "t", sink, policy=parse_policy(POLICY))
     people = Prediction("segment", segmap=SegmentMap(np.full((4, 4), 1, np.uint8), ["background", "person"]))
     cats = Prediction("segment", segmap=SegmentMap(np.zeros((4, 4), np.uint8), ["background", "cat"]))

@@ -13,7 +13,6 @@ not depend on the machine's load, so the figures hold on a busy machine.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import yaml
 from edge import __version__
 from edge.core.errors import EdgeError, UsageError
 
-from .kit import load_average
+from .kit import load_average, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 STATUS_FIELDS = {"VmRSS": "rss_mb", "VmHWM": "peak_rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
@@ -108,13 +107,7 @@ def _measure(config: Path, warmup_s: float) -> dict[str, Any]:
             raise EdgeError(f"edge run exited ({proc.returncode}) during the warm-up; see {log_path}")
         status = read_status(proc.pid)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
     return status
 
 
