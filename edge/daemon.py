@@ -136,7 +136,6 @@ def warm_up(executor: Executor, cameras: list[CameraRunner]) -> None:
                     camera.planner.costs.observe(task.name, ms)
 
 
-
 REFREEZE_EVERY_S = 600.0
 
 
@@ -223,9 +222,7 @@ class Daemon:
         cfg = self.cfg
         d = cfg.decisions
         self._device = device_view(cfg, lambda slot: self.executors[0].models[slot].manifest.labels)
-        policy = self._fits_models(load_policy(d.policy), str(d.policy)) if d.policy is not None else None
-        if policy is not None:
-            check_device(policy, self._device, source=str(d.policy))
+        policy = self._fits_device(load_policy(d.policy), str(d.policy)) if d.policy is not None else None
         self.policy_source: PolicySource | None = (
             PolicySource("local", policy.version, str(d.policy), time.time()) if policy is not None else None)
         self._policy_changed = threading.Event()  # the stats file is rewritten at once, for `edge policy show`
@@ -326,9 +323,7 @@ class Daemon:
 
     def checked_policy(self, text: str, *, source: str) -> Policy:
         """The policy in ``text`` if it validates and fits this device's tasks, else PolicyError."""
-        policy = self._fits_models(parse_policy(text, source=source), source)
-        check_device(policy, self._device, source=source)
-        return policy
+        return self._fits_device(parse_policy(text, source=source), source)
 
     def apply_policy(self, text: str, *, source: str, origin: Literal["local", "fleet"] = "local") -> str:
         """Use the policy in ``text`` from the next frame on; returns its version.
@@ -352,11 +347,13 @@ class Daemon:
         s = self.policy_source
         return s is not None and s.origin == "fleet" and not s.withdrawn
 
-    def _fits_models(self, policy: Policy, source: str) -> Policy:
-        """``policy``, or PolicyError if a share rule names a class no segmentation model has."""
+    def _fits_device(self, policy: Policy, source: str) -> Policy:
+        """``policy``, or PolicyError if it names a task or class this device's models lack:
+        a crop rule's or verifier's (its trigger tasks), a share rule's (its segmentation models)."""
         for slot, model in self.executors[0].models.items():
             if model.manifest.task == "segment":
                 check_classes(policy, model.manifest.labels, model=f"{slot} ({model.name})", source=source)
+        check_device(policy, self._device, source=source)
         return policy
 
     def reload_policy(self) -> None:
