@@ -190,37 +190,32 @@ def _checked_config(path: Path):
     ConfigError / PolicyError (exit 2: systemd does not restart a daemon whose config must
     be fixed first)."""
     from edge.config import load_config, missing_files
-    from edge.decide.policy import check_classes, load_policy
-    from edge.inference.manifest import load_manifest, manifest_path_for
+    from edge.decide.policy import load_policy
 
     cfg = load_config(path)
     problems = missing_files(cfg)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     if cfg.decisions.policy is not None:
-        policy = load_policy(cfg.decisions.policy)
-        _check_on_device(policy, cfg, str(cfg.decisions.policy))
-        for slot, model in cfg.models.items():
-            manifest = model.manifest or manifest_path_for(model.path)
-            spec = load_manifest(manifest, model_dir=model.path.parent) if manifest.is_file() else None
-            if spec is not None and spec.task == "segment":
-                check_classes(policy, spec.labels, model=f"models.{slot} ({spec.name})",
-                              source=str(cfg.decisions.policy))
+        _check_on_device(load_policy(cfg.decisions.policy), cfg, str(cfg.decisions.policy))
     return cfg
 
 
 def _check_on_device(policy, cfg, source: str) -> None:
-    """PolicyError when the policy names trigger tasks or classes the device's config lacks
-    (classes from each model's manifest, as the daemon will load it)."""
+    """PolicyError when the policy names trigger tasks or classes the device's config lacks:
+    a crop rule's or verifier's, a share rule's (classes from each model's manifest, as the
+    daemon will load it)."""
     from edge.decide.cascade import check_device, device_view
+    from edge.decide.policy import check_classes
     from edge.inference.manifest import load_manifest, manifest_path_for
 
-    def labels(slot: str) -> list[str]:
-        model = cfg.models[slot]
+    specs = {}
+    for slot, model in cfg.models.items():
         manifest = model.manifest or manifest_path_for(model.path)
-        return load_manifest(manifest, model_dir=model.path.parent).labels if manifest.is_file() else []
-
-    check_device(policy, device_view(cfg, labels), source=source)
+        specs[slot] = load_manifest(manifest, model_dir=model.path.parent) if manifest.is_file() else None
+        if specs[slot] is not None and specs[slot].task == "segment":
+            check_classes(policy, specs[slot].labels, model=f"models.{slot} ({specs[slot].name})", source=source)
+    check_device(policy, device_view(cfg, lambda slot: specs[slot].labels if specs[slot] else []), source=source)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
